@@ -1,0 +1,187 @@
+"""KV caches. Each one stores keys/values and decides how a layer attends over them.
+
+DenseCache: preallocated [layers, B, Hkv, capacity, D] storage, full attention.
+CondensateCache: the same full history (so top-k can reach any position) plus an anchor (the
+first A positions), a ring buffer holding the last W keys/values, and top-k selection of distant
+positions by Q·K; decode attends with an exact softmax over anchor ∪ window ∪ top-k. It can also
+certify each step by the attention mass the sparse set left out, and fall back to full attention
+for heads where that mass exceeds a bound.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .config import ModelConfig
+
+
+class CacheFullError(RuntimeError):
+    """More tokens than the cache was allocated for."""
+
+
+@dataclass(frozen=True)
+class CondensateConfig:
+    anchor: int = 4  # first positions always attended (the attention sink)
+    window: int = 128  # most recent positions, kept in a ring buffer
+    top_k: int = 32  # distant positions chosen by Q·K
+    budget_alpha: float = 0.0  # if > 0: k = max(top_k, ceil(alpha * n ** budget_exponent))
+    budget_exponent: float = 0.5
+    dense_layers: tuple[int, ...] = ()  # layers that always attend to everything
+    scope: str = "group"  # top-k shared by a KV group's query heads, or chosen per "head"
+    selection: str = "exact"  # "exact": score every key; "pages": Quest-style page bounds first
+    page_size: int = 32
+    page_oversample: float = 4.0  # pages scored exactly = ceil(k * oversample / page_size)
+    max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.anchor >= 0, "anchor must be >= 0"),
+            (self.window >= 1, "window must be >= 1"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.budget_alpha >= 0, "budget_alpha must be >= 0"),
+            (0 <= self.budget_exponent <= 1, "budget_exponent must be in [0, 1]"),
+            (self.scope in ("group", "head"), "scope must be 'group' or 'head'"),
+            (self.selection in ("exact", "pages"), "selection must be 'exact' or 'pages'"),
+            (self.page_size >= 1, "page_size must be >= 1"),
+            (self.page_oversample >= 1, "page_oversample must be >= 1"),
+            (self.max_dropped_mass is None or 0 <= self.max_dropped_mass <= 1, "max_dropped_mass must be in [0, 1]"),
+            (all(i >= 0 for i in self.dense_layers), "dense_layers must be layer indices >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def budget(self, n: int) -> int:
+        """Top-k size at context length n (grows as alpha * n^C when alpha > 0)."""
+        if self.budget_alpha > 0:
+            return max(self.top_k, math.ceil(self.budget_alpha * n ** self.budget_exponent))
+        return self.top_k
+
+
+class DenseCache:
+    def __init__(self, cfg: ModelConfig, capacity: int, batch: int = 1,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.capacity = capacity
+        self.seq_len = 0
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+        start, end = self.seq_len, self.seq_len + k.shape[2]
+        if end > self.capacity:
+            raise CacheFullError(f"cache holds {self.capacity} positions; {end} requested")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return start, end
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _, end = self._store(layer, k, v)
+        return self._full(layer, q, end)
+
+    def _full(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor:
+        kh, vh = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if q.shape[2] == 1:
+            return kernels.decode_attention(q[:, :, 0], kh, vh)[0][:, :, None]
+        return kernels.causal_attention(q, kh, vh)
+
+    def advance(self, n: int) -> None:
+        self.seq_len += n
+
+
+class CondensateCache(DenseCache):
+    def __init__(self, cfg: ModelConfig, policy: CondensateConfig, capacity: int, batch: int = 1,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 certify: bool = False):
+        super().__init__(cfg, capacity, batch, device, dtype)
+        bad = [i for i in policy.dense_layers if i >= cfg.n_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} out of range: the model has {cfg.n_layers} layers")
+        self.policy = policy
+        ring = (cfg.n_layers, batch, cfg.n_kv_heads, policy.window, cfg.head_dim)
+        self.ring_k = torch.zeros(ring, device=device, dtype=dtype)
+        self.ring_v = torch.zeros(ring, device=device, dtype=dtype)
+        if policy.selection == "pages":
+            n_pages = math.ceil(capacity / policy.page_size)
+            pages = (cfg.n_layers, batch, cfg.n_kv_heads, n_pages, cfg.head_dim)
+            self.kmin = torch.empty(pages, device=device, dtype=dtype)
+            self.kmax = torch.empty(pages, device=device, dtype=dtype)
+        # Certificate: per decode step, the attention mass each head's sparse set left out.
+        self.certify = certify or policy.max_dropped_mass is not None
+        self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads)
+        self.fallbacks = 0  # (layer, head, step) triples that fell back to full attention
+
+    def ring_positions(self, end: int) -> torch.Tensor:
+        """Position held by each ring slot once `end` positions are stored; -1 for empty slots."""
+        W = self.policy.window
+        slots = torch.arange(W)
+        newest = end - 1
+        pos = newest - (newest - slots) % W  # latest position p <= newest with p % W == slot
+        return torch.where(pos >= max(0, end - W), pos, -1)
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+        start, end = super()._store(layer, k, v)
+        W = self.policy.window
+        first = max(start, end - W)  # only the last W new positions survive in the ring
+        slots = torch.arange(first, end) % W
+        self.ring_k[layer, :, :, slots] = k[:, :, first - start:]
+        self.ring_v[layer, :, :, slots] = v[:, :, first - start:]
+        if self.policy.selection == "pages":
+            self._update_pages(layer, start, end)
+        return start, end
+
+    def _update_pages(self, layer: int, start: int, end: int) -> None:
+        P = self.policy.page_size
+        p0, p1 = start // P, (end - 1) // P + 1
+        keys = self.k[layer, :, :, p0 * P:end]
+        pad = p1 * P - end  # the last page may be partly filled: pad with its own first key
+        if pad:
+            keys = torch.cat((keys, keys[:, :, -1:].expand(-1, -1, pad, -1)), dim=2)
+        keys = keys.unflatten(2, (p1 - p0, P))
+        self.kmin[layer, :, :, p0:p1] = keys.amin(dim=3)
+        self.kmax[layer, :, :, p0:p1] = keys.amax(dim=3)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _, end = self._store(layer, k, v)
+        if q.shape[2] > 1 or layer in self.policy.dense_layers:
+            self.dropped[layer] = 0.0
+            return self._full(layer, q, end)  # prefill and dense layers: full attention
+        return self._sparse(layer, q[:, :, 0], end)[:, :, None]
+
+    def _sparse(self, layer: int, q: torch.Tensor, n: int) -> torch.Tensor:
+        p = self.policy
+        B, Hq, D = q.shape
+        kh, vh = self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        Hkv = kh.shape[1]
+        anchor = min(p.anchor, n)
+        lo, hi = anchor, max(anchor, n - p.window)  # top-k candidates: neither anchor nor window
+        ring_pos = self.ring_positions(n).to(q.device)
+        ring_valid = ring_pos >= anchor  # window slots that are anchor positions count once, as anchor
+        scores = kernels.group_scores(q, kh) if (self.certify or p.selection == "exact") else None
+        top = self._select(layer, q, scores, lo, hi, p.budget(n))
+        anchor_idx = torch.arange(anchor, device=q.device).expand(*top.shape[:-1], anchor)
+        idx = torch.cat((anchor_idx, top), dim=-1)
+        out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ring_valid, kh, vh, idx)
+        if not self.certify:
+            return out
+        lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
+        dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
+        self.dropped[layer] = dropped.cpu()
+        if p.max_dropped_mass is not None:
+            fall = dropped > p.max_dropped_mass
+            if fall.any():
+                self.fallbacks += int(fall.sum())
+                full = kernels.decode_attention(q, kh, vh)[0]
+                out = torch.where(fall[..., None], full, out)
+        return out
+
+    def _select(self, layer: int, q: torch.Tensor, scores: torch.Tensor | None, lo: int, hi: int, k: int) -> torch.Tensor:
+        """Top-k positions in [lo, hi): [B, Hkv, k] (group scope) or [B, Hkv, G, k] (head scope)."""
+        p = self.policy
+        if p.selection == "exact":
+            return kernels.topk_positions(scores.amax(dim=2) if p.scope == "group" else scores, lo, hi, k)
+        return kernels.page_topk(q, self.k[layer], self.kmin[layer], self.kmax[layer], lo, hi, k,
+                                 p.page_size, p.page_oversample, p.scope)

@@ -1,0 +1,179 @@
+"""Model configuration: one dataclass for every family, built from a Hugging Face config.json.
+
+Per-family differences are data here (norm kind, positions, rotary fraction, residual layout,
+biases, MLP kind); the layer graph in model.py reads these fields and never the family name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """config.json is missing, malformed, or describes a model minirt does not run."""
+
+
+# Short names a user can type instead of a Hugging Face repo id.
+MODEL_ALIASES: dict[str, str] = {
+    "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "gpt2": "openai-community/gpt2",
+    "pythia-160m": "EleutherAI/pythia-160m",
+    "pythia-410m": "EleutherAI/pythia-410m",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B-Instruct",
+    "smollm-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+# HF activation names -> the function minirt applies (see model.ACTIVATIONS).
+_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+}
+
+_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # HF model_type, selects the weight-name map
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_seq_len: int
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "silu"
+    gated_mlp: bool = True  # SwiGLU-style gate * up, else fc -> act -> proj
+    mlp_bias: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)
+    learned_positions: bool = False  # GPT-2's wpe instead of RoPE
+    rope_theta: float = 10000.0
+    rotary_dim: int = 0  # dims of each head that rotate (partial rotary: < head_dim)
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", ...}
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def uses_rope(self) -> bool:
+        return not self.learned_positions
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        family = hf.get("model_type")
+        if family not in _FAMILIES:
+            raise ConfigError(f"{source}: unknown model_type {family!r}; minirt runs {', '.join(_FAMILIES)}")
+        try:
+            return _BUILDERS[family](hf)
+        except KeyError as e:
+            raise ConfigError(f"{source}: model_type {family!r} needs field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_hf(hf, str(path))
+
+
+def _activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"unsupported activation {name!r}")
+    return _ACTIVATIONS[name]
+
+
+def _eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+def _rope(hf: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """Theta, rotary dims and scaling from either the transformers-5 `rope_parameters` form
+    or the older top-level `rope_theta` / `rope_scaling` / `rotary_pct` fields."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy_scaling = hf.get("rope_scaling") or {}
+    params = {**legacy_scaling, **params}
+    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ConfigError(f"unsupported rope type {kind!r} (minirt runs default, linear, llama3)")
+    scaling = None
+    if kind != "default":
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor", "type")}
+        scaling["rope_type"] = kind
+    return dict(rope_theta=float(theta), rotary_dim=int(head_dim * fraction), rope_scaling=scaling)
+
+
+def _gpt2(hf: dict[str, Any]) -> ModelConfig:
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ConfigError("GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    dim, heads = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        family="gpt2", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["n_layer"], n_heads=heads,
+        n_kv_heads=heads, head_dim=dim // heads, ffn_dim=hf.get("n_inner") or 4 * dim,
+        max_seq_len=hf["n_positions"], norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=_activation(hf.get("activation_function", "gelu_new")), gated_mlp=False, mlp_bias=True,
+        qkv_bias=True, out_bias=True, learned_positions=True, tie_embeddings=True,
+        bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_ids(hf),
+    )
+
+
+def _gpt_neox(hf: dict[str, Any]) -> ModelConfig:
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = dim // heads
+    bias = hf.get("attention_bias", True)
+    return ModelConfig(
+        family="gpt_neox", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=heads, head_dim=head_dim, ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"], norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5),
+        activation=_activation(hf.get("hidden_act", "gelu")), gated_mlp=False, mlp_bias=True,
+        qkv_bias=bias, out_bias=bias, parallel_residual=hf.get("use_parallel_residual", True),
+        tie_embeddings=hf.get("tie_word_embeddings", False), **_rope(hf, head_dim),
+        bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_ids(hf),
+    )
+
+
+def _llama_like(hf: dict[str, Any]) -> ModelConfig:
+    """llama, mistral and qwen2 share one layout; qwen2 differs only in its q/k/v biases."""
+    family = hf["model_type"]
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or dim // heads
+    if family == "mistral" and hf.get("sliding_window") and hf["sliding_window"] < hf["max_position_embeddings"]:
+        raise ConfigError("mistral checkpoints with a sliding window are not supported")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        raise ConfigError("qwen2 checkpoints with use_sliding_window are not supported")
+    qkv_bias = True if family == "qwen2" else hf.get("attention_bias", False)
+    return ModelConfig(
+        family=family, vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=_activation(hf.get("hidden_act", "silu")), gated_mlp=True, mlp_bias=hf.get("mlp_bias", False),
+        qkv_bias=qkv_bias, out_bias=False if family == "qwen2" else hf.get("attention_bias", False),
+        tie_embeddings=hf.get("tie_word_embeddings", False), **_rope(hf, head_dim),
+        bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_ids(hf),
+    )
+
+
+_BUILDERS = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like}

@@ -1,0 +1,128 @@
+"""How close condensate sparse decoding stays to full attention, measured token by token.
+
+compare() decodes one prompt three ways on the same weights:
+  1. full attention, greedy (the reference tokens and distributions);
+  2. sparse, teacher-forced on the reference tokens, so each step's next-token distribution is
+     compared with full attention on the same context: KL(full || sparse), top-5 overlap, argmax
+     agreement, and the attention mass the sparse set left out (exact, per layer and head);
+  3. sparse, greedy on its own tokens: token match rate and the first divergent step.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .cache import CondensateConfig
+from .generate import stream_tokens
+from .llm import LLM
+
+
+@dataclass
+class Divergence:
+    step: int
+    full_token: int
+    sparse_token: int
+    full_margin: float  # full logit of full's token minus full logit of sparse's token
+    sparse_margin: float  # sparse logit of sparse's token minus sparse logit of full's token
+
+
+@dataclass
+class EquivalenceReport:
+    policy: dict
+    prompt_tokens: int
+    steps: int
+    token_match: float  # free-running greedy: fraction of steps where sparse == full
+    first_divergence: Divergence | None
+    teacher_forced_agreement: float  # argmax(sparse) == full token, on full's context
+    kl_max: float
+    kl_mean: float
+    top5_overlap_mean: float
+    dropped_mass_max: float  # over steps, layers and heads
+    dropped_mass_mean: float
+    dropped_mass_by_layer: list[float]  # max over steps and heads
+    fallbacks: int
+    full_text: str = ""
+    sparse_text: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def table(self) -> str:
+        p = self.policy
+        d = self.first_divergence
+        rows = [
+            ("policy", f"A={p['anchor']} W={p['window']} k={p['top_k']} scope={p['scope']} "
+                       f"selection={p['selection']} dense_layers={list(p['dense_layers'])}"),
+            ("prompt / decoded tokens", f"{self.prompt_tokens} / {self.steps}"),
+            ("token match (free-running)", f"{100 * self.token_match:.1f}%"),
+            ("first divergence", "none" if d is None else
+             f"step {d.step}: full {d.full_token} vs sparse {d.sparse_token} "
+             f"(full margin {d.full_margin:.3f}, sparse margin {d.sparse_margin:.3f})"),
+            ("argmax agreement (teacher-forced)", f"{100 * self.teacher_forced_agreement:.1f}%"),
+            ("KL(full||sparse) max / mean", f"{self.kl_max:.3e} / {self.kl_mean:.3e}"),
+            ("top-5 overlap mean", f"{self.top5_overlap_mean:.3f}"),
+            ("dropped mass max / mean", f"{self.dropped_mass_max:.3e} / {self.dropped_mass_mean:.3e}"),
+            ("fallbacks to full", str(self.fallbacks)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        lines.append("dropped mass by layer (max): " + " ".join(f"{m:.1e}" for m in self.dropped_mass_by_layer))
+        return "\n".join(lines)
+
+
+def _greedy(llm: LLM, ids: list[int], steps: int, attention: str, policy: CondensateConfig | None) -> tuple[list[int], torch.Tensor]:
+    cache = llm.new_cache(len(ids) + steps, attention, policy)
+    tokens, logits = [], []
+    for token, step_logits in stream_tokens(llm, ids, cache, steps):
+        tokens.append(token)
+        logits.append(step_logits.float())
+    return tokens, torch.stack(logits)
+
+
+@torch.inference_mode()
+def _teacher_forced(llm: LLM, ids: list[int], forced: list[int], policy: CondensateConfig):
+    """Sparse logits at each step of the full run's context, with per-step dropped mass."""
+    cache = llm.new_cache(len(ids) + len(forced), "sparse", policy, certify=True)
+    model, device = llm.model, llm.model.device
+    logits, dropped = [], []
+    step_input = torch.tensor([ids], device=device)
+    for token in forced:
+        logits.append(model(step_input, cache, last_only=True)[0, -1].float())
+        dropped.append(cache.dropped[:, 0].clone())  # [layers, heads]
+        step_input = torch.tensor([[token]], device=device)
+    return torch.stack(logits), torch.stack(dropped), cache.fallbacks
+
+
+def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfig | None = None) -> EquivalenceReport:
+    """Decode `steps` tokens with full and with sparse attention and measure the difference."""
+    policy = policy or CondensateConfig()
+    full_tokens, full_logits = _greedy(llm, prompt_ids, steps, "full", None)
+    sparse_logits, dropped, fallbacks = _teacher_forced(llm, prompt_ids, full_tokens, policy)
+    free_tokens, free_logits = _greedy(llm, prompt_ids, steps, "sparse", policy)
+
+    logp_full = torch.log_softmax(full_logits, -1)
+    logp_sparse = torch.log_softmax(sparse_logits, -1)
+    kl = (logp_full.exp() * (logp_full - logp_sparse)).sum(-1).clamp(min=0)
+    top_full, top_sparse = full_logits.topk(5).indices, sparse_logits.topk(5).indices
+    overlap = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(top_full, top_sparse)])
+    agree = (sparse_logits.argmax(-1) == torch.tensor(full_tokens, device=sparse_logits.device)).float()
+
+    first = next((i for i, (a, b) in enumerate(zip(full_tokens, free_tokens)) if a != b), None)
+    divergence = None
+    if first is not None:
+        f, s = full_tokens[first], free_tokens[first]
+        divergence = Divergence(first, f, s, float(full_logits[first, f] - full_logits[first, s]),
+                                float(free_logits[first, s] - free_logits[first, f]))
+    decode = llm.tokenizer.decode if llm.tokenizer is not None else (lambda ids: "")
+    decode_steps = dropped[1:] if len(dropped) > 1 else dropped  # step 0 is the (full) prefill
+    return EquivalenceReport(
+        policy=asdict(policy), prompt_tokens=len(prompt_ids), steps=steps,
+        token_match=sum(a == b for a, b in zip(full_tokens, free_tokens)) / steps,
+        first_divergence=divergence, teacher_forced_agreement=float(agree.mean()),
+        kl_max=float(kl.max()), kl_mean=float(kl.mean()), top5_overlap_mean=float(overlap.mean()),
+        dropped_mass_max=float(decode_steps.max()), dropped_mass_mean=float(decode_steps.mean()),
+        dropped_mass_by_layer=decode_steps.amax(dim=(0, 2)).tolist(), fallbacks=fallbacks,
+        full_text=decode(full_tokens), sparse_text=decode(free_tokens),
+    )

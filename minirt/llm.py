@@ -1,0 +1,74 @@
+"""A loaded model: weights, tokenizer and the facts generation needs (EOS ids, limits)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import CondensateCache, CondensateConfig, DenseCache
+from .config import ModelConfig
+from .model import Transformer
+from .tokenizer import Tokenizer
+from .weights.hub import resolve_model
+from .weights.loader import load_model
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # fp32 on CPU for exactness; bf16 on GPU for speed
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LLM:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    folder: Path
+
+    @classmethod
+    def load(cls, name: str | Path, device: str = "auto", dtype: str = "auto", progress: bool = False) -> "LLM":
+        """Load a model by local folder, alias (see config.MODEL_ALIASES) or HF repo id."""
+        folder = resolve_model(str(name))
+        dev = resolve_device(device)
+        model = load_model(folder, dev, resolve_dtype(dtype, dev), progress=progress)
+        has_tokenizer = (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()
+        return cls(model, Tokenizer(folder) if has_tokenizer else None, folder)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set(self.cfg.eos_token_ids)
+        gen = self.folder / "generation_config.json"
+        if gen.exists():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def new_cache(self, capacity: int, attention: str = "full", policy: CondensateConfig | None = None,
+                  certify: bool = False, batch: int = 1) -> DenseCache:
+        args = dict(capacity=capacity, batch=batch, device=self.model.device, dtype=self.model.dtype)
+        if attention == "full":
+            return DenseCache(self.cfg, **args)
+        if attention == "sparse":
+            return CondensateCache(self.cfg, policy or CondensateConfig(), certify=certify, **args)
+        raise ValueError(f"attention must be 'full' or 'sparse', not {attention!r}")

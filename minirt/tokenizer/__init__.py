@@ -1,0 +1,100 @@
+"""Tokenization through the `tokenizers` library, plus the model's own chat template.
+
+BOS/EOS handling comes from the checkpoint itself: tokenizer.json's post-processor adds BOS for
+the families that use one (Llama), and nothing for GPT-2, Pythia or Qwen2, exactly as
+transformers does; chat prompts are rendered with the checkpoint's Jinja template.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+
+class TokenizerError(RuntimeError):
+    """The checkpoint has no usable tokenizer files or chat template."""
+
+
+def _token_text(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        if (folder / "tokenizer.json").exists():
+            self.backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            # GPT-2 style byte-level BPE without a tokenizer.json
+            bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+            self.backend = HFTokenizer(bpe)
+            self.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self.backend.decoder = decoders.ByteLevel()
+        else:
+            raise TokenizerError(f"{folder}: no tokenizer.json or vocab.json + merges.txt")
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        template_file = folder / "chat_template.jinja"
+        template = template_file.read_text() if template_file.exists() else config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.backend.token_to_id(self.eos_token) if self.eos_token else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template; run without --chat")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TokenizerError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            )
+        except TemplateError as e:
+            raise TokenizerError(f"chat template failed to render: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        # The template writes the special tokens itself, so none are added here (as transformers does).
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

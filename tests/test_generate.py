@@ -1,0 +1,79 @@
+"""generate(): sampling, stops, streaming, limits, on the real SmolLM2 checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minirt import Sampling, generate, stream_tokens
+from minirt.generate import PromptTooLongError, sample
+
+
+def test_greedy_full_matches_transformers_generate(smollm2_llm, smollm2_ref):
+    prompt = "def fibonacci(n):\n"
+    ids = smollm2_llm.tokenizer.encode(prompt)
+    ref = smollm2_ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    out = generate(smollm2_llm, prompt, 24, attention="full")
+    assert out.tokens == ref[: len(out.tokens)]
+    assert out.text == smollm2_llm.tokenizer.decode(out.tokens)
+
+
+def test_streamed_text_equals_final_text(smollm2_llm):
+    pieces = []
+    out = generate(smollm2_llm, "Once upon a time", 20, on_text=pieces.append)
+    assert "".join(pieces) == out.text and out.text
+
+
+def test_stop_string(smollm2_llm):
+    full = generate(smollm2_llm, "List three colors:\n1.", 30, attention="full")
+    assert "\n" in full.text
+    stopped = generate(smollm2_llm, "List three colors:\n1.", 30, attention="full", stop=["\n"])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index("\n")]
+
+
+def test_chat_stops_at_eos(smollm2_llm):
+    out = generate(smollm2_llm, "What is the capital of France?", 60, chat=True)
+    assert out.finish_reason == "eos"
+    assert "Paris" in out.text
+
+
+def test_seeded_sampling_is_reproducible(smollm2_llm):
+    s = Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    a = generate(smollm2_llm, "The weather today", 16, sampling=s)
+    b = generate(smollm2_llm, "The weather today", 16, sampling=s)
+    c = generate(smollm2_llm, "The weather today", 16, sampling=Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=8))
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = torch.tensor([4.0, 3.0, 2.0, -1.0, -2.0])
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, Sampling(1.0, top_k=2), g) for _ in range(200)} == {0, 1}
+    # p = softmax: [0.66, 0.24, 0.09, ...]: top_p 0.8 keeps the first two
+    assert {sample(logits, Sampling(1.0, top_p=0.8), g) for _ in range(200)} == {0, 1}
+    assert {sample(logits, Sampling(1.0, top_p=0.5), g) for _ in range(50)} == {0}
+
+
+def test_token_id_prompt_and_iterator(smollm2_llm):
+    ids = smollm2_llm.tokenizer.encode("Hello there")
+    cache = smollm2_llm.new_cache(len(ids) + 5)
+    tokens = [t for t, _ in stream_tokens(smollm2_llm, ids, cache, 5)]
+    assert generate(smollm2_llm, ids, 5, attention="full").tokens == [t for t in tokens if t not in smollm2_llm.eos_ids][:5]
+
+
+def test_prompt_too_long(smollm2_llm):
+    ids = [100] * (smollm2_llm.cfg.max_seq_len - 3)
+    with pytest.raises(PromptTooLongError, match="exceeds the model's 8192-position limit"):
+        generate(smollm2_llm, ids, 10)
+
+
+def test_bad_inputs(smollm2_llm):
+    with pytest.raises(ValueError, match="empty"):
+        generate(smollm2_llm, "", 5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(smollm2_llm, [1, 10**6], 5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(smollm2_llm, "hi", 0)
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=-1)

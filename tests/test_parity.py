@@ -1,0 +1,68 @@
+"""minirt's logits equal transformers' on the same weights (fp32), prompt and 20 cached steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+from parity import hf_greedy, max_logit_diff, minirt_greedy
+from transformers import AutoModelForCausalLM
+
+from minirt import LLM
+
+TOL = 1e-4
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+CASES = {
+    "gpt2": ("gpt2", {}),
+    "gpt_neox-parallel-partial-rotary": ("gpt_neox", {}),
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
+    "llama-gqa": ("llama", {}),
+    "llama-llama3-scaling-tied": ("llama", {"rope_parameters": {**LLAMA3_SCALING, "rope_theta": 500000.0},
+                                             "tie_word_embeddings": True}),
+    "llama-linear-scaling": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}),
+    "mistral-mqa": ("mistral", {}),
+    "qwen2-bias-tied": ("qwen2", {}),
+}
+
+
+def check_parity(folder, steps: int = 20, prompt_len: int = 11):
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llm = LLM.load(folder, device="cpu", dtype="fp32")
+    ids = torch.randint(0, llm.cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref_logits, ref_tokens = hf_greedy(ref, ids, steps)
+    our_logits, our_tokens = minirt_greedy(llm, ids, steps)
+    assert max_logit_diff(ref_logits, our_logits) <= TOL
+    assert our_tokens == ref_tokens
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tiny_checkpoint_matches_transformers(tiny_checkpoint, case):
+    family, overrides = CASES[case]
+    check_parity(tiny_checkpoint(family, **overrides))
+
+
+def test_sharded_checkpoint_matches_transformers(tiny_checkpoint):
+    folder = tiny_checkpoint("llama", save_kwargs={"max_shard_size": "40KB"})
+    assert (folder / "model.safetensors.index.json").exists()
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    check_parity(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoint_loads(tiny_checkpoint, dtype):
+    """bf16/fp16 files load and, upcast to fp32, give transformers' fp32 logits on the same values."""
+    from conftest import tiny_config, write_tiny
+
+    folder = tiny_checkpoint("qwen2")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    half = write_tiny(folder.parent / "half", tiny_config("qwen2"))
+    ref.save_pretrained(half)
+    check_parity(half)
+
+
+def test_real_smollm2_matches_transformers(smollm2_llm, smollm2_ref):
+    ids = smollm2_llm.tokenizer.encode("The secret code is PHOENIX. Remember it. Once upon a time, in a small village,")
+    ref_logits, ref_tokens = hf_greedy(smollm2_ref, ids, 20)
+    our_logits, our_tokens = minirt_greedy(smollm2_llm, ids, 20)
+    assert max_logit_diff(ref_logits, our_logits) <= TOL
+    assert our_tokens == ref_tokens
