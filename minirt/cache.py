@@ -91,6 +91,12 @@ class DenseCache:
     def advance(self, n: int) -> None:
         self.seq_len += n
 
+    def truncate(self, n: int) -> None:
+        """Forget every position from n on (reuse a shared prefix, e.g. one document, many questions)."""
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"cannot truncate a cache of {self.seq_len} positions to {n}")
+        self.seq_len = n
+
 
 class CondensateCache(DenseCache):
     def __init__(self, cfg: ModelConfig, policy: CondensateConfig, capacity: int, batch: int = 1,
@@ -117,7 +123,7 @@ class CondensateCache(DenseCache):
     def ring_positions(self, end: int) -> torch.Tensor:
         """Position held by each ring slot once `end` positions are stored; -1 for empty slots."""
         W = self.policy.window
-        slots = torch.arange(W)
+        slots = torch.arange(W, device=self.k.device)
         newest = end - 1
         pos = newest - (newest - slots) % W  # latest position p <= newest with p % W == slot
         return torch.where(pos >= max(0, end - W), pos, -1)
@@ -126,12 +132,26 @@ class CondensateCache(DenseCache):
         start, end = super()._store(layer, k, v)
         W = self.policy.window
         first = max(start, end - W)  # only the last W new positions survive in the ring
-        slots = torch.arange(first, end) % W
+        slots = torch.arange(first, end, device=k.device) % W
         self.ring_k[layer, :, :, slots] = k[:, :, first - start:]
         self.ring_v[layer, :, :, slots] = v[:, :, first - start:]
         if self.policy.selection == "pages":
             self._update_pages(layer, start, end)
         return start, end
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        if n == 0:
+            return
+        # The ring and the last page may hold positions >= n: rebuild both from the history.
+        W, first = self.policy.window, max(0, n - self.policy.window)
+        slots = torch.arange(first, n, device=self.k.device) % W
+        self.ring_k[:, :, :, slots] = self.k[:, :, :, first:n]
+        self.ring_v[:, :, :, slots] = self.v[:, :, :, first:n]
+        if self.policy.selection == "pages":
+            last_page_start = (n - 1) // self.policy.page_size * self.policy.page_size
+            for layer in range(self.k.shape[0]):
+                self._update_pages(layer, last_page_start, n)
 
     def _update_pages(self, layer: int, start: int, end: int) -> None:
         P = self.policy.page_size
@@ -158,10 +178,10 @@ class CondensateCache(DenseCache):
         Hkv = kh.shape[1]
         anchor = min(p.anchor, n)
         lo, hi = anchor, max(anchor, n - p.window)  # top-k candidates: neither anchor nor window
-        ring_pos = self.ring_positions(n).to(q.device)
+        ring_pos = self.ring_positions(n)
         ring_valid = ring_pos >= anchor  # window slots that are anchor positions count once, as anchor
-        scores = kernels.group_scores(q, kh) if (self.certify or p.selection == "exact") else None
-        top = self._select(layer, q, scores, lo, hi, p.budget(n))
+        scores = kernels.group_scores(q, kh) if self.certify else None  # per head, for the certificate
+        top = self._select(layer, q, kh, scores, lo, hi, p.budget(n))
         anchor_idx = torch.arange(anchor, device=q.device).expand(*top.shape[:-1], anchor)
         idx = torch.cat((anchor_idx, top), dim=-1)
         out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ring_valid, kh, vh, idx)
@@ -178,10 +198,13 @@ class CondensateCache(DenseCache):
                 out = torch.where(fall[..., None], full, out)
         return out
 
-    def _select(self, layer: int, q: torch.Tensor, scores: torch.Tensor | None, lo: int, hi: int, k: int) -> torch.Tensor:
+    def _select(self, layer: int, q: torch.Tensor, kh: torch.Tensor, scores: torch.Tensor | None,
+                lo: int, hi: int, k: int) -> torch.Tensor:
         """Top-k positions in [lo, hi): [B, Hkv, k] (group scope) or [B, Hkv, G, k] (head scope)."""
         p = self.policy
         if p.selection == "exact":
-            return kernels.topk_positions(scores.amax(dim=2) if p.scope == "group" else scores, lo, hi, k)
+            if p.scope == "head":
+                return kernels.topk_positions(scores if scores is not None else kernels.group_scores(q, kh), lo, hi, k)
+            return kernels.topk_positions(kernels.group_max_scores(q, kh[:, :, :hi]), lo, hi, k)
         return kernels.page_topk(q, self.k[layer], self.kmin[layer], self.kmax[layer], lo, hi, k,
                                  p.page_size, p.page_oversample, p.scope)

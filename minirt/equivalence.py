@@ -126,3 +126,36 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         dropped_mass_by_layer=decode_steps.amax(dim=(0, 2)).tolist(), fallbacks=fallbacks,
         full_text=decode(full_tokens), sparse_text=decode(free_tokens),
     )
+
+
+@torch.inference_mode()
+def needle_retrieval(llm: LLM, policy: CondensateConfig | None, sentences_between: int = 16,
+                     max_answer_tokens: int = 12) -> dict[str, bool]:
+    """Ask each needle's question about the shared haystack; {answer: found in the reply}.
+
+    policy=None means full attention. The haystack is prefilled once; each question rewinds the
+    cache to the end of the shared prefix and is decoded greedily.
+    """
+    from .workloads import NEEDLES, haystack
+
+    doc = haystack(sentences_between)
+    prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": f"{doc}\n\nQuestion: {n.question} Answer with one word."}])
+               for n in NEEDLES]
+    shared = 0
+    while all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    cache = llm.new_cache(max(map(len, prompts)) + max_answer_tokens, "full" if policy is None else "sparse", policy)
+    device = llm.model.device
+    llm.model(torch.tensor([prompts[0][:shared]], device=device), cache)
+    found = {}
+    for needle, ids in zip(NEEDLES, prompts):
+        cache.truncate(shared)
+        step_input, answer = torch.tensor([ids[shared:]], device=device), []
+        for _ in range(max_answer_tokens):
+            token = int(llm.model(step_input, cache, last_only=True)[0, -1].argmax())
+            if token in llm.eos_ids:
+                break
+            answer.append(token)
+            step_input = torch.tensor([[token]], device=device)
+        found[needle.answer] = needle.answer.lower() in llm.tokenizer.decode(answer).lower()
+    return found

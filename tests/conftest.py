@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on the CPU through the interpreter; set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINIRT_SHARED", REPO.parent / "shared"))
 MODELS = Path(os.environ.get("MINIRT_MODELS", Path.home() / ".cache" / "minirt-models"))

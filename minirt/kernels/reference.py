@@ -52,82 +52,96 @@ def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
     window and gathered positions are disjoint. Returns out [B, Hq, D] and lse [B, Hq].
     """
     B, Hq, D = q.shape
-    Hkv, W = k.shape[1], ring_k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     if idx.dim() == 3:
         idx = idx[:, :, None]  # one list shared by the group's heads
-    Gi, K = idx.shape[2], idx.shape[3]
-    safe = idx.clamp(min=0)[..., None].expand(B, Hkv, Gi, K, D)
-    gk = torch.gather(k[:, :, None].expand(B, Hkv, Gi, -1, D), 3, safe)
-    gv = torch.gather(v[:, :, None].expand(B, Hkv, Gi, -1, D), 3, safe)
-    keys = torch.cat((ring_k[:, :, None].expand(B, Hkv, Gi, W, D), gk), dim=3).expand(B, Hkv, G, W + K, D)
-    values = torch.cat((ring_v[:, :, None].expand(B, Hkv, Gi, W, D), gv), dim=3).expand(B, Hkv, G, W + K, D)
-    valid = torch.cat((ring_valid.expand(B, Hkv, Gi, W), idx >= 0), dim=3)
+    Gi = idx.shape[2]
+    safe = idx.clamp(min=0)
+    keys = torch.cat((ring_k[:, :, None].expand(-1, -1, Gi, -1, -1), _gather(k, safe)), dim=3)
+    values = torch.cat((ring_v[:, :, None].expand(-1, -1, Gi, -1, -1), _gather(v, safe)), dim=3)
+    valid = torch.cat((ring_valid.expand(B, Hkv, Gi, -1), idx >= 0), dim=3)  # [B, Hkv, Gi, W + K]
     qg = q.view(B, Hkv, G, D).float()
-    s = torch.einsum("bhgd,bhgnd->bhgn", qg, keys.float()) / math.sqrt(D)
-    s = s.masked_fill(~valid, NEG_INF)
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.einsum("bhgn,bhgnd->bhgd", torch.exp(s - lse[..., None]), values.float())
+    if Gi == 1:  # shared list: one [G, D] x [D, N] product per KV head
+        s = qg @ keys[:, :, 0].float().transpose(-1, -2)
+        s = s.masked_fill(~valid, NEG_INF) / math.sqrt(D)
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.exp(s - lse[..., None]) @ values[:, :, 0].float()
+    else:  # per-head lists
+        s = (qg[..., None, :] @ keys.float().transpose(-1, -2))[..., 0, :]
+        s = s.masked_fill(~valid, NEG_INF) / math.sqrt(D)
+        lse = torch.logsumexp(s, dim=-1)
+        out = (torch.exp(s - lse[..., None])[..., None, :] @ values.float())[..., 0, :]
     return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
 
 
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, Hkv, n, D] at positions idx [B, Hkv, Gi, K] -> [B, Hkv, Gi, K, D]."""
+    B, Hkv, Gi, K = idx.shape
+    flat = torch.gather(x, 2, idx.reshape(B, Hkv, Gi * K, 1).expand(-1, -1, -1, x.shape[-1]))
+    return flat.view(B, Hkv, Gi, K, -1)
+
+
 def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-    """The k best positions in [lo, hi) of scores [..., n], padded with -1 when fewer exist."""
-    shape = scores.shape[:-1]
-    if k <= 0 or hi <= lo:
-        return torch.full((*shape, max(k, 0)), -1, dtype=torch.long, device=scores.device)
-    take = min(k, hi - lo)
-    idx = scores[..., lo:hi].topk(take, dim=-1, sorted=False).indices + lo
-    if take < k:
-        idx = torch.cat((idx, idx.new_full((*shape, k - take), -1)), dim=-1)
-    return idx
+    """The min(k, hi - lo) best positions in [lo, hi) of scores [..., n]."""
+    take = max(0, min(k, hi - lo))
+    return scores[..., lo:max(lo, hi)].topk(take, dim=-1, sorted=False).indices + lo
+
+
+def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """max over each KV group's query heads of q·k / sqrt(D): [B, Hkv, n] (fp32)."""
+    return group_scores(q, k).amax(dim=2)
+
+
+def gathered_group_max_scores(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """group_max_scores at positions idx [B, Hkv, m] (all valid): [B, Hkv, m]."""
+    return group_max_scores(q, torch.gather(k, 2, idx[..., None].expand(-1, -1, -1, k.shape[-1])))
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Upper bound of q·k over each page from its elementwise key min/max (Quest).
+    """Upper bound of q·k / sqrt(D) over each page from its elementwise key min/max (Quest).
 
-    q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hkv, P]: the max over the group's query heads,
+    max(q_d kmin_d, q_d kmax_d) = q+_d kmax_d + q-_d kmin_d, so the bound is two products.
+    q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hkv, P], the max over the group's query heads,
     so a page is kept if any head of the group might want it.
     """
     B, Hq, D = q.shape
     Hkv = kmin.shape[1]
-    qg = q.view(B, Hkv, Hq // Hkv, 1, D).float()
-    bound = torch.maximum(qg * kmin[:, :, None].float(), qg * kmax[:, :, None].float()).sum(-1)
+    qg = q.view(B, Hkv, Hq // Hkv, D).float()
+    bound = qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)
     return bound.amax(dim=2) / math.sqrt(D)
 
 
 def page_topk(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
-              k_top: int, page_size: int, oversample: float, scope: str) -> torch.Tensor:
+              k_top: int, page_size: int, oversample: float, scope: str,
+              bounds_fn=page_bounds, scores_at_fn=gathered_group_max_scores) -> torch.Tensor:
     """Approximate top-k in [lo, hi) without scoring every key.
 
-    Rank pages by their upper bound (page_bounds), score exactly only the tokens of the best
+    Rank pages by their upper bound (bounds_fn), score exactly only the tokens of the best
     ceil(k_top * oversample / page_size) pages, and keep the top k_top of those. k [B, Hkv, cap, D]
-    is the whole key store; kmin/kmax [B, Hkv, pages, D] its page summaries.
-    Returns [B, Hkv, k_top] (scope "group") or [B, Hkv, G, k_top] (scope "head"), -1 = unused.
+    is the whole key store; kmin/kmax [B, Hkv, pages, D] its page summaries. scores_at_fn scores
+    gathered positions for scope "group" (the Triton path passes its kernels for both).
+    Returns [B, Hkv, <=k_top] (scope "group") or [B, Hkv, G, <=k_top] (scope "head"), -1 = unused.
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     lead = (B, Hkv) if scope == "group" else (B, Hkv, G)
     if k_top <= 0 or hi <= lo:
-        return torch.full((*lead, max(k_top, 0)), -1, dtype=torch.long, device=q.device)
+        return torch.empty((*lead, 0), dtype=torch.long, device=q.device)
     P = page_size
     p_lo, p_hi = lo // P, (hi - 1) // P + 1
     n_sel = min(p_hi - p_lo, math.ceil(k_top * oversample / P))
-    bounds = page_bounds(q, kmin[:, :, p_lo:p_hi], kmax[:, :, p_lo:p_hi])
+    bounds = bounds_fn(q, kmin[:, :, p_lo:p_hi], kmax[:, :, p_lo:p_hi])
     pages = bounds.topk(n_sel, dim=-1, sorted=False).indices + p_lo  # [B, Hkv, S]
     pos = (pages[..., None] * P + torch.arange(P, device=q.device)).flatten(-2)  # [B, Hkv, S * P]
     valid = (pos >= lo) & (pos < hi)
     pos = pos.clamp(lo, hi - 1)
-    keys = torch.gather(k, 2, pos[..., None].expand(-1, -1, -1, D))
-    s = group_scores(q, keys).masked_fill(~valid[:, :, None], NEG_INF)  # [B, Hkv, G, S * P]
     if scope == "group":
-        s = s.amax(dim=2)
+        s = scores_at_fn(q, k, pos).masked_fill(~valid, NEG_INF)
     else:
+        keys = torch.gather(k, 2, pos[..., None].expand(-1, -1, -1, D))
+        s = group_scores(q, keys).masked_fill(~valid[:, :, None], NEG_INF)  # [B, Hkv, G, S * P]
         pos = pos[:, :, None].expand(-1, -1, G, -1)
-    take = min(k_top, s.shape[-1])
-    best, j = s.topk(take, dim=-1, sorted=False)
-    chosen = torch.gather(pos, -1, j).masked_fill(best == NEG_INF, -1)
-    if take < k_top:
-        chosen = torch.cat((chosen, chosen.new_full((*lead, k_top - take), -1)), dim=-1)
-    return chosen
+    best, j = s.topk(min(k_top, s.shape[-1]), dim=-1, sorted=False)
+    return torch.gather(pos, -1, j).masked_fill(best == NEG_INF, -1)

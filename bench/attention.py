@@ -1,0 +1,172 @@
+"""Decode-attention benchmark on one GPU: SDPA (flash, cuDNN), transformers' eager attention, and
+minirt's Triton dense decode and condensate sparse decode (exact and page selection).
+
+    python bench/attention.py [--contexts 4096,32768,...] [--out results/attention]
+
+Times with triton.testing.do_bench (median; warm-up; it also flushes L2 between calls) while
+rotating among input copies that together exceed L2. Each row gives ms, the bytes the method must
+move (its model below), achieved GB/s, and the speedup over SDPA flash. Writes JSON + Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minirt.cache import CondensateCache, CondensateConfig  # noqa: E402
+from minirt.config import ModelConfig  # noqa: E402
+from minirt.kernels import triton_attention as tri  # noqa: E402
+
+SHAPES = {"32q/4kv x64 (TinyLlama)": (32, 4, 64), "8q/8kv x64 (paper)": (8, 8, 64)}
+POLICY = CondensateConfig()  # A=4, W=128, k=32; pages of 32, 4x oversampling
+L2_BYTES = 50 * 2**20
+
+
+def bench(fn, inputs: list) -> float:
+    from triton.testing import do_bench
+
+    it = itertools.cycle(inputs)
+    return do_bench(lambda: fn(next(it)), warmup=50, rep=200, return_mode="median")
+
+
+def graphed(fn, inputs: list):
+    """Capture fn(inp) for each input in a CUDA graph; returns a list of replay closures."""
+    graphs = []
+    for inp in inputs:
+        fn(inp)  # warm-up outside capture (Triton compiles here)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(inp)
+        graphs.append(g)
+    return graphs
+
+
+def sparse_bytes(n: int, Hkv: int, D: int, el: int, selection: str) -> int:
+    A, W, k, P = POLICY.anchor, POLICY.window, POLICY.top_k, POLICY.page_size
+    attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
+    if selection == "exact":
+        return attend + Hkv * n * D * el + 2 * Hkv * n * 4  # every key + fp32 scores written and read
+    pages = math.ceil(n / P)
+    chosen = min(pages, math.ceil(k * POLICY.page_oversample / P)) * P
+    return attend + 2 * Hkv * pages * D * el + 2 * Hkv * pages * 4 + Hkv * chosen * (D * el + 8)
+
+
+def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype) -> CondensateCache:
+    cfg = ModelConfig(family="llama", vocab_size=2, dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv,
+                      head_dim=D, ffn_dim=1, max_seq_len=n + 1, rotary_dim=D)
+    cache = CondensateCache(cfg, CondensateConfig(selection=selection), capacity=n + 1, device="cuda", dtype=dtype)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.seq_len = n
+    if selection == "pages":
+        cache._update_pages(0, 0, n)
+    cache.truncate(n)  # fills the ring from the history
+    return cache
+
+
+def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: bool) -> list[dict]:
+    el = torch.finfo(dtype).bits // 8
+    kv_bytes = 2 * Hkv * n * D * el
+    copies = max(2, math.ceil(3 * L2_BYTES / kv_bytes)) if kv_bytes < 4 * L2_BYTES else 1
+    qs = [torch.randn(1, Hq, D, device="cuda", dtype=dtype) for _ in range(copies)]
+    kvs = [(torch.randn(1, Hkv, n, D, device="cuda", dtype=dtype), torch.randn(1, Hkv, n, D, device="cuda", dtype=dtype))
+           for _ in range(copies)]
+    inputs = list(zip(qs, kvs))
+    rows = []
+
+    def add(method: str, ms: float | None, nbytes: int, note: str = ""):
+        rows.append({"shape": name, "context": n, "method": method, "ms": ms, "bytes": nbytes,
+                     "GB/s": None if ms is None else nbytes / ms / 1e6, "note": note})
+
+    # correctness of our dense kernel against SDPA on this very input before timing it
+    q0, (k0, v0) = inputs[0]
+    ref = F.scaled_dot_product_attention(q0[:, :, None], k0, v0, enable_gqa=True)[:, :, 0]
+    ours = tri.decode_attention(q0, k0, v0)[0]
+    err = float((ours.float() - ref.float()).norm() / ref.float().norm())
+    assert err < 1e-2, f"dense kernel disagrees with SDPA: rel err {err}"
+
+    for method, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def sdpa(inp, backend=backend):
+            q, (k, v) = inp
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+        try:
+            add(method, bench(sdpa, inputs), kv_bytes)
+        except RuntimeError as e:
+            add(method, None, kv_bytes, f"not run: {str(e).splitlines()[0][:80]}")
+    try:
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+        module = SimpleNamespace(num_key_value_groups=Hq // Hkv, training=False)
+
+        def hf(inp):
+            q, (k, v) = inp
+            return eager_attention_forward(module, q[:, :, None], k, v, None, scaling=D ** -0.5)
+        add("transformers-eager", bench(hf, inputs), kv_bytes)
+    except (ImportError, RuntimeError) as e:
+        add("transformers-eager", None, kv_bytes, f"not run: {str(e).splitlines()[0][:80]}")
+    add("minirt-dense-triton", bench(lambda inp: tri.decode_attention(inp[0], *inp[1]), inputs), kv_bytes, f"rel err vs SDPA {err:.1e}")
+
+    for selection in ("exact", "pages"):
+        caches = [make_cache(Hq, Hkv, D, n, selection, dtype) for _ in range(min(copies, 2))]
+        new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
+        sparse_inputs = list(zip(qs, caches))
+        # The runtime's own decode step: append position n (seq_len stays n, so every call
+        # rewrites it), update ring and page summary, select, attend.
+        step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
+        nbytes = sparse_bytes(n, Hkv, D, el, selection)
+        add(f"minirt-sparse-{selection}", bench(step, sparse_inputs), nbytes, "eager")
+        if use_graphs:
+            graphs = graphed(step, sparse_inputs)
+            add(f"minirt-sparse-{selection}-graph", bench(lambda g: g.replay(), graphs), nbytes, "CUDA graph replay")
+        del caches
+    flash = next(r["ms"] for r in rows if r["method"] == "sdpa-flash")
+    for r in rows:
+        r["speedup_vs_flash"] = flash / r["ms"] if (flash and r["ms"]) else None
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    out = [f"Device: {device}\n", "| shape | context | method | ms | MB moved | GB/s | x SDPA flash | note |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = "n/a" if r["ms"] is None else f"{r['ms']:.4f}"
+        gbs = "" if r["GB/s"] is None else f"{r['GB/s']:.0f}"
+        sp = "" if r["speedup_vs_flash"] is None else f"{r['speedup_vs_flash']:.2f}"
+        out.append(f"| {r['shape']} | {r['context']} | {r['method']} | {ms} | {r['bytes'] / 1e6:.1f} | {gbs} | {sp} | {r['note']} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4096,32768,131072,524288,1048576")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--out", default="results/attention")
+    args = ap.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.cuda.get_device_name()
+    rows = []
+    for n in map(int, args.contexts.split(",")):
+        for name, (Hq, Hkv, D) in SHAPES.items():
+            rows += run_shape(name, Hq, Hkv, D, n, dtype, not args.no_graphs)
+            print(markdown(rows[-8:], device).split("\n", 3)[3], end="", flush=True)
+            torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__, "dtype": args.dtype, "policy": POLICY.__dict__}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(args.out + ".md").write_text(markdown(rows, device))
+    print(markdown(rows, device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Fixed prompts for equivalence measurements: the seed paper's three, and a multi-needle haystack.
+
+The prompts are fixed before measuring and are not tuned to make sparse and full agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FILLER = [
+    "The river runs slowly past the old mill, and in summer the water is warm enough to swim.",
+    "Most mornings the market opens at seven, when the first carts of vegetables arrive from the farms.",
+    "A good loaf of bread needs flour, water, salt, yeast and, above all, patience.",
+    "The library on the hill keeps its oldest maps in a cool room without windows.",
+    "Trains to the coast leave every hour, though on Sundays the timetable is thinner.",
+    "In autumn the leaves of the maple trees turn red long before the oaks change colour.",
+    "The committee met twice last year to discuss the repair of the bridge over the canal.",
+    "Children in the village learn to sail on the lake before they learn to ride a bicycle.",
+    "The museum's new wing displays pottery found during the construction of the highway.",
+    "Rain is common in the valley in spring, so most houses have steep roofs and wide gutters.",
+    "The bakery on the corner sells a famous almond cake that sells out before noon.",
+    "Every winter a few families of swans return to the pond behind the town hall.",
+    "The old lighthouse has not been used for decades, but it is still painted every summer.",
+    "Farmers in the region grow wheat, barley and sunflowers, rotating the fields each year.",
+    "The town's clock tower was rebuilt after a storm damaged its roof a century ago.",
+    "On clear nights the observatory opens its doors to visitors who want to see the planets.",
+    "A narrow path leads from the church to the cliffs, where seabirds nest in the rocks.",
+    "The annual fair brings musicians, jugglers and food stalls to the central square.",
+    "Fishing boats return in the late afternoon, followed by gulls hoping for scraps.",
+    "The school's garden grows tomatoes, beans and herbs that are used in the cafeteria.",
+    "Old stone walls divide the pastures, and sheep graze between them all year round.",
+    "The local newspaper is printed twice a week and delivered by bicycle.",
+    "A small ferry carries cars and passengers across the bay when the weather allows.",
+    "The hiking club maintains the trails and repaints the markers every spring.",
+]
+
+
+def filler(n_sentences: int, offset: int = 0) -> str:
+    return " ".join(FILLER[(offset + i) % len(FILLER)] for i in range(n_sentences))
+
+
+# The seed paper's prompts: retrieval, code completion, narrative continuation.
+PAPER_PROMPTS = {
+    "retrieval": "The secret code is PHOENIX. Remember it. " + filler(24)
+                 + " Question: What is the secret code? Answer: The secret code is",
+    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "narrative": "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+}
+
+
+@dataclass(frozen=True)
+class Needle:
+    fact: str
+    question: str
+    answer: str
+
+
+NEEDLES = [
+    Needle("Alice's favorite color is BLUE.", "What is Alice's favorite color?", "BLUE"),
+    Needle("Bob works as a PILOT.", "What does Bob work as?", "PILOT"),
+    Needle("The meeting is at 3PM.", "What time is the meeting?", "3PM"),
+    Needle("The password is TIGER.", "What is the password?", "TIGER"),
+    Needle("Charlie lives in TOKYO.", "Where does Charlie live?", "TOKYO"),
+]
+
+
+def haystack(sentences_between: int = 16) -> str:
+    """The five needle facts with `sentences_between` filler sentences before each and after the last."""
+    parts = []
+    for i, needle in enumerate(NEEDLES):
+        parts += [filler(sentences_between, offset=i * 5), needle.fact]
+    parts.append(filler(sentences_between, offset=3))
+    return " ".join(parts)

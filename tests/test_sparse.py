@@ -1,0 +1,146 @@
+"""Condensate sparse decode on the real SmolLM2 checkpoint: exactness, ring buffer, certificate,
+equivalence on the paper's prompts, and multi-needle retrieval."""
+from __future__ import annotations
+
+import pytest
+import torch
+from parity import max_logit_diff, minirt_greedy
+
+from minirt import CondensateCache, CondensateConfig
+from minirt.config import ModelConfig
+from minirt.equivalence import compare, needle_retrieval
+from minirt.workloads import PAPER_PROMPTS
+
+STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
+
+
+@pytest.mark.parametrize("scope, selection", [("group", "exact"), ("head", "exact"), ("group", "pages"), ("head", "pages")])
+def test_k_covering_the_context_equals_full(smollm2_llm, scope, selection):
+    """With k >= context length the sparse set is everything: same tokens, logits equal to rounding.
+    W=8 makes the ring buffer wrap ~10 times over the 60 steps."""
+    ids = smollm2_llm.tokenizer.encode(STORY)
+    full_logits, full_tokens = minirt_greedy(smollm2_llm, ids, 60)
+    policy = CondensateConfig(anchor=4, window=8, top_k=10_000, scope=scope, selection=selection, page_size=4)
+    cache = smollm2_llm.new_cache(len(ids) + 61, "sparse", policy, certify=True)
+    logits, tokens = minirt_greedy(smollm2_llm, ids, 60, cache=cache)
+    assert tokens == full_tokens
+    assert max_logit_diff(full_logits, logits) <= 1e-4
+    assert float(cache.dropped.max()) <= 1e-5
+
+
+def tiny_cfg() -> ModelConfig:
+    return ModelConfig(family="llama", vocab_size=10, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                       ffn_dim=32, max_seq_len=64, rotary_dim=8)
+
+
+def test_ring_buffer_wraps_and_truncates():
+    cfg = tiny_cfg()
+    cache = CondensateCache(cfg, CondensateConfig(anchor=2, window=5, top_k=3, selection="pages", page_size=4), capacity=40)
+    g = torch.Generator().manual_seed(0)
+    for step in range(23):
+        T = 3 if step == 0 else 1  # a short prefill, then decode steps
+        for layer in range(cfg.n_layers):
+            k, v = (torch.randn(1, 2, T, 8, generator=g) for _ in range(2))
+            cache.attend(layer, torch.randn(1, 4, T, 8, generator=g), k, v)
+        cache.advance(T)
+
+        pos = cache.ring_positions(cache.seq_len)
+        held = pos[pos >= 0]
+        assert sorted(held.tolist()) == list(range(max(0, cache.seq_len - 5), cache.seq_len))
+        for slot in range(5):
+            if pos[slot] >= 0:
+                assert torch.equal(cache.ring_k[:, :, :, slot], cache.k[:, :, :, pos[slot]])
+                assert torch.equal(cache.ring_v[:, :, :, slot], cache.v[:, :, :, pos[slot]])
+    n = cache.seq_len
+    assert torch.equal(cache.kmax[:, :, :, 1], cache.k[:, :, :, 4:8].amax(dim=3))
+    cache.truncate(n - 7)
+    pos = cache.ring_positions(cache.seq_len)
+    for slot in range(5):
+        assert torch.equal(cache.ring_k[:, :, :, slot], cache.k[:, :, :, pos[slot]])
+    last = (cache.seq_len - 1) // 4
+    assert torch.equal(cache.kmin[:, :, :, last], cache.k[:, :, :, last * 4:cache.seq_len].amin(dim=3))
+
+
+def test_sparse_after_truncate_matches_fresh_prefill(smollm2_llm):
+    """Rewinding the cache (ring rebuilt from history) gives the same logits as never having gone further."""
+    ids = smollm2_llm.tokenizer.encode(STORY)
+    policy = CondensateConfig(anchor=2, window=6, top_k=3)
+    fresh = smollm2_llm.new_cache(len(ids) + 20, "sparse", policy)
+    expected, _ = minirt_greedy(smollm2_llm, ids, 5, cache=fresh)
+    reused = smollm2_llm.new_cache(len(ids) + 40, "sparse", policy)
+    minirt_greedy(smollm2_llm, ids[:-3], 12, cache=reused)  # go elsewhere, then rewind
+    reused.truncate(len(ids) - 3)
+    got, _ = minirt_greedy(smollm2_llm, ids[-3:], 5, cache=reused)
+    assert max_logit_diff(expected[1:], got[1:]) <= 1e-4
+    assert max_logit_diff([expected[0][-3:]], [got[0]]) <= 1e-4
+
+
+def test_certificate_with_zero_bound_is_full_attention(smollm2_llm):
+    """max_dropped_mass=0 sends every head that dropped anything to full attention."""
+    ids = smollm2_llm.tokenizer.encode(PAPER_PROMPTS["retrieval"])
+    tight = CondensateConfig(anchor=4, window=16, top_k=4)
+    plain = compare(smollm2_llm, ids, 12, tight)
+    certified = compare(smollm2_llm, ids, 12, CondensateConfig(anchor=4, window=16, top_k=4, max_dropped_mass=0.0))
+    assert plain.kl_max > 1e-3  # the tight budget alone does drift ...
+    assert certified.fallbacks > 0 and certified.kl_max < 1e-6  # ... the certificate removes it
+    assert certified.token_match == 1.0
+
+
+def test_certificate_bound_trades_fallbacks_for_accuracy(smollm2_llm):
+    ids = smollm2_llm.tokenizer.encode(PAPER_PROMPTS["retrieval"])
+    plain = compare(smollm2_llm, ids, 12, CondensateConfig(anchor=4, window=16, top_k=4))
+    bounded = compare(smollm2_llm, ids, 12, CondensateConfig(anchor=4, window=16, top_k=4, max_dropped_mass=0.1))
+    assert 0 < bounded.fallbacks
+    assert bounded.kl_mean < plain.kl_mean
+
+
+def test_dense_layers_drop_nothing(smollm2_llm):
+    ids = smollm2_llm.tokenizer.encode(PAPER_PROMPTS["retrieval"])
+    report = compare(smollm2_llm, ids, 3, CondensateConfig(window=16, top_k=4, dense_layers=(0, 5)))
+    assert report.dropped_mass_by_layer[0] == 0 and report.dropped_mass_by_layer[5] == 0
+    assert min(report.dropped_mass_by_layer[1:5]) > 0
+
+
+def test_growing_budget():
+    policy = CondensateConfig(top_k=16, budget_alpha=2.0, budget_exponent=0.5)
+    assert policy.budget(16) == 16 and policy.budget(10_000) == 200 and policy.budget(10_001) == 201
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"window": 0}, "window"), ({"top_k": -1}, "top_k"), ({"scope": "layer"}, "scope"),
+    ({"selection": "random"}, "selection"), ({"max_dropped_mass": 2.0}, "max_dropped_mass"),
+    ({"budget_exponent": 1.5}, "budget_exponent"),
+])
+def test_bad_policy(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CondensateConfig(**kwargs)
+
+
+# Thresholds set from measurement (EQUIVALENCE.md, SmolLM2-135M-Instruct, fp32, default A=4 W=128
+# k=32, 200 steps): code and narrative matched 100% with max KL < 1e-3; retrieval (434-token
+# prompt) agreed on 98.5% of teacher-forced steps, max KL 0.118, first divergence at step 29.
+@pytest.mark.parametrize("prompt", ["code", "narrative"])
+def test_paper_prompts_short_context(smollm2_llm, prompt):
+    report = compare(smollm2_llm, smollm2_llm.tokenizer.encode(PAPER_PROMPTS[prompt]), 200)
+    assert report.token_match >= 0.95
+    assert report.teacher_forced_agreement >= 0.98
+    assert report.kl_max <= 1e-2
+
+
+def test_paper_retrieval_prompt(smollm2_llm):
+    report = compare(smollm2_llm, smollm2_llm.tokenizer.encode(PAPER_PROMPTS["retrieval"]), 200)
+    assert report.full_text.lstrip().startswith("PHOENIX") and report.sparse_text.lstrip().startswith("PHOENIX")
+    assert report.teacher_forced_agreement >= 0.95
+    assert report.kl_max <= 0.3
+    assert report.first_divergence is None or report.first_divergence.step >= 10
+
+
+def test_multi_needle(smollm2_llm):
+    full = needle_retrieval(smollm2_llm, None)
+    sparse = needle_retrieval(smollm2_llm, CondensateConfig())
+    window_only = needle_retrieval(smollm2_llm, CondensateConfig(top_k=0))
+    found = [a for a, ok in full.items() if ok]
+    assert len(found) >= 3, full  # the model can do the task at all
+    assert all(sparse[a] for a in found), (full, sparse)
+    # every needle sits > 300 tokens before the question, outside the 128-token window
+    assert sum(not window_only[a] for a in found) >= 2, (full, window_only)
