@@ -29,6 +29,7 @@ VARIANTS = {
     "default": CondensateConfig(),
     "scope=head": CondensateConfig(scope="head"),
     "selection=pages": CondensateConfig(selection="pages"),
+    "selection=pages, 16x oversampling": CondensateConfig(selection="pages", page_oversample=16),
     "dense layer 0": CondensateConfig(dense_layers=(0,)),
     "k=2*sqrt(n)": CondensateConfig(budget_alpha=2.0, budget_exponent=0.5),
     "certificate eps=0.05": CondensateConfig(max_dropped_mass=0.05),
@@ -75,6 +76,10 @@ def main() -> None:
     print(f"wrote {args.out} and {args.json}", file=sys.stderr)
 
 
+def percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def render(rows, needles, control, args, commit: str) -> str:
     def policy(p: dict) -> str:
         s = f"A={p['anchor']} W={p['window']} k={p['top_k']}"
@@ -83,13 +88,13 @@ def render(rows, needles, control, args, commit: str) -> str:
         return s
 
     head = ("| model | prompt | variant | policy | tokens (prompt+decoded) | token match | first divergence | "
-            "teacher-forced argmax agreement | max KL | mean KL | top-5 overlap | max dropped mass | mean dropped mass | fallbacks |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "teacher-forced argmax agreement | max KL | mean KL | top-5 overlap | max dropped mass | mean dropped mass | "
+            "fallbacks | page recall |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['model']} | {r['prompt']} | {r['variant']} | {policy(r['policy'])} | {r['prompt_tokens']}+{r['steps']} | "
         f"{100 * r['token_match']:.1f}% | {'-' if r['first_divergence'] is None else r['first_divergence']['step']} | "
         f"{100 * r['teacher_forced_agreement']:.1f}% | {r['kl_max']:.2e} | {r['kl_mean']:.2e} | {r['top5_overlap_mean']:.3f} | "
-        f"{r['dropped_mass_max']:.3f} | {r['dropped_mass_mean']:.4f} | {r['fallbacks']} |\n"
+        f"{r['dropped_mass_max']:.3f} | {r['dropped_mass_mean']:.4f} | {r['fallbacks']} | {percent(r['page_recall'])} |\n"
         for r in rows + [control])
     needle_rows = "".join(f"| {v} | {sum(ok for ok in res.values())}/5 | "
                           + ", ".join(f"{a}:{'yes' if ok else 'no'}" for a, ok in res.items()) + " |\n"
@@ -104,7 +109,9 @@ position; *first divergence* is the first step where they differ; *teacher-force
 full attention's tokens to the sparse model, so each step compares next-token distributions on the
 same context; *dropped mass* is the full-softmax attention mass outside the sparse set, per layer
 and head (exact; mean over decode steps, layers and heads); *fallbacks* are (layer, head, step)
-triples that the certificate sent to full attention.
+triples that the certificate sent to full attention (dropped mass is that of the sparse set before
+any fallback); *page recall* is the fraction of the exact top-k (same group-max score) that page
+selection found, averaged over decode steps and layers.
 
 {head}{body}
 The last row is the paper's control: the same architecture with random N(0, 0.02) weights. Its

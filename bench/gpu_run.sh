@@ -8,3 +8,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -5 | tee "$out/kernel_tests.txt"
 python3 bench/attention.py --out "$out/attention" "$@" 2>&1 | tee "$out/attention_log.txt"
+python3 bench/tune_decode.py --out "$out/tune_decode" 2>&1 | tee "$out/tune_log.txt"

@@ -33,7 +33,7 @@ class CondensateConfig:
     scope: str = "group"  # top-k shared by a KV group's query heads, or chosen per "head"
     selection: str = "exact"  # "exact": score every key; "pages": Quest-style page bounds first
     page_size: int = 32
-    page_oversample: float = 4.0  # pages scored exactly = ceil(k * oversample / page_size)
+    page_oversample: float = 16.0  # pages scored exactly = ceil(k * oversample / page_size)
     max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
 
     def __post_init__(self) -> None:
@@ -70,10 +70,14 @@ class DenseCache:
         self.capacity = capacity
         self.seq_len = 0
 
-    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-        start, end = self.seq_len, self.seq_len + k.shape[2]
+    def _reserve(self, n: int) -> tuple[int, int]:
+        start, end = self.seq_len, self.seq_len + n
         if end > self.capacity:
             raise CacheFullError(f"cache holds {self.capacity} positions; {end} requested")
+        return start, end
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+        start, end = self._reserve(k.shape[2])
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return start, end
@@ -110,33 +114,26 @@ class CondensateCache(DenseCache):
         ring = (cfg.n_layers, batch, cfg.n_kv_heads, policy.window, cfg.head_dim)
         self.ring_k = torch.zeros(ring, device=device, dtype=dtype)
         self.ring_v = torch.zeros(ring, device=device, dtype=dtype)
+        self.kmin = self.kmax = None
         if policy.selection == "pages":
-            n_pages = math.ceil(capacity / policy.page_size)
-            pages = (cfg.n_layers, batch, cfg.n_kv_heads, n_pages, cfg.head_dim)
+            pages = (cfg.n_layers, batch, cfg.n_kv_heads, math.ceil(capacity / policy.page_size), cfg.head_dim)
             self.kmin = torch.empty(pages, device=device, dtype=dtype)
             self.kmax = torch.empty(pages, device=device, dtype=dtype)
         # Certificate: per decode step, the attention mass each head's sparse set left out.
         self.certify = certify or policy.max_dropped_mass is not None
         self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads)
+        # With page selection and the certificate on: per layer, the fraction of the exact top-k
+        # (by the same group-max score) that the page path found, for the last decode step.
+        self.recall = torch.full((cfg.n_layers,), float("nan"))
         self.fallbacks = 0  # (layer, head, step) triples that fell back to full attention
 
-    def ring_positions(self, end: int) -> torch.Tensor:
-        """Position held by each ring slot once `end` positions are stored; -1 for empty slots."""
-        W = self.policy.window
-        slots = torch.arange(W, device=self.k.device)
-        newest = end - 1
-        pos = newest - (newest - slots) % W  # latest position p <= newest with p % W == slot
-        return torch.where(pos >= max(0, end - W), pos, -1)
+    def _pages(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self.kmin is None else (self.kmin[layer], self.kmax[layer])
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-        start, end = super()._store(layer, k, v)
-        W = self.policy.window
-        first = max(start, end - W)  # only the last W new positions survive in the ring
-        slots = torch.arange(first, end, device=k.device) % W
-        self.ring_k[layer, :, :, slots] = k[:, :, first - start:]
-        self.ring_v[layer, :, :, slots] = v[:, :, first - start:]
-        if self.policy.selection == "pages":
-            self._update_pages(layer, start, end)
+        start, end = self._reserve(k.shape[2])
+        kernels.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
+                          k, v, start, self.policy.page_size)
         return start, end
 
     def truncate(self, n: int) -> None:
@@ -148,21 +145,18 @@ class CondensateCache(DenseCache):
         slots = torch.arange(first, n, device=self.k.device) % W
         self.ring_k[:, :, :, slots] = self.k[:, :, :, first:n]
         self.ring_v[:, :, :, slots] = self.v[:, :, :, first:n]
-        if self.policy.selection == "pages":
-            last_page_start = (n - 1) // self.policy.page_size * self.policy.page_size
+        if self.kmin is not None:
+            P = self.policy.page_size
             for layer in range(self.k.shape[0]):
-                self._update_pages(layer, last_page_start, n)
+                kernels.update_pages(self.k[layer], *self._pages(layer), (n - 1) // P * P, n, P)
 
-    def _update_pages(self, layer: int, start: int, end: int) -> None:
-        P = self.policy.page_size
-        p0, p1 = start // P, (end - 1) // P + 1
-        keys = self.k[layer, :, :, p0 * P:end]
-        pad = p1 * P - end  # the last page may be partly filled: pad with its own first key
-        if pad:
-            keys = torch.cat((keys, keys[:, :, -1:].expand(-1, -1, pad, -1)), dim=2)
-        keys = keys.unflatten(2, (p1 - p0, P))
-        self.kmin[layer, :, :, p0:p1] = keys.amin(dim=3)
-        self.kmax[layer, :, :, p0:p1] = keys.amax(dim=3)
+    @staticmethod
+    def _recall(scores: torch.Tensor, chosen: torch.Tensor, lo: int, hi: int, k_top: int) -> float:
+        exact = kernels.topk_positions(scores.amax(dim=2), lo, hi, k_top)  # [B, Hkv, k]
+        if exact.shape[-1] == 0:
+            return 1.0
+        hits = (exact[..., :, None] == chosen[..., None, :]).any(-1)
+        return float(hits.float().mean())
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         _, end = self._store(layer, k, v)
@@ -175,18 +169,24 @@ class CondensateCache(DenseCache):
         p = self.policy
         B, Hq, D = q.shape
         kh, vh = self.k[layer, :, :, :n], self.v[layer, :, :, :n]
-        Hkv = kh.shape[1]
         anchor = min(p.anchor, n)
         lo, hi = anchor, max(anchor, n - p.window)  # top-k candidates: neither anchor nor window
-        ring_pos = self.ring_positions(n)
-        ring_valid = ring_pos >= anchor  # window slots that are anchor positions count once, as anchor
         scores = kernels.group_scores(q, kh) if self.certify else None  # per head, for the certificate
-        top = self._select(layer, q, kh, scores, lo, hi, p.budget(n))
-        anchor_idx = torch.arange(anchor, device=q.device).expand(*top.shape[:-1], anchor)
-        idx = torch.cat((anchor_idx, top), dim=-1)
-        out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ring_valid, kh, vh, idx)
+        k_top = p.budget(n)
+        pages = None
+        if p.selection == "pages":
+            pages, idx = kernels.page_select(q, self.k[layer], *self._pages(layer), lo, hi, k_top,
+                                             p.page_size, p.page_oversample, p.scope)
+        elif p.scope == "head":
+            idx = kernels.topk_positions(scores if scores is not None else kernels.group_scores(q, kh), lo, hi, k_top)
+        else:
+            idx = kernels.topk_positions(kernels.group_max_scores(q, kh[:, :, :hi]), lo, hi, k_top)
+        out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], kh, vh, idx, n, p.anchor,
+                                            pages, p.page_size)
         if not self.certify:
             return out
+        if pages is not None and p.scope == "group":
+            self.recall[layer] = self._recall(scores, kernels.sparse_positions(idx, pages, p.page_size), lo, hi, k_top)
         lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
         dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
         self.dropped[layer] = dropped.cpu()
@@ -197,14 +197,3 @@ class CondensateCache(DenseCache):
                 full = kernels.decode_attention(q, kh, vh)[0]
                 out = torch.where(fall[..., None], full, out)
         return out
-
-    def _select(self, layer: int, q: torch.Tensor, kh: torch.Tensor, scores: torch.Tensor | None,
-                lo: int, hi: int, k: int) -> torch.Tensor:
-        """Top-k positions in [lo, hi): [B, Hkv, k] (group scope) or [B, Hkv, G, k] (head scope)."""
-        p = self.policy
-        if p.selection == "exact":
-            if p.scope == "head":
-                return kernels.topk_positions(scores if scores is not None else kernels.group_scores(q, kh), lo, hi, k)
-            return kernels.topk_positions(kernels.group_max_scores(q, kh[:, :, :hi]), lo, hi, k)
-        return kernels.page_topk(q, self.k[layer], self.kmin[layer], self.kmax[layer], lo, hi, k,
-                                 p.page_size, p.page_oversample, p.scope)

@@ -43,6 +43,7 @@ class EquivalenceReport:
     dropped_mass_mean: float
     dropped_mass_by_layer: list[float]  # max over steps and heads
     fallbacks: int
+    page_recall: float | None  # selection="pages": mean fraction of the exact top-k it found
     full_text: str = ""
     sparse_text: str = ""
 
@@ -66,6 +67,8 @@ class EquivalenceReport:
             ("dropped mass max / mean", f"{self.dropped_mass_max:.3e} / {self.dropped_mass_mean:.3e}"),
             ("fallbacks to full", str(self.fallbacks)),
         ]
+        if self.page_recall is not None:
+            rows.append(("page selection recall of exact top-k", f"{100 * self.page_recall:.1f}%"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         lines.append("dropped mass by layer (max): " + " ".join(f"{m:.1e}" for m in self.dropped_mass_by_layer))
@@ -86,20 +89,23 @@ def _teacher_forced(llm: LLM, ids: list[int], forced: list[int], policy: Condens
     """Sparse logits at each step of the full run's context, with per-step dropped mass."""
     cache = llm.new_cache(len(ids) + len(forced), "sparse", policy, certify=True)
     model, device = llm.model, llm.model.device
-    logits, dropped = [], []
+    logits, dropped, recall = [], [], []
     step_input = torch.tensor([ids], device=device)
     for token in forced:
         logits.append(model(step_input, cache, last_only=True)[0, -1].float())
         dropped.append(cache.dropped[:, 0].clone())  # [layers, heads]
+        recall.append(cache.recall.clone())
         step_input = torch.tensor([[token]], device=device)
-    return torch.stack(logits), torch.stack(dropped), cache.fallbacks
+    recall = torch.stack(recall[1:]) if len(recall) > 1 else torch.full((1,), float("nan"))  # step 0 is prefill
+    return torch.stack(logits), torch.stack(dropped), cache.fallbacks, recall
 
 
 def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfig | None = None) -> EquivalenceReport:
     """Decode `steps` tokens with full and with sparse attention and measure the difference."""
     policy = policy or CondensateConfig()
     full_tokens, full_logits = _greedy(llm, prompt_ids, steps, "full", None)
-    sparse_logits, dropped, fallbacks = _teacher_forced(llm, prompt_ids, full_tokens, policy)
+    sparse_logits, dropped, fallbacks, recall = _teacher_forced(llm, prompt_ids, full_tokens, policy)
+    recall = recall[~recall.isnan()]
     free_tokens, free_logits = _greedy(llm, prompt_ids, steps, "sparse", policy)
 
     logp_full = torch.log_softmax(full_logits, -1)
@@ -124,6 +130,7 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         kl_max=float(kl.max()), kl_mean=float(kl.mean()), top5_overlap_mean=float(overlap.mean()),
         dropped_mass_max=float(decode_steps.max()), dropped_mass_mean=float(decode_steps.mean()),
         dropped_mass_by_layer=decode_steps.amax(dim=(0, 2)).tolist(), fallbacks=fallbacks,
+        page_recall=float(recall.mean()) if recall.numel() else None,
         full_text=decode(full_tokens), sparse_text=decode(free_tokens),
     )
 

@@ -22,12 +22,13 @@ def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[torch.Tensor], li
 @torch.inference_mode()
 def minirt_greedy(llm, ids: list[int], steps: int, cache=None) -> tuple[list[torch.Tensor], list[int]]:
     cache = cache if cache is not None else llm.new_cache(len(ids) + steps + 1)
-    logits = [llm.model(torch.tensor([ids]), cache)[0]]
+    device = llm.model.device
+    logits = [llm.model(torch.tensor([ids], device=device), cache)[0]]
     tokens = []
     for _ in range(steps):
         token = int(logits[-1][-1].argmax())
         tokens.append(token)
-        logits.append(llm.model(torch.tensor([[token]]), cache)[0])
+        logits.append(llm.model(torch.tensor([[token]], device=device), cache)[0])
     return logits, tokens
 
 

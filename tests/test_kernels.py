@@ -47,37 +47,46 @@ def test_decode_attention(B, Hkv, G, D, n, dtype):
 
 
 @pytest.mark.parametrize("B, Hkv, G, D, n, dtype", CASES[1:])
-def test_sparse_attention(B, Hkv, G, D, n, dtype):
+@pytest.mark.parametrize("paged", [False, True])
+def test_sparse_attention(B, Hkv, G, D, n, dtype, paged):
     g = torch.Generator().manual_seed(n * 7 + G)
-    W, K = 16, 24
+    W, K, P, anchor = 16, 24, 8, 4
     q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
     k, v = make_cache(B, Hkv, n, D, dtype, g)
     ring_k, ring_v = make_cache(B, Hkv, W, D, dtype, g, capacity_extra=0)
-    ring_valid = (torch.rand(W, generator=g) > 0.3).to(DEVICE)
-    ring_valid[0] = True
-    idx = torch.stack([torch.randperm(n, generator=g)[:K] if n >= K else torch.arange(K) % n
-                       for _ in range(B * Hkv)]).view(B, Hkv, K)
+    pages = None
+    if paged:  # entries index the tokens of S random pages (some positions fall outside [anchor, n - W))
+        S = 4
+        pages = torch.randint(0, max(1, -(-n // P)), (B, Hkv, S), generator=g)
+        idx = torch.stack([torch.randperm(S * P, generator=g)[:K] for _ in range(B * Hkv)]).view(B, Hkv, K)
+    else:  # distinct positions, some inside the anchor or the window (must be ignored)
+        idx = torch.stack([torch.randperm(n, generator=g)[:K] if n >= K else torch.arange(K) % n
+                           for _ in range(B * Hkv)]).view(B, Hkv, K)
     idx[..., -3:] = -1  # unused slots
-    idx = idx.to(DEVICE)
+    idx, pages = idx.to(DEVICE), None if pages is None else pages.to(DEVICE)
     out = torch.full_like(q, float("nan"))
-    got, lse = tri.sparse_attention(q, ring_k, ring_v, ring_valid, k, v, idx, out=out)
-    want, want_lse = ref.sparse_attention(q.double(), ring_k.double(), ring_v.double(), ring_valid,
-                                          k.double(), v.double(), idx)
+    got, lse = tri.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor, pages, P, out=out)
+    want, want_lse = ref.sparse_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(),
+                                          idx, n, anchor, pages, P)
     assert rel_err(got, want) <= TOL[dtype]
     assert rel_err(lse, want_lse) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("B, Hkv, G, D, n, dtype", CASES[1:6])
-def test_scores_and_page_bounds(B, Hkv, G, D, n, dtype):
-    g = torch.Generator().manual_seed(n + G)
-    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
-    k, _ = make_cache(B, Hkv, n, D, dtype, g)
-    assert rel_err(tri.group_max_scores(q, k), ref.group_max_scores(q.double(), k.double())) <= TOL[dtype]
-    idx = torch.randint(0, n, (B, Hkv, 50), generator=g).to(DEVICE)
-    assert rel_err(tri.gathered_group_max_scores(q, k, idx), ref.gathered_group_max_scores(q.double(), k.double(), idx)) <= TOL[dtype]
-    lo, hi = torch.randn(2, B, Hkv, 9, D, generator=g).sort(dim=0).values.to(dtype).to(DEVICE)
-    bound = tri.page_bounds(q, lo, hi)
-    assert rel_err(bound, ref.page_bounds(q.double(), lo.double(), hi.double())) <= TOL[dtype]
+def test_sparse_attention_reference_is_exact_softmax_over_the_union():
+    """The reference itself against a dense softmax restricted to the intended position set."""
+    g = torch.Generator().manual_seed(11)
+    B, Hkv, G, D, n, W, anchor = 1, 2, 3, 16, 40, 8, 3
+    q, k, v = torch.randn(B, Hkv * G, D, generator=g), torch.randn(B, Hkv, n, D, generator=g), torch.randn(B, Hkv, n, D, generator=g)
+    slots = torch.arange(n - W, n) % W
+    ring_k, ring_v = torch.empty(B, Hkv, W, D), torch.empty(B, Hkv, W, D)
+    ring_k[:, :, slots], ring_v[:, :, slots] = k[:, :, n - W:], v[:, :, n - W:]
+    idx = torch.tensor([[[5, 17, 1, 35, -1], [10, 11, 12, 39, 3]]])  # 1 (anchor), 35, 39 (window), -1 ignored
+    got, _ = ref.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor)
+    for h, chosen in enumerate(([5, 17], [10, 11, 12, 3])):
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[:anchor], keep[n - W:], keep[chosen] = True, True, True
+        s = (q[0, h * G:(h + 1) * G] @ k[0, h].T / D ** 0.5).masked_fill(~keep, float("-inf"))
+        assert torch.allclose(got[0, h * G:(h + 1) * G], torch.softmax(s, -1) @ v[0, h], atol=1e-6)
 
 
 def test_page_bound_is_an_upper_bound():
@@ -89,17 +98,40 @@ def test_page_bound_is_an_upper_bound():
     assert (bound >= true_max - 1e-5).all()
 
 
-def test_page_topk_triton_matches_reference():
+def test_page_select_triton_matches_reference():
     g = torch.Generator().manual_seed(5)
     B, Hkv, G, D, n, P = 1, 2, 4, 64, 300, 16
     q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
     k = torch.randn(B, Hkv, n, D, generator=g).to(DEVICE)
     pages = torch.cat((k, k[:, :, -1:].expand(-1, -1, 20, -1)), 2).unflatten(2, (20, P))
     args = (q, k, pages.amin(3), pages.amax(3), 4, 250, 12, P, 2.0, "group")
-    want = ref.page_topk(*args)
-    got = ref.page_topk(*args, bounds_fn=tri.page_bounds, scores_at_fn=tri.gathered_group_max_scores)
+    want = ref.sparse_positions(*ref.page_select(*args)[::-1], P)
+    got = ref.sparse_positions(*ref.page_select(*args, bounds_fn=tri.page_bounds, scores_fn=tri.paged_group_max_scores)[::-1], P)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
     assert ((want >= 4) & (want < 250)).all()
+
+
+@pytest.mark.parametrize("with_pages", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_kv(with_pages, dtype):
+    """The fused one-token append writes history, ring slot and page summary like the reference."""
+    B, Hkv, cap, D, W, P, steps = 2, 3, 40, 80, 8, 4, 23
+    g = torch.Generator().manual_seed(2)
+    new = [torch.randn(2, B, 1, Hkv, D, generator=g).to(dtype).to(DEVICE).transpose(2, 3) for _ in range(steps)]
+    states = {}
+    for impl in (ref, tri):
+        def poisoned(*shape):
+            return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        store, ring = [poisoned(B, Hkv, cap, D) for _ in range(2)], [poisoned(B, Hkv, W, D) for _ in range(2)]
+        pages = [poisoned(B, Hkv, cap // P, D) for _ in range(2)] if with_pages else [None, None]
+        for pos, (k, v) in enumerate(new):  # k/v strided like the model's [B, Hkv, 1, D] views
+            impl.append_kv(*store, *ring, *pages, k, v, pos, P)
+        written = [t[:, :, :steps] for t in store] + ring  # positions 0..22; every ring slot
+        if with_pages:
+            written += [t[:, :, :6] for t in pages]  # pages 0..5 hold positions 0..22
+        states[impl.__name__] = written
+    for a, b in zip(*states.values()):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("attention, policy", [

@@ -8,7 +8,13 @@ import os
 import torch
 
 from . import reference
-from .reference import causal_attention, group_scores, topk_positions  # noqa: F401  (SDPA / torch ops)
+from .reference import (  # noqa: F401  (torch ops used as they are on every device)
+    causal_attention,
+    group_scores,
+    sparse_positions,
+    topk_positions,
+    update_pages,
+)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -28,17 +34,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     return (_triton() if use_triton(q) else reference).decode_attention(q, k, v)
 
 
-def sparse_attention(q, ring_k, ring_v, ring_valid, k, v, idx) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=None, page_size: int = 1):
     # The kernel takes one index list per KV group; per-head lists (scope="head") use the reference.
     impl = _triton() if use_triton(q) and idx.dim() == 3 else reference
-    return impl.sparse_attention(q, ring_k, ring_v, ring_valid, k, v, idx)
+    return impl.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor, pages, page_size)
 
 
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (_triton() if use_triton(q) else reference).group_max_scores(q, k)
 
 
-def page_topk(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope) -> torch.Tensor:
+def page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope):
     impl = _triton() if use_triton(q) else reference
-    return reference.page_topk(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope,
-                               bounds_fn=impl.page_bounds, scores_at_fn=impl.gathered_group_max_scores)
+    return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope,
+                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores)
+
+
+def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:
+    # One fused kernel for the one-token decode append; prefill (T > 1) uses the reference.
+    impl = _triton() if use_triton(k) and k.shape[2] == 1 else reference
+    impl.append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start, page_size)

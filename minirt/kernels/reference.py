@@ -42,25 +42,52 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
 
 
-def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, ring_valid: torch.Tensor,
-                     k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax over the union of a contiguous window and gathered positions.
+def ring_positions(n: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Position held by each ring slot once n positions are stored (slot = position % window); -1 if empty."""
+    slots = torch.arange(window, device=device)
+    pos = (n - 1) - (n - 1 - slots) % window  # latest position p <= n - 1 with p % window == slot
+    return torch.where(pos >= max(0, n - window), pos, -1)
 
-    ring_k/ring_v [B, Hkv, W, D] hold the local window (ring_valid [W] marks the slots in use);
-    idx lists positions of k/v [B, Hkv, n, D] to gather (anchor + top-k), -1 = unused, either one
-    list per KV group [B, Hkv, K] or one per query head [B, Hkv, G, K]. The caller guarantees that
-    window and gathered positions are disjoint. Returns out [B, Hq, D] and lse [B, Hq].
+
+def sparse_positions(idx: torch.Tensor, pages: torch.Tensor | None, page_size: int) -> torch.Tensor:
+    """Cache positions of gathered entries: idx itself, or (with pages [B, Hkv, S]) an index into
+    the pages' tokens: pages[idx // page_size] * page_size + idx % page_size. -1 stays invalid."""
+    if pages is None:
+        return idx
+    flat = idx if idx.dim() == 3 else idx.flatten(2)
+    pos = torch.gather(pages, 2, flat.clamp(min=0) // page_size) * page_size + flat.clamp(min=0) % page_size
+    return torch.where(flat >= 0, pos, -1).view(idx.shape)
+
+
+def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     idx: torch.Tensor, n: int, anchor: int, pages: torch.Tensor | None = None,
+                     page_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over window ∪ anchor ∪ gathered positions, of n cached positions.
+
+    window: ring_k/ring_v [B, Hkv, W, D] slots (slot = position % W) holding positions >= n - W;
+    anchor: positions [0, min(anchor, n)) of k/v [B, Hkv, n, D];
+    gathered: idx, one list per KV group [B, Hkv, K] or per query head [B, Hkv, G, K], of
+    positions (or page-relative indices, see sparse_positions); entries outside
+    [min(anchor, n), n - W), such as the -1 padding, are ignored, so the three sets are disjoint.
+    Returns out [B, Hq, D] and the log-sum-exp of the attended logits [B, Hq].
     """
     B, Hq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, W = k.shape[1], ring_k.shape[2]
     G = Hq // Hkv
-    if idx.dim() == 3:
-        idx = idx[:, :, None]  # one list shared by the group's heads
-    Gi = idx.shape[2]
-    safe = idx.clamp(min=0)
+    a = min(anchor, n)
+    lo, hi = a, max(a, n - W)
+    pos = sparse_positions(idx, pages, page_size)
+    if pos.dim() == 3:
+        pos = pos[:, :, None]  # one list shared by the group's heads
+    Gi = pos.shape[2]
+    pos = torch.cat((torch.arange(a, device=q.device).expand(B, Hkv, Gi, a), pos), dim=3)
+    valid = torch.cat((torch.ones(B, Hkv, Gi, a, dtype=torch.bool, device=q.device),
+                       (pos[..., a:] >= lo) & (pos[..., a:] < hi)), dim=3)
+    ring_valid = ring_positions(n, W, q.device) >= a  # window slots that are anchor positions count once
+    safe = pos.clamp(0, max(n - 1, 0))
     keys = torch.cat((ring_k[:, :, None].expand(-1, -1, Gi, -1, -1), _gather(k, safe)), dim=3)
     values = torch.cat((ring_v[:, :, None].expand(-1, -1, Gi, -1, -1), _gather(v, safe)), dim=3)
-    valid = torch.cat((ring_valid.expand(B, Hkv, Gi, -1), idx >= 0), dim=3)  # [B, Hkv, Gi, W + K]
+    valid = torch.cat((ring_valid.expand(B, Hkv, Gi, W), valid), dim=3)  # [B, Hkv, Gi, W + a + K]
     qg = q.view(B, Hkv, G, D).float()
     if Gi == 1:  # shared list: one [G, D] x [D, N] product per KV head
         s = qg @ keys[:, :, 0].float().transpose(-1, -2)
@@ -93,9 +120,14 @@ def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return group_scores(q, k).amax(dim=2)
 
 
-def gathered_group_max_scores(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """group_max_scores at positions idx [B, Hkv, m] (all valid): [B, Hkv, m]."""
-    return group_max_scores(q, torch.gather(k, 2, idx[..., None].expand(-1, -1, -1, k.shape[-1])))
+def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor, page_size: int,
+                           lo: int, hi: int) -> torch.Tensor:
+    """group_max_scores at every token of pages [B, Hkv, S]: [B, Hkv, S * page_size], -inf at
+    positions outside [lo, hi)."""
+    idx = torch.arange(pages.shape[2] * page_size, device=q.device).expand(*pages.shape[:2], -1)
+    pos = sparse_positions(idx, pages, page_size)
+    keys = torch.gather(k, 2, pos.clamp(0, k.shape[2] - 1)[..., None].expand(-1, -1, -1, k.shape[-1]))
+    return group_max_scores(q, keys).masked_fill((pos < lo) | (pos >= hi), NEG_INF)
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -112,36 +144,64 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     return bound.amax(dim=2) / math.sqrt(D)
 
 
-def page_topk(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
-              k_top: int, page_size: int, oversample: float, scope: str,
-              bounds_fn=page_bounds, scores_at_fn=gathered_group_max_scores) -> torch.Tensor:
-    """Approximate top-k in [lo, hi) without scoring every key.
+def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
+                k_top: int, page_size: int, oversample: float, scope: str,
+                bounds_fn=page_bounds, scores_fn=paged_group_max_scores) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
     Rank pages by their upper bound (bounds_fn), score exactly only the tokens of the best
-    ceil(k_top * oversample / page_size) pages, and keep the top k_top of those. k [B, Hkv, cap, D]
-    is the whole key store; kmin/kmax [B, Hkv, pages, D] its page summaries. scores_at_fn scores
-    gathered positions for scope "group" (the Triton path passes its kernels for both).
-    Returns [B, Hkv, <=k_top] (scope "group") or [B, Hkv, G, <=k_top] (scope "head"), -1 = unused.
+    ceil(k_top * oversample / page_size) pages, keep the top k_top of those. k [B, Hkv, cap, D] is
+    the key store, kmin/kmax [B, Hkv, pages, D] its page summaries. The Triton path passes its
+    kernels as bounds_fn / scores_fn (scope "group").
+    Returns pages [B, Hkv, S] and page-relative indices (see sparse_positions), [B, Hkv, <=k_top]
+    for scope "group" or [B, Hkv, G, <=k_top] for "head"; -1 = unused.
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
-    G = Hq // Hkv
-    lead = (B, Hkv) if scope == "group" else (B, Hkv, G)
     if k_top <= 0 or hi <= lo:
-        return torch.empty((*lead, 0), dtype=torch.long, device=q.device)
+        lead = (B, Hkv) if scope == "group" else (B, Hkv, Hq // Hkv)
+        return torch.zeros(B, Hkv, 0, dtype=torch.long, device=q.device), torch.empty((*lead, 0), dtype=torch.long, device=q.device)
     P = page_size
     p_lo, p_hi = lo // P, (hi - 1) // P + 1
     n_sel = min(p_hi - p_lo, math.ceil(k_top * oversample / P))
     bounds = bounds_fn(q, kmin[:, :, p_lo:p_hi], kmax[:, :, p_lo:p_hi])
     pages = bounds.topk(n_sel, dim=-1, sorted=False).indices + p_lo  # [B, Hkv, S]
-    pos = (pages[..., None] * P + torch.arange(P, device=q.device)).flatten(-2)  # [B, Hkv, S * P]
-    valid = (pos >= lo) & (pos < hi)
-    pos = pos.clamp(lo, hi - 1)
     if scope == "group":
-        s = scores_at_fn(q, k, pos).masked_fill(~valid, NEG_INF)
+        s = scores_fn(q, k, pages, P, lo, hi)
     else:
-        keys = torch.gather(k, 2, pos[..., None].expand(-1, -1, -1, D))
-        s = group_scores(q, keys).masked_fill(~valid[:, :, None], NEG_INF)  # [B, Hkv, G, S * P]
-        pos = pos[:, :, None].expand(-1, -1, G, -1)
+        idx = torch.arange(n_sel * P, device=q.device).expand(B, Hkv, -1)
+        pos = sparse_positions(idx, pages, P)
+        keys = torch.gather(k, 2, pos.clamp(0, k.shape[2] - 1)[..., None].expand(-1, -1, -1, D))
+        s = group_scores(q, keys).masked_fill(((pos < lo) | (pos >= hi))[:, :, None], NEG_INF)
     best, j = s.topk(min(k_top, s.shape[-1]), dim=-1, sorted=False)
-    return torch.gather(pos, -1, j).masked_fill(best == NEG_INF, -1)
+    return pages, j.masked_fill(best == NEG_INF, -1)
+
+
+def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, end: int, page_size: int) -> None:
+    """Recompute the min/max summaries of the pages that positions [start, end) of k [B, Hkv, cap, D] touch."""
+    P = page_size
+    p0, p1 = start // P, (end - 1) // P + 1
+    keys = k[:, :, p0 * P:end]
+    pad = p1 * P - end  # the last page may be partly filled: pad with its own last key
+    if pad:
+        keys = torch.cat((keys, keys[:, :, -1:].expand(-1, -1, pad, -1)), dim=2)
+    keys = keys.unflatten(2, (p1 - p0, P))
+    kmin[:, :, p0:p1] = keys.amin(dim=3)
+    kmax[:, :, p0:p1] = keys.amax(dim=3)
+
+
+def append_kv(k_store: torch.Tensor, v_store: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+              kmin: torch.Tensor | None, kmax: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+              start: int, page_size: int) -> None:
+    """Write k/v [B, Hkv, T, D] at positions start.. of the stores, the ring (slot = position % W)
+    and, if kmin/kmax are given, the page summaries."""
+    T, W = k.shape[2], ring_k.shape[2]
+    end = start + T
+    k_store[:, :, start:end] = k
+    v_store[:, :, start:end] = v
+    first = max(start, end - W)  # only the last W new positions survive in the ring
+    slots = torch.arange(first, end, device=k.device) % W
+    ring_k[:, :, slots] = k[:, :, first - start:]
+    ring_v[:, :, slots] = v[:, :, first - start:]
+    if kmin is not None:
+        update_pages(k_store, kmin, kmax, start, end, page_size)

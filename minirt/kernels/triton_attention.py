@@ -30,11 +30,11 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, RVALID, IDX, OP, LP,
-    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
-    n_keys, W, keys_per_split, scale, Hkv,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q, K, V, RK, RV, IDX, PAGES, OP, LP,
+    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih, spb, sph,
+    n_keys, W, n_ctx, lo, hi, P, keys_per_split, scale, Hkv,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -55,12 +55,23 @@ def _attn_partial(
         j = j0 + tl.arange(0, BLOCK_N)
         in_range = j < end
         if SPARSE:
+            # virtual sequence: W ring slots | anchor positions [0, lo) | gathered entries
             is_ring = j < W
-            ring_ok = tl.load(RVALID + j, mask=in_range & is_ring, other=0) != 0
-            pos = tl.load(IDX + b * sib + h * sih + (j - W), mask=in_range & (j >= W), other=-1)
-            valid = in_range & ((is_ring & ring_ok) | ((j >= W) & (pos >= 0)))
+            newest = n_ctx - 1
+            ring_pos = newest - ((newest - j) % W + W) % W  # latest position in slot j; < 0 if empty
+            is_anchor = (j >= W) & (j < W + lo)
+            is_gather = j >= W + lo
+            raw = tl.load(IDX + b * sib + h * sih + (j - W - lo), mask=in_range & is_gather, other=-1)
+            if PAGED:  # raw indexes the tokens of the selected pages
+                page = tl.load(PAGES + b * spb + h * sph + raw // P, mask=in_range & is_gather & (raw >= 0), other=0)
+                pos = page * P + raw % P
+            else:
+                pos = raw
+            gather_ok = is_gather & (raw >= 0) & (pos >= lo) & (pos < hi)
+            valid = in_range & ((is_ring & (ring_pos >= lo) & (ring_pos >= 0)) | is_anchor | gather_ok)
+            hist_pos = tl.where(is_anchor, j - W, tl.where(gather_ok, pos, 0)).to(tl.int64)
             ring_off = (b * srb + h * srh + j * srn)[:, None] + d[None, :]
-            hist_off = (b * skb + h * skh + pos.to(tl.int64) * skn)[:, None] + d[None, :]
+            hist_off = (b * skb + h * skh + hist_pos * skn)[:, None] + d[None, :]
             kp = tl.where(is_ring[:, None], RK + ring_off, K + hist_off)
             vp = tl.where(is_ring[:, None], RV + ring_off, V + hist_off)
         else:
@@ -117,35 +128,44 @@ def _precision(t: torch.Tensor) -> dict:
                 UPCAST=interpreted and t.dtype == torch.bfloat16)
 
 
-def _splits(n_keys: int, programs: int, block: int, device: torch.device) -> int:
-    """Enough splits to give every SM about two programs, each with at least a few blocks."""
+# Launch settings of the decode kernels; bench/tune_decode.py measures the alternatives.
+DECODE = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 2}
+
+
+def _splits(n_keys: int, programs: int, block: int, per_sm: int, device: torch.device) -> int:
+    """Enough splits to give every SM `per_sm` programs, each with at least a few blocks."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(n_keys, 4 * block), triton.cdiv(2 * sms, programs), 256))
+    return max(1, min(triton.cdiv(n_keys, 4 * block), triton.cdiv(per_sm * sms, programs), 256))
 
 
-def _attention(q, k, v, n_keys, sparse_args, out=None, block_n: int = 64):
+def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = None):
+    cfg = {**DECODE, **(config or {})}
+    block_n = cfg["block_n"]
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride()
     G_PAD, D_PAD = _pow2(G), _pow2(D)
-    S = _splits(n_keys, B * Hkv, block_n, q.device)
+    S = _splits(n_keys, B * Hkv, block_n, cfg["programs_per_sm"], q.device)
     per_split = triton.cdiv(triton.cdiv(n_keys, S), block_n) * block_n
     S = triton.cdiv(n_keys, per_split) if n_keys else 1
     op = torch.empty(B * Hkv * S, G_PAD, D_PAD, device=q.device, dtype=torch.float32)
     lp = torch.empty(B * Hkv * S, G_PAD, device=q.device, dtype=torch.float32)
-    if sparse_args is None:
-        rk = rv = rvalid = idx = k  # unused placeholders
-        ring_strides, idx_strides, W, sparse = (0, 0, 0), (0, 0), 0, False
+    if sparse is None:
+        ring_k = ring_v = idx = pages = k  # unused
+        W = n_ctx = lo = hi = P = 0
     else:
-        rk, rv, rvalid, idx = sparse_args
-        assert rv.stride() == rk.stride() and rk.stride(-1) == 1 and idx.stride(-1) == 1
-        ring_strides, idx_strides, W, sparse = rk.stride()[:3], idx.stride()[:2], rk.shape[2], True
+        ring_k, ring_v, idx, pages, n_ctx, lo, hi, P = sparse
+        assert ring_v.stride() == ring_k.stride() and ring_k.stride(-1) == 1 and idx.stride(-1) == 1
+        W = ring_k.shape[2]
+    paged = sparse is not None and pages is not None
     _attn_partial[(B * Hkv, S)](
-        q, k, v, rk, rv, rvalid, idx, op, lp,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_strides, *idx_strides,
-        n_keys, W, per_split, 1.0 / math.sqrt(D), Hkv,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=block_n, SPARSE=sparse, **_precision(q),
+        q, k, v, ring_k, ring_v, idx, pages if paged else k, op, lp,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
+        *(pages.stride()[:2] if paged else (0, 0)),
+        n_keys, W, n_ctx, lo, hi, P, per_split, 1.0 / math.sqrt(D), Hkv,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=block_n, SPARSE=sparse is not None, PAGED=paged, **_precision(q),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
@@ -153,27 +173,29 @@ def _attention(q, k, v, n_keys, sparse_args, out=None, block_n: int = 64):
     return out, lse
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
+                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense decode attention over k/v [B, Hkv, n, D]; see reference.decode_attention."""
-    return _attention(q, k, v, k.shape[2], None, out)
+    return _attention(q, k, v, k.shape[2], None, out, config)
 
 
-def sparse_attention(q, ring_k, ring_v, ring_valid, k, v, idx, out: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ring window + gathered positions idx [B, Hkv, K]; see reference.sparse_attention."""
-    valid = ring_valid.to(torch.int8)
-    return _attention(q, k, v, ring_k.shape[2] + idx.shape[2], (ring_k, ring_v, valid, idx.contiguous()), out)
+def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=None, page_size: int = 1,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window ∪ anchor ∪ gathered idx [B, Hkv, K]; see reference.sparse_attention."""
+    a = min(anchor, n)
+    hi = max(a, n - ring_k.shape[2])
+    sparse = (ring_k, ring_v, idx.contiguous(), None if pages is None else pages.contiguous(), n, a, hi, page_size)
+    return _attention(q, k, v, ring_k.shape[2] + a + idx.shape[2], sparse, out)
 
 
 @triton.jit
 def _scores(
-    Q, K, K2, IDX, OUT, sqb, sqh, skb, skh, skn, sib, sih, n, scale, Hkv,
+    Q, K, K2, PAGES, OUT, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """MODE 0: max over the group of q·k[j]; 1: the same at gathered positions IDX[j];
-    2: page bound max_g (q+·K[j] + q-·K2[j]) with K = page max, K2 = page min."""
+    """MODE 0: max over the group of q·k[j]; 1: the same at token j of the pages PAGES, -inf
+    outside positions [lo, hi); 2: page bound max_g (q+·K[j] + q-·K2[j]), K = page max, K2 = min."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
@@ -185,7 +207,9 @@ def _scores(
     jmask = j < n
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     if MODE == 1:
-        pos = tl.load(IDX + b * sib + h * sih + j, mask=jmask, other=0).to(tl.int64)
+        page = tl.load(PAGES + b * spb + h * sph + j // P, mask=jmask, other=0)
+        pos = (page * P + j % P).to(tl.int64)
+        jmask = jmask & (pos >= lo) & (pos < hi)
     else:
         pos = j.to(tl.int64)
     off = (b * skb + h * skh + pos * skn)[:, None] + d[None, :]
@@ -198,11 +222,11 @@ def _scores(
         s += _dot(tl.minimum(qf, 0.0).to(k.dtype), tl.trans(kmin), PRECISION, UPCAST)
     else:
         s = _dot(q, tl.trans(k), PRECISION, UPCAST)
-    s = tl.where(gmask[:, None], s * scale, float("-inf"))
-    tl.store(OUT + pid_bh * n + j, tl.max(s, 0), mask=jmask)
+    s = tl.where(gmask[:, None] & jmask[None, :], s * scale, float("-inf"))
+    tl.store(OUT + pid_bh * n + j, tl.max(s, 0), mask=j < n)
 
 
-def _launch_scores(q, k, k2, idx, n, mode, block_n: int = 64) -> torch.Tensor:
+def _launch_scores(q, k, k2, n, mode, pages=None, lo=0, hi=0, page_size=1, block_n: int = 64) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -210,26 +234,65 @@ def _launch_scores(q, k, k2, idx, n, mode, block_n: int = 64) -> torch.Tensor:
     if n == 0:
         return out
     assert k.stride(-1) == 1 and (k2 is None or k2.stride() == k.stride())
-    idx_strides = idx.stride()[:2] if idx is not None else (0, 0)
+    page_strides = pages.stride()[:2] if pages is not None else (0, 0)
     _scores[(B * Hkv, triton.cdiv(n, block_n))](
-        q, k, k2 if k2 is not None else k, idx if idx is not None else k, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *idx_strides, n, 1.0 / math.sqrt(D), Hkv,
-        G=G, G_PAD=_pow2(G), D=D, D_PAD=_pow2(D), BLOCK_N=block_n, MODE=mode, **_precision(q),
+        q, k, k2 if k2 is not None else k, pages if pages is not None else k, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *page_strides, n, lo, hi, page_size,
+        1.0 / math.sqrt(D), Hkv, G=G, G_PAD=_pow2(G), D=D, D_PAD=_pow2(D), BLOCK_N=block_n, MODE=mode, **_precision(q),
     )
     return out
 
 
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """max over each KV group's query heads of q·k / sqrt(D): [B, Hkv, n] (fp32)."""
-    return _launch_scores(q, k, None, None, k.shape[2], mode=0)
+    return _launch_scores(q, k, None, k.shape[2], mode=0)
 
 
-def gathered_group_max_scores(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """group_max_scores at positions idx [B, Hkv, m] (all valid): [B, Hkv, m]."""
-    idx = idx.contiguous()
-    return _launch_scores(q, k, None, idx, idx.shape[2], mode=1)
+def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor, page_size: int,
+                           lo: int, hi: int) -> torch.Tensor:
+    """See reference.paged_group_max_scores."""
+    pages = pages.contiguous()
+    return _launch_scores(q, k, None, pages.shape[2] * page_size, 1, pages, lo, hi, page_size)
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest upper bound per page, max over the group: [B, Hkv, pages]; see reference.page_bounds."""
-    return _launch_scores(q, kmax, kmin, None, kmax.shape[2], mode=2)
+    return _launch_scores(q, kmax, kmin, kmax.shape[2], mode=2)
+
+
+@triton.jit
+def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
+            D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    d = tl.arange(0, D_PAD)
+    dmask = d < D
+    kn = tl.load(KN + b * snb + h * snh + d, mask=dmask)
+    vn = tl.load(VN + b * svb + h * svh + d, mask=dmask)
+    hist = b * skb + h * skh + pos.to(tl.int64) * skn + d
+    tl.store(K + hist, kn, mask=dmask)
+    tl.store(V + hist, vn, mask=dmask)
+    ring = b * srb + h * srh + (pos % W) * srn + d
+    tl.store(RK + ring, kn, mask=dmask)
+    tl.store(RV + ring, vn, mask=dmask)
+    if PAGES:
+        page = b * spb + h * sph + (pos // P) * spn + d
+        first = pos % P == 0  # a new page starts with this key as its min and max
+        kf = kn.to(tl.float32)  # compare in fp32 (exact; the interpreter mishandles bf16 max)
+        lo = tl.load(KMIN + page, mask=dmask).to(tl.float32)
+        hi = tl.load(KMAX + page, mask=dmask).to(tl.float32)
+        tl.store(KMIN + page, tl.where(first, kf, tl.minimum(lo, kf)).to(kn.dtype), mask=dmask)
+        tl.store(KMAX + page, tl.where(first, kf, tl.maximum(hi, kf)).to(kn.dtype), mask=dmask)
+
+
+def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:
+    """One-token append (k/v [B, Hkv, 1, D]) in one launch; see reference.append_kv."""
+    B, Hkv, T, D = k.shape
+    assert T == 1 and k.stride(-1) == v.stride(-1) == 1 and k_store.stride() == v_store.stride() and ring_k.stride() == ring_v.stride()
+    pages = kmin is not None
+    _append[(B * Hkv,)](
+        k, v, k_store, v_store, ring_k, ring_v, kmin if pages else k, kmax if pages else k, start, ring_k.shape[2], page_size,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_store.stride()[:3], *ring_k.stride()[:3], *(kmin.stride()[:3] if pages else (0, 0, 0)),
+        Hkv, D=D, D_PAD=_pow2(D), PAGES=pages,
+    )
