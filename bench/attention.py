@@ -4,8 +4,10 @@ minirt's Triton dense decode and condensate sparse decode (exact and page select
     python bench/attention.py [--contexts 4096,32768,...] [--out results/attention]
 
 Times with triton.testing.do_bench (median; warm-up; it also flushes L2 between calls) while
-rotating among input copies that together exceed L2. Each row gives ms, the bytes the method must
-move (its model below), achieved GB/s, and the speedup over SDPA flash. Writes JSON + Markdown.
+rotating among input copies that together exceed L2. Every method is timed twice: eager (as
+called from Python, launch overhead included) and as a CUDA-graph replay (GPU time; what a
+graph-captured decode step costs). Each row gives ms, the bytes the method must move (its model
+below), achieved GB/s, and the speedup over SDPA flash in the same mode. Writes JSON + Markdown.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt.cache import CondensateCache, CondensateConfig  # noqa: E402
 from minirt.config import ModelConfig  # noqa: E402
 from minirt.kernels import triton_attention as tri  # noqa: E402
+from minirt.kernels import update_pages  # noqa: E402
 
 SHAPES = {"32q/4kv x64 (TinyLlama)": (32, 4, 64), "8q/8kv x64 (paper)": (8, 8, 64)}
 POLICY = CondensateConfig()  # A=4, W=128, k=32; pages of 32, 4x oversampling
@@ -69,7 +72,7 @@ def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype) -> Cond
     cache.v.normal_()
     cache.seq_len = n
     if selection == "pages":
-        cache._update_pages(0, 0, n)
+        update_pages(cache.k[0], cache.kmin[0], cache.kmax[0], 0, n, cache.policy.page_size)
     cache.truncate(n)  # fills the ring from the history
     return cache
 
@@ -84,9 +87,15 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
     inputs = list(zip(qs, kvs))
     rows = []
 
-    def add(method: str, ms: float | None, nbytes: int, note: str = ""):
-        rows.append({"shape": name, "context": n, "method": method, "ms": ms, "bytes": nbytes,
-                     "GB/s": None if ms is None else nbytes / ms / 1e6, "note": note})
+    def add(method: str, fn, method_inputs: list, nbytes: int, note: str = ""):
+        for mode in ("eager", "graph") if use_graphs else ("eager",):
+            try:
+                ms = bench(fn, method_inputs) if mode == "eager" else bench(lambda g: g.replay(), graphed(fn, method_inputs))
+                row_note = note
+            except RuntimeError as e:
+                ms, row_note = None, f"not run: {str(e).splitlines()[0][:80]}"
+            rows.append({"shape": name, "context": n, "method": method, "mode": mode, "ms": ms, "bytes": nbytes,
+                         "GB/s": None if ms is None else nbytes / ms / 1e6, "note": row_note})
 
     # correctness of our dense kernel against SDPA on this very input before timing it
     q0, (k0, v0) = inputs[0]
@@ -100,49 +109,38 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
             q, (k, v) = inp
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
-        try:
-            add(method, bench(sdpa, inputs), kv_bytes)
-        except RuntimeError as e:
-            add(method, None, kv_bytes, f"not run: {str(e).splitlines()[0][:80]}")
-    try:
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-        module = SimpleNamespace(num_key_value_groups=Hq // Hkv, training=False)
+        add(method, sdpa, inputs, kv_bytes)
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    module = SimpleNamespace(num_key_value_groups=Hq // Hkv, training=False)
 
-        def hf(inp):
-            q, (k, v) = inp
-            return eager_attention_forward(module, q[:, :, None], k, v, None, scaling=D ** -0.5)
-        add("transformers-eager", bench(hf, inputs), kv_bytes)
-    except (ImportError, RuntimeError) as e:
-        add("transformers-eager", None, kv_bytes, f"not run: {str(e).splitlines()[0][:80]}")
-    add("minirt-dense-triton", bench(lambda inp: tri.decode_attention(inp[0], *inp[1]), inputs), kv_bytes, f"rel err vs SDPA {err:.1e}")
+    def hf(inp):
+        q, (k, v) = inp
+        return eager_attention_forward(module, q[:, :, None], k, v, None, scaling=D ** -0.5)
+    add("transformers-eager-attention", hf, inputs, kv_bytes)
+    add("minirt-dense-triton", lambda inp: tri.decode_attention(inp[0], *inp[1]), inputs, kv_bytes, f"rel err vs SDPA {err:.1e}")
 
     for selection in ("exact", "pages"):
         caches = [make_cache(Hq, Hkv, D, n, selection, dtype) for _ in range(min(copies, 2))]
         new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
-        sparse_inputs = list(zip(qs, caches))
         # The runtime's own decode step: append position n (seq_len stays n, so every call
         # rewrites it), update ring and page summary, select, attend.
         step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
-        nbytes = sparse_bytes(n, Hkv, D, el, selection)
-        add(f"minirt-sparse-{selection}", bench(step, sparse_inputs), nbytes, "eager")
-        if use_graphs:
-            graphs = graphed(step, sparse_inputs)
-            add(f"minirt-sparse-{selection}-graph", bench(lambda g: g.replay(), graphs), nbytes, "CUDA graph replay")
+        add(f"minirt-sparse-{selection}", step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, selection))
         del caches
-    flash = next(r["ms"] for r in rows if r["method"] == "sdpa-flash")
     for r in rows:
+        flash = next(f["ms"] for f in rows if f["method"] == "sdpa-flash" and f["mode"] == r["mode"])
         r["speedup_vs_flash"] = flash / r["ms"] if (flash and r["ms"]) else None
     return rows
 
 
 def markdown(rows: list[dict], device: str) -> str:
-    out = [f"Device: {device}\n", "| shape | context | method | ms | MB moved | GB/s | x SDPA flash | note |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [f"Device: {device}\n", "| shape | context | method | mode | ms | MB moved | GB/s | x SDPA flash (same mode) | note |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = "n/a" if r["ms"] is None else f"{r['ms']:.4f}"
         gbs = "" if r["GB/s"] is None else f"{r['GB/s']:.0f}"
         sp = "" if r["speedup_vs_flash"] is None else f"{r['speedup_vs_flash']:.2f}"
-        out.append(f"| {r['shape']} | {r['context']} | {r['method']} | {ms} | {r['bytes'] / 1e6:.1f} | {gbs} | {sp} | {r['note']} |")
+        out.append(f"| {r['shape']} | {r['context']} | {r['method']} | {r['mode']} | {ms} | {r['bytes'] / 1e6:.1f} | {gbs} | {sp} | {r['note']} |")
     return "\n".join(out) + "\n"
 
 
@@ -159,7 +157,7 @@ def main() -> None:
     for n in map(int, args.contexts.split(",")):
         for name, (Hq, Hkv, D) in SHAPES.items():
             rows += run_shape(name, Hq, Hkv, D, n, dtype, not args.no_graphs)
-            print(markdown(rows[-8:], device).split("\n", 3)[3], end="", flush=True)
+            print(markdown(rows[-12:], device).split("\n", 3)[3], end="", flush=True)
             torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "dtype": args.dtype, "policy": POLICY.__dict__}

@@ -2,8 +2,9 @@
 
     python bench/tune_decode.py [--out results/tune_decode]
 
-Prints and writes, per context and shape, each setting's median time against SDPA flash, so the
-defaults in kernels/triton_attention.DECODE are chosen from measurement.
+Prints and writes, per context and shape, each setting's median time (CUDA-graph replay, so
+Python launch overhead is out) against SDPA flash timed the same way, so the defaults in
+kernels/triton_attention.DECODE are chosen from measurement.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.attention import SHAPES  # noqa: E402
+from bench.attention import SHAPES, graphed  # noqa: E402
 from minirt.kernels import triton_attention as tri  # noqa: E402
 
 GRID = {"block_n": [32, 64, 128], "programs_per_sm": [2, 4, 8], "num_warps": [4, 8], "num_stages": [2, 3]}
@@ -35,12 +36,15 @@ def main() -> None:
         for name, (Hq, Hkv, D) in SHAPES.items():
             q = torch.randn(1, Hq, D, device="cuda", dtype=torch.float16)
             k, v = (torch.randn(1, Hkv, n, D, device="cuda", dtype=torch.float16) for _ in range(2))
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                flash = do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True), return_mode="median")
+            def flash_fn(_):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+            flash = do_bench(graphed(flash_fn, [None])[0].replay, return_mode="median")
             best = None
             for values in itertools.product(*GRID.values()):
                 config = dict(zip(GRID, values))
-                ms = do_bench(lambda: tri.decode_attention(q, k, v, config=config), return_mode="median")
+                graph = graphed(lambda _: tri.decode_attention(q, k, v, config=config), [None])[0]
+                ms = do_bench(graph.replay, return_mode="median")
                 rows.append({"context": n, "shape": name, **config, "ms": ms, "flash_ms": flash})
                 best = min(best or rows[-1], rows[-1], key=lambda r: r["ms"])
             default = next(r for r in rows if r["context"] == n and r["shape"] == name

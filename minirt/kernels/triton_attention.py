@@ -129,7 +129,7 @@ def _precision(t: torch.Tensor) -> dict:
 
 
 # Launch settings of the decode kernels; bench/tune_decode.py measures the alternatives.
-DECODE = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 2}
+DECODE = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3}
 
 
 def _splits(n_keys: int, programs: int, block: int, per_sm: int, device: torch.device) -> int:
@@ -260,7 +260,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     return _launch_scores(q, kmax, kmin, kmax.shape[2], mode=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos"])  # Triton would make pos == 1 a compile-time constant
 def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
             D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
     pid = tl.program_id(0)
