@@ -9,3 +9,4 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -5 | tee "$out/kernel_tests.txt"
 python3 bench/attention.py --out "$out/attention" "$@" 2>&1 | tee "$out/attention_log.txt"
 python3 bench/tune_decode.py --out "$out/tune_decode" 2>&1 | tee "$out/tune_log.txt"
+for sel in pages exact; do python3 bench/profile_step.py --selection $sel 2>&1 | tee -a "$out/profile_log.txt"; done

@@ -16,6 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def body(text: str) -> str:
+    """Markdown tables go in as they are; any other log text goes in a code block."""
+    return text if text.lstrip().startswith(("|", "Device")) else f"```\n{text.rstrip()}\n```\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("table")
@@ -32,7 +37,7 @@ def main() -> None:
     section = (f"\n## {args.title} ({date})\n\n- device: {meta['device']}\n- commit: {args.commit}\n"
                f"- command: `{args.command}`\n- software: torch {meta['torch']}, dtype {meta['dtype']}\n"
                f"- raw results: `{kept.relative_to(ROOT)}`\n" + (f"- note: {args.note}\n" if args.note else "")
-               + "\n" + Path(args.table).read_text())
+               + "\n" + body(Path(args.table).read_text()))
     bench = ROOT / "BENCHMARKS.md"
     if not bench.exists():
         bench.write_text("# Benchmarks\n\nGPU results, appended by `bench/record.py` from the files the benchmark "

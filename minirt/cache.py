@@ -155,7 +155,7 @@ class CondensateCache(DenseCache):
         exact = kernels.topk_positions(scores.amax(dim=2), lo, hi, k_top)  # [B, Hkv, k]
         if exact.shape[-1] == 0:
             return 1.0
-        hits = (exact[..., :, None] == chosen[..., None, :]).any(-1)
+        hits = (exact[..., :, None] == chosen[..., None, :]).any(-1)  # chosen outside [lo, hi) never hit
         return float(hits.float().mean())
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

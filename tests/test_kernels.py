@@ -154,3 +154,17 @@ def test_runtime_through_triton_kernels(tiny_checkpoint, monkeypatch, attention,
         runs[mode] = minirt_greedy(llm, ids, 15, cache=cache)
     assert runs["triton"][1] == runs["reference"][1]
     assert max_logit_diff(runs["triton"][0], runs["reference"][0]) <= 1e-4
+
+
+@pytest.mark.parametrize("n, dtype", [(333, torch.float32), (511, torch.bfloat16)])
+def test_sparse_attention_many_gathered(n, dtype):
+    """Enough gathered entries that the kernel splits the work and merges partial results."""
+    g = torch.Generator().manual_seed(n)
+    B, Hkv, G, D, W, K = 1, 2, 4, 64, 16, 300
+    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
+    k, v = make_cache(B, Hkv, n, D, dtype, g)
+    ring_k, ring_v = make_cache(B, Hkv, W, D, dtype, g, capacity_extra=0)
+    idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B * Hkv)]).view(B, Hkv, K).to(DEVICE)
+    got, lse = tri.sparse_attention(q, ring_k, ring_v, k, v, idx, n, 4)
+    want, want_lse = ref.sparse_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(), idx, n, 4)
+    assert rel_err(got, want) <= TOL[dtype] and rel_err(lse, want_lse) <= TOL[dtype]

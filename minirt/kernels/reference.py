@@ -130,18 +130,20 @@ def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor
     return group_max_scores(q, keys).masked_fill((pos < lo) | (pos >= hi), NEG_INF)
 
 
-def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: int = 0) -> torch.Tensor:
     """Upper bound of q·k / sqrt(D) over each page from its elementwise key min/max (Quest).
 
     max(q_d kmin_d, q_d kmax_d) = q+_d kmax_d + q-_d kmin_d, so the bound is two products.
     q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hkv, P], the max over the group's query heads,
-    so a page is kept if any head of the group might want it.
+    so a page is kept if any head of the group might want it; pages before `first` get -inf.
     """
     B, Hq, D = q.shape
     Hkv = kmin.shape[1]
     qg = q.view(B, Hkv, Hq // Hkv, D).float()
     bound = qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)
-    return bound.amax(dim=2) / math.sqrt(D)
+    bound = bound.amax(dim=2) / math.sqrt(D)
+    bound[..., :first] = NEG_INF
+    return bound
 
 
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
@@ -154,7 +156,8 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     the key store, kmin/kmax [B, Hkv, pages, D] its page summaries. The Triton path passes its
     kernels as bounds_fn / scores_fn (scope "group").
     Returns pages [B, Hkv, S] and page-relative indices (see sparse_positions), [B, Hkv, <=k_top]
-    for scope "group" or [B, Hkv, G, <=k_top] for "head"; -1 = unused.
+    for scope "group" or [B, Hkv, G, <=k_top] for "head"; when fewer than k_top tokens of the pages
+    lie in [lo, hi), some entries point outside it.
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -164,8 +167,8 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     P = page_size
     p_lo, p_hi = lo // P, (hi - 1) // P + 1
     n_sel = min(p_hi - p_lo, math.ceil(k_top * oversample / P))
-    bounds = bounds_fn(q, kmin[:, :, p_lo:p_hi], kmax[:, :, p_lo:p_hi])
-    pages = bounds.topk(n_sel, dim=-1, sorted=False).indices + p_lo  # [B, Hkv, S]
+    bounds = bounds_fn(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
+    pages = bounds.topk(n_sel, dim=-1, sorted=False).indices  # [B, Hkv, S]
     if scope == "group":
         s = scores_fn(q, k, pages, P, lo, hi)
     else:
@@ -173,8 +176,8 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
         pos = sparse_positions(idx, pages, P)
         keys = torch.gather(k, 2, pos.clamp(0, k.shape[2] - 1)[..., None].expand(-1, -1, -1, D))
         s = group_scores(q, keys).masked_fill(((pos < lo) | (pos >= hi))[:, :, None], NEG_INF)
-    best, j = s.topk(min(k_top, s.shape[-1]), dim=-1, sorted=False)
-    return pages, j.masked_fill(best == NEG_INF, -1)
+    # Entries whose position falls outside [lo, hi) (scored -inf) are ignored by sparse_attention.
+    return pages, s.topk(min(k_top, s.shape[-1]), dim=-1, sorted=False).indices
 
 
 def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, end: int, page_size: int) -> None:

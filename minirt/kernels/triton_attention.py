@@ -30,11 +30,12 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, PAGES, OP, LP,
+    Q, K, V, RK, RV, IDX, PAGES, OP, LP, OUT, LSE,
     sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih, spb, sph,
     n_keys, W, n_ctx, lo, hi, P, keys_per_split, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -93,6 +94,11 @@ def _attn_partial(
         m = m_new
     lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if DIRECT:  # a single split: this is the final result, skip the reduction launch
+        head = pid_bh * G + g  # = b * Hq + query head
+        tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+        tl.store(LSE + head, lse, mask=gmask)
+        return
     part = pid_bh * n_splits + split
     tl.store(OP + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], out)
     tl.store(LP + part * G_PAD + g, lse)
@@ -149,8 +155,13 @@ def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = Non
     S = _splits(n_keys, B * Hkv, block_n, cfg["programs_per_sm"], q.device)
     per_split = triton.cdiv(triton.cdiv(n_keys, S), block_n) * block_n
     S = triton.cdiv(n_keys, per_split) if n_keys else 1
-    op = torch.empty(B * Hkv * S, G_PAD, D_PAD, device=q.device, dtype=torch.float32)
-    lp = torch.empty(B * Hkv * S, G_PAD, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
+    direct = S == 1
+    op = lp = out  # partials are only needed when several splits must be merged
+    if not direct:
+        op = torch.empty(B * Hkv * S, G_PAD, D_PAD, device=q.device, dtype=torch.float32)
+        lp = torch.empty(B * Hkv * S, G_PAD, device=q.device, dtype=torch.float32)
     if sparse is None:
         ring_k = ring_v = idx = pages = k  # unused
         W = n_ctx = lo = hi = P = 0
@@ -160,16 +171,15 @@ def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = Non
         W = ring_k.shape[2]
     paged = sparse is not None and pages is not None
     _attn_partial[(B * Hkv, S)](
-        q, k, v, ring_k, ring_v, idx, pages if paged else k, op, lp,
+        q, k, v, ring_k, ring_v, idx, pages if paged else k, op, lp, out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
         *(pages.stride()[:2] if paged else (0, 0)),
         n_keys, W, n_ctx, lo, hi, P, per_split, 1.0 / math.sqrt(D), Hkv,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=block_n, SPARSE=sparse is not None, PAGED=paged, **_precision(q),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DIRECT=direct, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
-    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
-    _attn_reduce[(B * Hq,)](op, lp, out, lse, S, G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1))
+    if not direct:
+        _attn_reduce[(B * Hq,)](op, lp, out, lse, S, G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1))
     return out, lse
 
 
@@ -195,7 +205,8 @@ def _scores(
     MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """MODE 0: max over the group of q·k[j]; 1: the same at token j of the pages PAGES, -inf
-    outside positions [lo, hi); 2: page bound max_g (q+·K[j] + q-·K2[j]), K = page max, K2 = min."""
+    outside positions [lo, hi); 2: page bound max_g (q+·K[j] + q-·K2[j]), K = page max, K2 = min,
+    -inf for pages j < lo."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
@@ -216,6 +227,7 @@ def _scores(
     lmask = jmask[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=lmask, other=0.0)
     if MODE == 2:
+        jmask = jmask & (j >= lo)
         kmin = tl.load(K2 + off, mask=lmask, other=0.0)
         qf = q.to(tl.float32)  # split signs in fp32 (exact; also sidesteps the interpreter's bf16)
         s = _dot(tl.maximum(qf, 0.0).to(k.dtype), tl.trans(k), PRECISION, UPCAST)
@@ -255,9 +267,9 @@ def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor
     return _launch_scores(q, k, None, pages.shape[2] * page_size, 1, pages, lo, hi, page_size)
 
 
-def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: int = 0) -> torch.Tensor:
     """Quest upper bound per page, max over the group: [B, Hkv, pages]; see reference.page_bounds."""
-    return _launch_scores(q, kmax, kmin, kmax.shape[2], mode=2)
+    return _launch_scores(q, kmax, kmin, kmax.shape[2], mode=2, lo=first)
 
 
 @triton.jit(do_not_specialize=["pos"])  # Triton would make pos == 1 a compile-time constant
