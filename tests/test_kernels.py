@@ -168,3 +168,14 @@ def test_sparse_attention_many_gathered(n, dtype):
     got, lse = tri.sparse_attention(q, ring_k, ring_v, k, v, idx, n, 4)
     want, want_lse = ref.sparse_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(), idx, n, 4)
     assert rel_err(got, want) <= TOL[dtype] and rel_err(lse, want_lse) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("rows, n, k", [(1, 37, 5), (2, 1024, 16), (1, 2500, 32), (1, 300, 300)])
+def test_topk_indices(rows, n, k):
+    """The sort-based Triton top-k picks the same set as torch.topk (distinct values), one or more rounds."""
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randperm(rows * n, generator=g).float().view(rows, n).to(DEVICE) / n - 0.5  # distinct, signs mixed
+    x[0, :3] = float("-inf")
+    got = tri.topk_indices(x, k)
+    want = x.topk(k, dim=-1).indices
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

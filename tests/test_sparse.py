@@ -9,6 +9,7 @@ from parity import max_logit_diff, minirt_greedy
 from minirt import CondensateCache, CondensateConfig
 from minirt.config import ModelConfig
 from minirt.equivalence import compare, needle_retrieval
+from minirt.kernels.reference import ring_positions
 from minirt.workloads import PAPER_PROMPTS
 
 STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
@@ -44,7 +45,7 @@ def test_ring_buffer_wraps_and_truncates():
             cache.attend(layer, torch.randn(1, 4, T, 8, generator=g), k, v)
         cache.advance(T)
 
-        pos = cache.ring_positions(cache.seq_len)
+        pos = ring_positions(cache.seq_len, 5)
         held = pos[pos >= 0]
         assert sorted(held.tolist()) == list(range(max(0, cache.seq_len - 5), cache.seq_len))
         for slot in range(5):
@@ -54,7 +55,7 @@ def test_ring_buffer_wraps_and_truncates():
     n = cache.seq_len
     assert torch.equal(cache.kmax[:, :, :, 1], cache.k[:, :, :, 4:8].amax(dim=3))
     cache.truncate(n - 7)
-    pos = cache.ring_positions(cache.seq_len)
+    pos = ring_positions(cache.seq_len, 5)
     for slot in range(5):
         assert torch.equal(cache.ring_k[:, :, :, slot], cache.k[:, :, :, pos[slot]])
     last = (cache.seq_len - 1) // 4

@@ -12,7 +12,6 @@ from .reference import (  # noqa: F401  (torch ops used as they are on every dev
     causal_attention,
     group_scores,
     sparse_positions,
-    topk_positions,
     update_pages,
 )
 
@@ -44,10 +43,19 @@ def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (_triton() if use_triton(q) else reference).group_max_scores(q, k)
 
 
+def _topk_fn(x: torch.Tensor, k: int) -> torch.Tensor:
+    # The Triton top-k keeps at most half a 1024-block per round; larger k goes to torch.topk.
+    return _triton().topk_indices(x, k) if use_triton(x) and k <= 512 else reference.topk_indices(x, k)
+
+
+def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
+    return reference.topk_positions(scores, lo, hi, k, topk_fn=_topk_fn)
+
+
 def page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope):
     impl = _triton() if use_triton(q) else reference
     return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope,
-                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores)
+                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores, topk_fn=_topk_fn)
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:

@@ -109,10 +109,17 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return flat.view(B, Hkv, Gi, K, -1)
 
 
-def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values along the last dim (any order)."""
+    return x.topk(k, dim=-1, sorted=False).indices
+
+
+def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int, topk_fn=topk_indices) -> torch.Tensor:
     """The min(k, hi - lo) best positions in [lo, hi) of scores [..., n]."""
     take = max(0, min(k, hi - lo))
-    return scores[..., lo:max(lo, hi)].topk(take, dim=-1, sorted=False).indices + lo
+    if take == 0:
+        return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
+    return topk_fn(scores[..., lo:hi], take) + lo
 
 
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -147,14 +154,14 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: 
 
 
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
-                k_top: int, page_size: int, oversample: float, scope: str,
-                bounds_fn=page_bounds, scores_fn=paged_group_max_scores) -> tuple[torch.Tensor, torch.Tensor]:
+                  k_top: int, page_size: int, oversample: float, scope: str,
+                bounds_fn=page_bounds, scores_fn=paged_group_max_scores, topk_fn=topk_indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
     Rank pages by their upper bound (bounds_fn), score exactly only the tokens of the best
     ceil(k_top * oversample / page_size) pages, keep the top k_top of those. k [B, Hkv, cap, D] is
     the key store, kmin/kmax [B, Hkv, pages, D] its page summaries. The Triton path passes its
-    kernels as bounds_fn / scores_fn (scope "group").
+    kernels as bounds_fn / scores_fn / topk_fn (scope "group").
     Returns pages [B, Hkv, S] and page-relative indices (see sparse_positions), [B, Hkv, <=k_top]
     for scope "group" or [B, Hkv, G, <=k_top] for "head"; when fewer than k_top tokens of the pages
     lie in [lo, hi), some entries point outside it.
@@ -168,7 +175,7 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     p_lo, p_hi = lo // P, (hi - 1) // P + 1
     n_sel = min(p_hi - p_lo, math.ceil(k_top * oversample / P))
     bounds = bounds_fn(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
-    pages = bounds.topk(n_sel, dim=-1, sorted=False).indices  # [B, Hkv, S]
+    pages = topk_fn(bounds, n_sel)  # [B, Hkv, S]
     if scope == "group":
         s = scores_fn(q, k, pages, P, lo, hi)
     else:
@@ -177,7 +184,7 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
         keys = torch.gather(k, 2, pos.clamp(0, k.shape[2] - 1)[..., None].expand(-1, -1, -1, D))
         s = group_scores(q, keys).masked_fill(((pos < lo) | (pos >= hi))[:, :, None], NEG_INF)
     # Entries whose position falls outside [lo, hi) (scored -inf) are ignored by sparse_attention.
-    return pages, s.topk(min(k_top, s.shape[-1]), dim=-1, sorted=False).indices
+    return pages, topk_fn(s, min(k_top, s.shape[-1]))
 
 
 def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, end: int, page_size: int) -> None:

@@ -135,13 +135,17 @@ def _precision(t: torch.Tensor) -> dict:
 
 
 # Launch settings of the decode kernels; bench/tune_decode.py measures the alternatives.
-DECODE = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3}
+DECODE = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "min_blocks": 4}
+# A sparse step gathers a few hundred keys through dependent loads (index, page, key): latency,
+# not bandwidth, so every block of 32 gets its own program.
+SPARSE = {**DECODE, "block_n": 32, "min_blocks": 1}
 
 
-def _splits(n_keys: int, programs: int, block: int, per_sm: int, device: torch.device) -> int:
-    """Enough splits to give every SM `per_sm` programs, each with at least a few blocks."""
+def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
+    """Enough splits to give every SM `programs_per_sm` programs, each with at least `min_blocks` blocks."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(n_keys, 4 * block), triton.cdiv(per_sm * sms, programs), 256))
+    return max(1, min(triton.cdiv(n_keys, cfg["min_blocks"] * cfg["block_n"]),
+                      triton.cdiv(cfg["programs_per_sm"] * sms, programs), 256))
 
 
 def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = None):
@@ -152,7 +156,7 @@ def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = Non
     G = Hq // Hkv
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride()
     G_PAD, D_PAD = _pow2(G), _pow2(D)
-    S = _splits(n_keys, B * Hkv, block_n, cfg["programs_per_sm"], q.device)
+    S = _splits(n_keys, B * Hkv, cfg, q.device)
     per_split = triton.cdiv(triton.cdiv(n_keys, S), block_n) * block_n
     S = triton.cdiv(n_keys, per_split) if n_keys else 1
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
@@ -195,7 +199,7 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=No
     a = min(anchor, n)
     hi = max(a, n - ring_k.shape[2])
     sparse = (ring_k, ring_v, idx.contiguous(), None if pages is None else pages.contiguous(), n, a, hi, page_size)
-    return _attention(q, k, v, ring_k.shape[2] + a + idx.shape[2], sparse, out)
+    return _attention(q, k, v, ring_k.shape[2] + a + idx.shape[2], sparse, out, SPARSE)
 
 
 @triton.jit
@@ -308,3 +312,52 @@ def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, pa
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_store.stride()[:3], *ring_k.stride()[:3], *(kmin.stride()[:3] if pages else (0, 0, 0)),
         Hkv, D=D, D_PAD=_pow2(D), PAGES=pages,
     )
+
+
+_TOPK_BLOCK = 1024
+
+
+@triton.jit
+def _topk_round(X, OUT, n, k, stride_row, out_row, BLOCK: tl.constexpr, K_PAD: tl.constexpr, PACKED: tl.constexpr,
+                FINAL: tl.constexpr):
+    """Each program sorts one block of a row and keeps its k best. Scores are packed with their
+    index into one int64 whose order is the float order (ties: larger index first), so a plain
+    integer sort carries the indices along. FINAL writes indices (-1 for padding), else packed keys."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    i = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    lowest = -9223372036854775807 - 1
+    if PACKED:
+        key = tl.load(X + row * stride_row + i, mask=mask, other=lowest)
+    else:
+        bits = tl.load(X + row * stride_row + i, mask=mask, other=float("-inf")).to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+        key = tl.where(mask, (ordered.to(tl.int64) << 32) | i.to(tl.int64), lowest)
+    best = tl.sort(key, descending=True)
+    r = tl.arange(0, BLOCK)
+    keep = r < k
+    if FINAL:
+        idx = tl.where(best == lowest, -1, best & 0xFFFFFFFF)
+        tl.store(OUT + row * out_row + r, idx, mask=keep)
+    else:
+        tl.store(OUT + row * out_row + blk * K_PAD + r, best, mask=keep)
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values along the last dim of fp32 x [..., n] (any order): [..., k].
+    Replaces torch.topk, whose radix select costs ~20 launches per call at these sizes."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    assert 0 < k <= _TOPK_BLOCK // 2 and x.dtype == torch.float32
+    rows = x.reshape(-1, n).contiguous()
+    R, packed, K_PAD = rows.shape[0], False, triton.next_power_of_2(k)
+    while n > _TOPK_BLOCK:  # each round keeps the best K_PAD of every block of 1024
+        blocks = triton.cdiv(n, _TOPK_BLOCK)
+        cand = torch.empty(R, blocks * K_PAD, device=x.device, dtype=torch.int64)
+        _topk_round[(R, blocks)](rows, cand, n, K_PAD, rows.stride(0), cand.stride(0),
+                                 BLOCK=_TOPK_BLOCK, K_PAD=K_PAD, PACKED=packed, FINAL=False)
+        rows, n, packed = cand, blocks * K_PAD, True
+    out = torch.empty(R, k, device=x.device, dtype=torch.int64)
+    block = max(16, triton.next_power_of_2(n))
+    _topk_round[(R, 1)](rows, out, n, k, rows.stride(0), out.stride(0), BLOCK=block, K_PAD=K_PAD, PACKED=packed, FINAL=True)
+    return out.view(*lead, k)
