@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +31,7 @@ from minirt.kernels import triton_attention as tri  # noqa: E402
 from minirt.kernels import update_pages  # noqa: E402
 
 SHAPES = {"32q/4kv x64 (TinyLlama)": (32, 4, 64), "8q/8kv x64 (paper)": (8, 8, 64)}
-POLICY = CondensateConfig()  # A=4, W=128, k=32; pages of 32, 4x oversampling
+POLICY = CondensateConfig()  # the runtime defaults: A=4, W=128, k=32; pages of 32, 16x oversampling
 L2_BYTES = 50 * 2**20
 
 
@@ -67,7 +68,7 @@ def sparse_bytes(n: int, Hkv: int, D: int, el: int, selection: str) -> int:
 def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype) -> CondensateCache:
     cfg = ModelConfig(family="llama", vocab_size=2, dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv,
                       head_dim=D, ffn_dim=1, max_seq_len=n + 1, rotary_dim=D)
-    cache = CondensateCache(cfg, CondensateConfig(selection=selection), capacity=n + 1, device="cuda", dtype=dtype)
+    cache = CondensateCache(cfg, replace(POLICY, selection=selection), capacity=n + 1, device="cuda", dtype=dtype)
     cache.k.normal_()
     cache.v.normal_()
     cache.seq_len = n
@@ -149,8 +150,11 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768,131072,524288,1048576")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--page-size", type=int, default=POLICY.page_size)
     ap.add_argument("--out", default="results/attention")
     args = ap.parse_args()
+    global POLICY
+    POLICY = replace(POLICY, page_size=args.page_size)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.cuda.get_device_name()
     rows = []
@@ -160,7 +164,7 @@ def main() -> None:
             print(markdown(rows[-12:], device).split("\n", 3)[3], end="", flush=True)
             torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device, "torch": torch.__version__, "dtype": args.dtype, "policy": POLICY.__dict__}
+    meta = {"device": device, "torch": torch.__version__, "dtype": args.dtype, "policy": asdict(POLICY)}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     Path(args.out + ".md").write_text(markdown(rows, device))
     print(markdown(rows, device))

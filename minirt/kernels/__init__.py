@@ -44,8 +44,10 @@ def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_fn(x: torch.Tensor, k: int) -> torch.Tensor:
-    # The Triton top-k keeps at most half a 1024-block per round; larger k goes to torch.topk.
-    return _triton().topk_indices(x, k) if use_triton(x) and k <= 512 else reference.topk_indices(x, k)
+    # The sort-based Triton top-k wins on short rows (page bounds: two launches instead of ~20);
+    # on long rows (exact selection over every key) torch's radix select is faster (BENCHMARKS.md).
+    fast = use_triton(x) and k <= 512 and x.shape[-1] <= 65536
+    return _triton().topk_indices(x, k) if fast else reference.topk_indices(x, k)
 
 
 def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
@@ -54,8 +56,10 @@ def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tens
 
 def page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope):
     impl = _triton() if use_triton(q) else reference
+    fused = _triton().paged_topk if use_triton(q) else None
     return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope,
-                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores, topk_fn=_topk_fn)
+                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores, topk_fn=_topk_fn,
+                                 fused_fn=fused)
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:

@@ -203,20 +203,14 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=No
 
 
 @triton.jit
-def _scores(
-    Q, K, K2, PAGES, OUT, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale, Hkv,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """MODE 0: max over the group of q·k[j]; 1: the same at token j of the pages PAGES, -inf
-    outside positions [lo, hi); 2: page bound max_g (q+·K[j] + q-·K2[j]), K = page max, K2 = min,
-    -inf for pages j < lo."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
+def _block_scores(Q, K, K2, PAGES, b, h, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                  MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores of entries j of KV head (b, h), max over the group's query heads, -inf where masked.
+    MODE 0: q·k at position j; 1: q·k at token j of the pages PAGES, -inf outside positions
+    [lo, hi); 2: page bound q+·K[j] + q-·K2[j] (K = page max, K2 = page min), -inf for pages j < lo."""
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gmask = g < G
     dmask = d < D
     jmask = j < n
@@ -239,7 +233,48 @@ def _scores(
     else:
         s = _dot(q, tl.trans(k), PRECISION, UPCAST)
     s = tl.where(gmask[:, None] & jmask[None, :], s * scale, float("-inf"))
-    tl.store(OUT + pid_bh * n + j, tl.max(s, 0), mask=j < n)
+    return tl.max(s, 0)
+
+
+@triton.jit
+def _scores(
+    Q, K, K2, PAGES, OUT, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale, Hkv,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = _block_scores(Q, K, K2, PAGES, pid_bh // Hkv, pid_bh % Hkv, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P,
+                      scale, G, G_PAD, D, D_PAD, MODE, PRECISION, UPCAST)
+    tl.store(OUT + pid_bh * n + j, s, mask=j < n)
+
+
+@triton.jit
+def _pack(x, i):
+    """fp32 score and int index -> one int64 whose integer order is the score order."""
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+    return (ordered.to(tl.int64) << 32) | i.to(tl.int64)
+
+
+@triton.jit
+def _paged_topk(
+    Q, K, PAGES, SCRATCH, OUT, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, k_top, scale, Hkv,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Score every token of the selected pages and keep the best k_top, in one program per KV head."""
+    pid_bh = tl.program_id(0)
+    for c0 in range(0, n, BLOCK_N):
+        j = c0 + tl.arange(0, BLOCK_N)
+        s = _block_scores(Q, K, K, PAGES, pid_bh // Hkv, pid_bh % Hkv, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi,
+                          P, scale, G, G_PAD, D, D_PAD, 1, PRECISION, UPCAST)
+        tl.store(SCRATCH + pid_bh * N_PAD + j, s, mask=j < n)
+    tl.debug_barrier()  # the scores written by every warp are read back by all of them
+    i = tl.arange(0, N_PAD)
+    x = tl.load(SCRATCH + pid_bh * N_PAD + i, mask=i < n, other=float("-inf"))
+    best = tl.sort(_pack(x, i), descending=True)
+    tl.store(OUT + pid_bh * k_top + i, best & 0xFFFFFFFF, mask=i < k_top)
 
 
 def _launch_scores(q, k, k2, n, mode, pages=None, lo=0, hi=0, page_size=1, block_n: int = 64) -> torch.Tensor:
@@ -269,6 +304,24 @@ def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor
     """See reference.paged_group_max_scores."""
     pages = pages.contiguous()
     return _launch_scores(q, k, None, pages.shape[2] * page_size, 1, pages, lo, hi, page_size)
+
+
+def paged_topk(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor, page_size: int, lo: int, hi: int,
+               k_top: int) -> torch.Tensor:
+    """topk_indices(paged_group_max_scores(...), k_top) in one launch: [B, Hkv, k_top]."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    pages = pages.contiguous()
+    n = pages.shape[2] * page_size
+    n_pad = triton.next_power_of_2(n)
+    scratch = torch.empty(B * Hkv, n_pad, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, Hkv, k_top, device=q.device, dtype=torch.int64)
+    _paged_topk[(B * Hkv,)](
+        q, k, pages, scratch, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *pages.stride()[:2],
+        n, lo, hi, page_size, k_top, 1.0 / math.sqrt(D), Hkv, G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D),
+        BLOCK_N=64, N_PAD=n_pad, **_precision(q),
+    )
+    return out
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -331,9 +384,7 @@ def _topk_round(X, OUT, n, k, stride_row, out_row, BLOCK: tl.constexpr, K_PAD: t
     if PACKED:
         key = tl.load(X + row * stride_row + i, mask=mask, other=lowest)
     else:
-        bits = tl.load(X + row * stride_row + i, mask=mask, other=float("-inf")).to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
-        key = tl.where(mask, (ordered.to(tl.int64) << 32) | i.to(tl.int64), lowest)
+        key = tl.where(mask, _pack(tl.load(X + row * stride_row + i, mask=mask, other=0.0), i), lowest)
     best = tl.sort(key, descending=True)
     r = tl.arange(0, BLOCK)
     keep = r < k
