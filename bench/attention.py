@@ -146,6 +146,7 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def main() -> None:
+    global POLICY
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,32768,131072,524288,1048576")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
@@ -153,7 +154,6 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=POLICY.page_size)
     ap.add_argument("--out", default="results/attention")
     args = ap.parse_args()
-    global POLICY
     POLICY = replace(POLICY, page_size=args.page_size)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.cuda.get_device_name()
