@@ -28,8 +28,8 @@ from minirt.workloads import PAPER_PROMPTS  # noqa: E402
 VARIANTS = {
     "default": CondensateConfig(),
     "scope=head": CondensateConfig(scope="head"),
-    "selection=pages": CondensateConfig(selection="pages"),
-    "selection=pages, 16x oversampling": CondensateConfig(selection="pages", page_oversample=16),
+    "selection=pages (16x oversampling)": CondensateConfig(selection="pages"),
+    "selection=pages, 4x oversampling": CondensateConfig(selection="pages", page_oversample=4),
     "dense layer 0": CondensateConfig(dense_layers=(0,)),
     "k=2*sqrt(n)": CondensateConfig(budget_alpha=2.0, budget_exponent=0.5),
     "certificate eps=0.05": CondensateConfig(max_dropped_mass=0.05),

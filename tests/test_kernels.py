@@ -180,13 +180,3 @@ def test_topk_indices(rows, n, k):
     want = x.topk(k, dim=-1).indices
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
-
-def test_paged_topk_fused_matches_scores_then_topk():
-    g = torch.Generator().manual_seed(9)
-    B, Hkv, G, D, n, P = 1, 2, 4, 64, 400, 16
-    q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
-    k = torch.randn(B, Hkv, n, D, generator=g).to(DEVICE)
-    pages = torch.stack([torch.randperm(n // P, generator=g)[:5] for _ in range(Hkv)])[None].to(DEVICE)
-    got = tri.paged_topk(q, k, pages, P, 4, 380, 20)
-    want = ref.paged_group_max_scores(q, k, pages, P, 4, 380).topk(20, dim=-1).indices
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

@@ -56,10 +56,8 @@ def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tens
 
 def page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope):
     impl = _triton() if use_triton(q) else reference
-    fused = _triton().paged_topk if use_triton(q) else None
     return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope,
-                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores, topk_fn=_topk_fn,
-                                 fused_fn=fused)
+                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores, topk_fn=_topk_fn)
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:

@@ -155,14 +155,13 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: 
 
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
                   k_top: int, page_size: int, oversample: float, scope: str,
-                bounds_fn=page_bounds, scores_fn=paged_group_max_scores, topk_fn=topk_indices,
-                fused_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+                bounds_fn=page_bounds, scores_fn=paged_group_max_scores, topk_fn=topk_indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
     Rank pages by their upper bound (bounds_fn), score exactly only the tokens of the best
     ceil(k_top * oversample / page_size) pages, keep the top k_top of those. k [B, Hkv, cap, D] is
     the key store, kmin/kmax [B, Hkv, pages, D] its page summaries. The Triton path passes its
-    kernels as bounds_fn / scores_fn / topk_fn, or fused_fn for scoring + top-k in one (scope "group").
+    kernels as bounds_fn / scores_fn / topk_fn (scope "group").
     Returns pages [B, Hkv, S] and page-relative indices (see sparse_positions), [B, Hkv, <=k_top]
     for scope "group" or [B, Hkv, G, <=k_top] for "head"; when fewer than k_top tokens of the pages
     lie in [lo, hi), some entries point outside it.
@@ -177,8 +176,6 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     n_sel = min(p_hi - p_lo, math.ceil(k_top * oversample / P))
     bounds = bounds_fn(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
     pages = topk_fn(bounds, n_sel)  # [B, Hkv, S]
-    if scope == "group" and fused_fn is not None:
-        return pages, fused_fn(q, k, pages, P, lo, hi, min(k_top, n_sel * P))
     if scope == "group":
         s = scores_fn(q, k, pages, P, lo, hi)
     else:

@@ -257,26 +257,6 @@ def _pack(x, i):
     return (ordered.to(tl.int64) << 32) | i.to(tl.int64)
 
 
-@triton.jit
-def _paged_topk(
-    Q, K, PAGES, SCRATCH, OUT, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, k_top, scale, Hkv,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    N_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Score every token of the selected pages and keep the best k_top, in one program per KV head."""
-    pid_bh = tl.program_id(0)
-    for c0 in range(0, n, BLOCK_N):
-        j = c0 + tl.arange(0, BLOCK_N)
-        s = _block_scores(Q, K, K, PAGES, pid_bh // Hkv, pid_bh % Hkv, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi,
-                          P, scale, G, G_PAD, D, D_PAD, 1, PRECISION, UPCAST)
-        tl.store(SCRATCH + pid_bh * N_PAD + j, s, mask=j < n)
-    tl.debug_barrier()  # the scores written by every warp are read back by all of them
-    i = tl.arange(0, N_PAD)
-    x = tl.load(SCRATCH + pid_bh * N_PAD + i, mask=i < n, other=float("-inf"))
-    best = tl.sort(_pack(x, i), descending=True)
-    tl.store(OUT + pid_bh * k_top + i, best & 0xFFFFFFFF, mask=i < k_top)
-
-
 def _launch_scores(q, k, k2, n, mode, pages=None, lo=0, hi=0, page_size=1, block_n: int = 64) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -304,24 +284,6 @@ def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor
     """See reference.paged_group_max_scores."""
     pages = pages.contiguous()
     return _launch_scores(q, k, None, pages.shape[2] * page_size, 1, pages, lo, hi, page_size)
-
-
-def paged_topk(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor, page_size: int, lo: int, hi: int,
-               k_top: int) -> torch.Tensor:
-    """topk_indices(paged_group_max_scores(...), k_top) in one launch: [B, Hkv, k_top]."""
-    B, Hq, D = q.shape
-    Hkv = k.shape[1]
-    pages = pages.contiguous()
-    n = pages.shape[2] * page_size
-    n_pad = triton.next_power_of_2(n)
-    scratch = torch.empty(B * Hkv, n_pad, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, Hkv, k_top, device=q.device, dtype=torch.int64)
-    _paged_topk[(B * Hkv,)](
-        q, k, pages, scratch, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *pages.stride()[:2],
-        n, lo, hi, page_size, k_top, 1.0 / math.sqrt(D), Hkv, G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D),
-        BLOCK_N=64, N_PAD=n_pad, **_precision(q),
-    )
-    return out
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: int = 0) -> torch.Tensor:
