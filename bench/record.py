@@ -1,9 +1,10 @@
 """Append a benchmark result (the Markdown table a bench script wrote) to BENCHMARKS.md.
 
-    python bench/record.py RESULT.md --json RESULT.json --command "..." --commit SHA [--note "..."]
+    python bench/record.py RESULT.md --json RESULT.json --command "..." --commit SHA --title "..." [--note "..."]
+    python bench/record.py LOG.txt --device "..." --command "..." --commit SHA --title "..."   (a plain log)
 
-The table is copied verbatim from the file the benchmark wrote; numbers are never typed by hand.
-The JSON is kept beside it under bench/results/.
+The table or log is copied verbatim from the file the benchmark wrote; numbers are never typed by
+hand. A JSON result is kept beside it under bench/results/.
 """
 from __future__ import annotations
 
@@ -24,20 +25,28 @@ def body(text: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("table")
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", help="machine-readable result (its meta names device and software)")
+    ap.add_argument("--device", help="for a plain log without JSON")
     ap.add_argument("--command", required=True)
     ap.add_argument("--commit", required=True)
     ap.add_argument("--title", required=True)
     ap.add_argument("--note", default="")
     args = ap.parse_args()
-    meta = json.loads(Path(args.json).read_text())["meta"]
+    if (args.json is None) == (args.device is None):
+        ap.error("give exactly one of --json and --device")
     date = datetime.date.today().isoformat()
-    kept = ROOT / "bench" / "results" / f"{date}-{args.commit}-{Path(args.json).name}"
-    shutil.copyfile(args.json, kept)
-    section = (f"\n## {args.title} ({date})\n\n- device: {meta['device']}\n- commit: {args.commit}\n"
-               f"- command: `{args.command}`\n- software: torch {meta['torch']}, dtype {meta['dtype']}\n"
-               f"- raw results: `{kept.relative_to(ROOT)}`\n" + (f"- note: {args.note}\n" if args.note else "")
-               + "\n" + body(Path(args.table).read_text()))
+    lines = [f"\n## {args.title} ({date})\n"]
+    if args.json:
+        meta = json.loads(Path(args.json).read_text())["meta"]
+        kept = ROOT / "bench" / "results" / f"{date}-{args.commit}-{Path(args.json).name}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.json, kept)
+        lines += [f"- device: {meta['device']}", f"- software: torch {meta['torch']}, dtype {meta['dtype']}",
+                  f"- raw results: `{kept.relative_to(ROOT)}`"]
+    else:
+        lines.append(f"- device: {args.device}")
+    lines += [f"- commit: {args.commit}", f"- command: `{args.command}`"] + ([f"- note: {args.note}"] if args.note else [])
+    section = "\n".join(lines) + "\n\n" + body(Path(args.table).read_text())
     bench = ROOT / "BENCHMARKS.md"
     if not bench.exists():
         bench.write_text("# Benchmarks\n\nGPU results, appended by `bench/record.py` from the files the benchmark "

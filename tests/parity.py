@@ -7,13 +7,13 @@ import torch
 @torch.inference_mode()
 def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
     """transformers with its own KV cache: logits over the prompt, then `steps` decode steps."""
-    out = model(torch.tensor([ids]), use_cache=True)
+    out = model(torch.tensor([ids], device=model.device), use_cache=True)
     logits, past = [out.logits[0]], out.past_key_values
     tokens = []
     for _ in range(steps):
         token = int(logits[-1][-1].argmax())
         tokens.append(token)
-        out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        out = model(torch.tensor([[token]], device=model.device), past_key_values=past, use_cache=True)
         logits.append(out.logits[0])
         past = out.past_key_values
     return logits, tokens

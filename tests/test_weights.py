@@ -20,22 +20,24 @@ def test_missing_shard(tiny_checkpoint):
         LLM.load(folder, device="cpu")
 
 
-def test_tensor_of_wrong_shape(tiny_checkpoint):
-    folder = tiny_checkpoint("llama")
+def edit_tensors(folder, edit) -> None:
+    """Rewrite the checkpoint's model.safetensors with edit(tensors) applied."""
     file = folder / "model.safetensors"
     tensors = load_file(file)
-    tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 100)
+    edit(tensors)
     save_file(tensors, file)
+
+
+def test_tensor_of_wrong_shape(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
+    edit_tensors(folder, lambda t: t.update({"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 100)}))
     with pytest.raises(WeightsError, match=r"model\.safetensors: tensor model\.layers\.1\.mlp\.down_proj\.weight has shape \(64, 100\), expected \(64, 128\)"):
         LLM.load(folder, device="cpu")
 
 
 def test_missing_tensor(tiny_checkpoint):
     folder = tiny_checkpoint("gpt2")
-    file = folder / "model.safetensors"
-    tensors = load_file(file)
-    del tensors["transformer.h.0.ln_2.bias"]
-    save_file(tensors, file)
+    edit_tensors(folder, lambda t: t.pop("transformer.h.0.ln_2.bias"))
     with pytest.raises(WeightsError, match=r"tensor transformer\.h\.0\.ln_2\.bias not found"):
         LLM.load(folder, device="cpu")
 
