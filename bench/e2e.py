@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import tiny_config, write_tiny  # noqa: E402
-from parity import hf_greedy, minirt_greedy  # noqa: E402  (minirt_greedy: the sparse run)
+from parity import forced_logits, hf_greedy, minirt_greedy  # noqa: E402
 
 from minirt import LLM, CondensateConfig, generate  # noqa: E402
 
@@ -57,17 +57,6 @@ def parity(tmp: Path, device: str) -> list[dict]:
                          "sparse_finite": all(bool(torch.isfinite(x).all()) for x in sparse_logits)})
             print(rows[-1], flush=True)
     return rows
-
-
-@torch.inference_mode()
-def forced_logits(llm: LLM, ids: list[int], tokens: list[int]) -> torch.Tensor:
-    """minirt's next-token logits at each step when fed `tokens` (full attention): [steps + 1, V]."""
-    cache = llm.new_cache(len(ids) + len(tokens) + 1)
-    device = llm.model.device
-    out = [llm.model(torch.tensor([ids], device=device), cache, last_only=True)[0, -1]]
-    for t in tokens:
-        out.append(llm.model(torch.tensor([[t]], device=device), cache, last_only=True)[0, -1])
-    return torch.stack(out).float()
 
 
 def throughput(tmp: Path) -> list[dict]:
