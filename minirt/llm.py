@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ class LLM:
     def cfg(self) -> ModelConfig:
         return self.model.cfg
 
-    @property
+    @cached_property
     def eos_ids(self) -> set[int]:
         ids = set(self.cfg.eos_token_ids)
         gen = self.folder / "generation_config.json"
