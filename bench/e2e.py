@@ -84,7 +84,6 @@ def throughput(tmp: Path) -> list[dict]:
     x = torch.tensor([prompt], device="cuda")
     timed("transformers generate (sdpa, bf16)",
           lambda n: ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False).shape[1] - len(prompt))
-    del ref
     llm = LLM.load(folder, device="cuda", dtype="bf16")
     for attention in ("full", "sparse"):
         timed(f"minirt {attention} (bf16, eager)",

@@ -141,10 +141,8 @@ class CondensateCache(DenseCache):
         if n == 0:
             return
         # The ring and the last page may hold positions >= n: rebuild both from the history.
-        W, first = self.policy.window, max(0, n - self.policy.window)
-        slots = torch.arange(first, n, device=self.k.device) % W
-        self.ring_k[:, :, :, slots] = self.k[:, :, :, first:n]
-        self.ring_v[:, :, :, slots] = self.v[:, :, :, first:n]
+        first = max(0, n - self.policy.window)
+        kernels.fill_ring(self.ring_k, self.ring_v, self.k[:, :, :, first:n], self.v[:, :, :, first:n], first)
         if self.kmin is not None:
             P = self.policy.page_size
             for layer in range(self.k.shape[0]):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .cache import CondensateConfig
-from .generate import stream_tokens
+from .generate import forced_steps, stream_tokens
 from .llm import LLM
 
 
@@ -88,14 +88,11 @@ def _greedy(llm: LLM, ids: list[int], steps: int, attention: str, policy: Conden
 def _teacher_forced(llm: LLM, ids: list[int], forced: list[int], policy: CondensateConfig):
     """Sparse logits at each step of the full run's context, with per-step dropped mass."""
     cache = llm.new_cache(len(ids) + len(forced), "sparse", policy, certify=True)
-    model, device = llm.model, llm.model.device
     logits, dropped, recall = [], [], []
-    step_input = torch.tensor([ids], device=device)
-    for token in forced:
-        logits.append(model(step_input, cache, last_only=True)[0, -1].float())
+    for step_logits in forced_steps(llm, ids, forced[:-1], cache):  # the last token is never fed
+        logits.append(step_logits.float())
         dropped.append(cache.dropped[:, 0].clone())  # [layers, heads]
         recall.append(cache.recall.clone())
-        step_input = torch.tensor([[token]], device=device)
     recall = torch.stack(recall[1:]) if len(recall) > 1 else torch.full((1,), float("nan"))  # step 0 is prefill
     return torch.stack(logits), torch.stack(dropped), cache.fallbacks, recall
 
@@ -152,17 +149,14 @@ def needle_retrieval(llm: LLM, policy: CondensateConfig | None, sentences_betwee
     while all(p[shared] == prompts[0][shared] for p in prompts):
         shared += 1
     cache = llm.new_cache(max(map(len, prompts)) + max_answer_tokens, "full" if policy is None else "sparse", policy)
-    device = llm.model.device
-    llm.model(torch.tensor([prompts[0][:shared]], device=device), cache)
+    llm.model(torch.tensor([prompts[0][:shared]], device=llm.model.device), cache)
     found = {}
     for needle, ids in zip(NEEDLES, prompts):
         cache.truncate(shared)
-        step_input, answer = torch.tensor([ids[shared:]], device=device), []
-        for _ in range(max_answer_tokens):
-            token = int(llm.model(step_input, cache, last_only=True)[0, -1].argmax())
+        answer = []
+        for token, _ in stream_tokens(llm, ids[shared:], cache, max_answer_tokens):  # greedy
             if token in llm.eos_ids:
                 break
             answer.append(token)
-            step_input = torch.tensor([[token]], device=device)
         found[needle.answer] = needle.answer.lower() in llm.tokenizer.decode(answer).lower()
     return found

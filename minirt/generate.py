@@ -108,6 +108,16 @@ def stream_tokens(llm: LLM, prompt_ids: list[int], cache: DenseCache, max_new_to
         tokens = torch.tensor([[token]], device=llm.model.device)
 
 
+@torch.inference_mode()
+def forced_steps(llm: LLM, prompt_ids: list[int], tokens: Sequence[int], cache: DenseCache) -> Iterator[torch.Tensor]:
+    """Teacher forcing: yield the next-token logits [V] after the prompt, then after each of
+    `tokens` fed in turn, whatever the model would have chosen."""
+    step_input = torch.tensor([prompt_ids], device=llm.model.device)
+    yield llm.model(step_input, cache, last_only=True)[0, -1]
+    for token in tokens:
+        yield llm.model(torch.tensor([[token]], device=llm.model.device), cache, last_only=True)[0, -1]
+
+
 def generate(model: LLM | str, prompt: str | Sequence[int], max_new_tokens: int = 128, *,
              sampling: Sampling = Sampling(), stop: Sequence[str] = (), attention: str = "sparse",
              policy: CondensateConfig | None = None, chat: bool = False, allow_long_context: bool = False,

@@ -36,13 +36,10 @@ def max_logit_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-@torch.inference_mode()
 def forced_logits(llm, ids: list[int], tokens: list[int]) -> torch.Tensor:
     """minirt's next-token logits after the prompt and after each of `tokens` fed in turn
     (teacher forcing, full attention): [len(tokens) + 1, V] in fp32."""
+    from minirt.generate import forced_steps
+
     cache = llm.new_cache(len(ids) + len(tokens) + 1)
-    device = llm.model.device
-    out = [llm.model(torch.tensor([ids], device=device), cache, last_only=True)[0, -1]]
-    for t in tokens:
-        out.append(llm.model(torch.tensor([[t]], device=device), cache, last_only=True)[0, -1])
-    return torch.stack(out).float()
+    return torch.stack(list(forced_steps(llm, ids, tokens, cache))).float()

@@ -10,6 +10,7 @@ import torch
 from . import reference
 from .reference import (  # noqa: F401  (torch ops used as they are on every device)
     causal_attention,
+    fill_ring,
     group_scores,
     sparse_positions,
     update_pages,

@@ -131,10 +131,16 @@ def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor
                            lo: int, hi: int) -> torch.Tensor:
     """group_max_scores at every token of pages [B, Hkv, S]: [B, Hkv, S * page_size], -inf at
     positions outside [lo, hi)."""
-    idx = torch.arange(pages.shape[2] * page_size, device=q.device).expand(*pages.shape[:2], -1)
+    pos, keys = page_tokens(k, pages, page_size)
+    return group_max_scores(q, keys).masked_fill((pos < lo) | (pos >= hi), NEG_INF)
+
+
+def page_tokens(k: torch.Tensor, pages: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, Hkv, S * page_size] of every token of pages [B, Hkv, S], and their keys from k."""
+    idx = torch.arange(pages.shape[2] * page_size, device=k.device).expand(*pages.shape[:2], -1)
     pos = sparse_positions(idx, pages, page_size)
     keys = torch.gather(k, 2, pos.clamp(0, k.shape[2] - 1)[..., None].expand(-1, -1, -1, k.shape[-1]))
-    return group_max_scores(q, keys).masked_fill((pos < lo) | (pos >= hi), NEG_INF)
+    return pos, keys
 
 
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -166,7 +172,7 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     for scope "group" or [B, Hkv, G, <=k_top] for "head"; when fewer than k_top tokens of the pages
     lie in [lo, hi), some entries point outside it.
     """
-    B, Hq, D = q.shape
+    B, Hq, _ = q.shape
     Hkv = k.shape[1]
     if k_top <= 0 or hi <= lo:
         lead = (B, Hkv) if scope == "group" else (B, Hkv, Hq // Hkv)
@@ -179,9 +185,7 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     if scope == "group":
         s = scores_fn(q, k, pages, P, lo, hi)
     else:
-        idx = torch.arange(n_sel * P, device=q.device).expand(B, Hkv, -1)
-        pos = sparse_positions(idx, pages, P)
-        keys = torch.gather(k, 2, pos.clamp(0, k.shape[2] - 1)[..., None].expand(-1, -1, -1, D))
+        pos, keys = page_tokens(k, pages, P)
         s = group_scores(q, keys).masked_fill(((pos < lo) | (pos >= hi))[:, :, None], NEG_INF)
     # Entries whose position falls outside [lo, hi) (scored -inf) are ignored by sparse_attention.
     return pages, topk_fn(s, min(k_top, s.shape[-1]))
@@ -200,18 +204,24 @@ def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start:
     kmax[:, :, p0:p1] = keys.amax(dim=3)
 
 
+def fill_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    """Write k/v [..., T, D] of positions start.. into the ring (slot = position % W); only the
+    last W of them survive."""
+    W, end = ring_k.shape[-2], start + k.shape[-2]
+    first = max(start, end - W)
+    slots = torch.arange(first, end, device=k.device) % W
+    ring_k[..., slots, :] = k[..., first - start:, :]
+    ring_v[..., slots, :] = v[..., first - start:, :]
+
+
 def append_kv(k_store: torch.Tensor, v_store: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
               kmin: torch.Tensor | None, kmax: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
               start: int, page_size: int) -> None:
     """Write k/v [B, Hkv, T, D] at positions start.. of the stores, the ring (slot = position % W)
     and, if kmin/kmax are given, the page summaries."""
-    T, W = k.shape[2], ring_k.shape[2]
-    end = start + T
+    end = start + k.shape[2]
     k_store[:, :, start:end] = k
     v_store[:, :, start:end] = v
-    first = max(start, end - W)  # only the last W new positions survive in the ring
-    slots = torch.arange(first, end, device=k.device) % W
-    ring_k[:, :, slots] = k[:, :, first - start:]
-    ring_v[:, :, slots] = v[:, :, first - start:]
+    fill_ring(ring_k, ring_v, k, v, start)
     if kmin is not None:
         update_pages(k_store, kmin, kmax, start, end, page_size)
