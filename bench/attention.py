@@ -59,10 +59,10 @@ def sparse_bytes(n: int, Hkv: int, D: int, el: int, selection: str) -> int:
     A, W, k, P = POLICY.anchor, POLICY.window, POLICY.top_k, POLICY.page_size
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
     if selection == "exact":
-        return attend + Hkv * n * D * el + 2 * Hkv * n * 4  # every key + fp32 scores written and read
+        return attend + Hkv * n * D * el  # every key scored once (the top-k candidates are a few KB)
     pages = math.ceil(n / P)
     chosen = min(pages, math.ceil(k * POLICY.page_oversample / P)) * P
-    return attend + 2 * Hkv * pages * D * el + 2 * Hkv * pages * 4 + Hkv * chosen * (D * el + 8)
+    return attend + 2 * Hkv * pages * D * el + Hkv * chosen * D * el  # page min/max, then the chosen pages' keys
 
 
 def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype) -> CondensateCache:

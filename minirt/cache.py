@@ -177,9 +177,10 @@ class CondensateCache(DenseCache):
                                              p.page_size, p.page_oversample, p.scope)
         elif p.scope == "head":
             idx = kernels.topk_positions(scores if scores is not None else kernels.group_scores(q, kh), lo, hi, k_top)
-        else:  # with the certificate on, every score is already there: no second pass over the keys
-            group_max = scores[..., :hi].amax(dim=2) if scores is not None else kernels.group_max_scores(q, kh[:, :, :hi])
-            idx = kernels.topk_positions(group_max, lo, hi, k_top)
+        elif scores is not None:  # the certificate already scored every key: no second pass over them
+            idx = kernels.topk_positions(scores.amax(dim=2), lo, hi, k_top)
+        else:
+            idx = kernels.exact_select(q, kh, lo, hi, k_top)
         out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], kh, vh, idx, n, p.anchor,
                                             pages, p.page_size)
         if not self.certify:

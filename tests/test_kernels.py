@@ -98,17 +98,60 @@ def test_page_bound_is_an_upper_bound():
     assert (bound >= true_max - 1e-5).all()
 
 
-def test_page_select_triton_matches_reference():
-    g = torch.Generator().manual_seed(5)
-    B, Hkv, G, D, n, P = 1, 2, 4, 64, 300, 16
+def valid_sorted(pos: torch.Tensor, lo: int, hi: int) -> list[list[int]]:
+    """Per row, the sorted positions that lie in [lo, hi) (entries outside are ignored downstream)."""
+    rows = pos.reshape(-1, pos.shape[-1]).cpu()
+    return [sorted(int(p) for p in r if lo <= p < hi) for r in rows]
+
+
+# (kv heads, G, D, n, lo, hi, k, dtype): one program and several (merged), k not a power of two,
+# k = the whole range.
+SELECT_CASES = [
+    (2, 4, 64, 300, 4, 250, 12, torch.float32), (1, 8, 128, 2600, 4, 2500, 32, torch.float32),
+    (3, 1, 80, 1500, 10, 1400, 5, torch.float16), (2, 7, 64, 900, 0, 900, 100, torch.bfloat16),
+    (1, 4, 64, 40, 4, 24, 20, torch.float32),
+]
+
+
+@pytest.mark.parametrize("Hkv, G, D, n, lo, hi, k_top, dtype", SELECT_CASES)
+def test_exact_select(Hkv, G, D, n, lo, hi, k_top, dtype):
+    """The fused score + top-k kernel picks the reference's top-k: the same set in fp32; in half
+    precision, where rounding can swap near-ties, the same scores to rounding."""
+    g = torch.Generator().manual_seed(n + k_top)
+    q = torch.randn(1, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
+    k, _ = make_cache(1, Hkv, n, D, dtype, g)
+    got = tri.exact_select(q, k, lo, hi, k_top)
+    want = ref.exact_select(q.double(), k.double(), lo, hi, k_top)
+    assert got.shape == want.shape == (1, Hkv, min(k_top, hi - lo))
+    assert all(len(set(r)) == len(r) == got.shape[-1] for r in valid_sorted(got, lo, hi))
+    if dtype == torch.float32:
+        assert valid_sorted(got, lo, hi) == valid_sorted(want, lo, hi)
+    else:
+        scores = ref.group_max_scores(q.double(), k.double())
+        picked, best = scores.gather(-1, got).sort(-1).values, scores.gather(-1, want).sort(-1).values
+        assert torch.allclose(picked, best, atol=TOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("n, P, lo, hi, k_top, oversample", [
+    (300, 16, 4, 250, 12, 2.0),  # one program per pass
+    (2600, 4, 4, 2500, 64, 16.0),  # several programs per pass, merged (650 pages; 1024 tokens scored)
+    (40, 16, 4, 20, 30, 2.0),  # fewer tokens in [lo, hi) than k: the rest are -1
+])
+def test_page_select(n, P, lo, hi, k_top, oversample):
+    g = torch.Generator().manual_seed(n + P)
+    B, Hkv, G, D = 1, 2, 4, 64
     q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
     k = torch.randn(B, Hkv, n, D, generator=g).to(DEVICE)
-    pages = torch.cat((k, k[:, :, -1:].expand(-1, -1, 20, -1)), 2).unflatten(2, (20, P))
-    args = (q, k, pages.amin(3), pages.amax(3), 4, 250, 12, P, 2.0, "group")
-    want = ref.sparse_positions(*ref.page_select(*args)[::-1], P)
-    got = ref.sparse_positions(*ref.page_select(*args, bounds_fn=tri.page_bounds, scores_fn=tri.paged_group_max_scores)[::-1], P)
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-    assert ((want >= 4) & (want < 250)).all()
+    kmin, kmax = (torch.empty(B, Hkv, -(-n // P), D, device=DEVICE) for _ in range(2))
+    ref.update_pages(k, kmin, kmax, 0, n, P)
+    args = (q, k, kmin, kmax, lo, hi, k_top, P, oversample)
+    pages, idx = tri.page_select(*args)
+    want_pages, want_idx = ref.page_select(*args, "group")
+    assert pages.shape == want_pages.shape and idx.shape == want_idx.shape
+    assert torch.equal(pages.sort(-1).values, want_pages.sort(-1).values)
+    got, want = ref.sparse_positions(idx, pages, P), ref.sparse_positions(want_idx, want_pages, P)
+    assert valid_sorted(got, lo, hi) == valid_sorted(want, lo, hi)
+    assert ((got == -1) | ((got >= lo) & (got < hi))).all()  # never a position outside [lo, hi)
 
 
 @pytest.mark.parametrize("with_pages", [False, True])
@@ -168,15 +211,3 @@ def test_sparse_attention_many_gathered(n, dtype):
     got, lse = tri.sparse_attention(q, ring_k, ring_v, k, v, idx, n, 4)
     want, want_lse = ref.sparse_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(), idx, n, 4)
     assert rel_err(got, want) <= TOL[dtype] and rel_err(lse, want_lse) <= TOL[dtype]
-
-
-@pytest.mark.parametrize("rows, n, k", [(1, 37, 5), (2, 1024, 16), (1, 2500, 32), (1, 300, 300)])
-def test_topk_indices(rows, n, k):
-    """The sort-based Triton top-k picks the same set as torch.topk (distinct values), one or more rounds."""
-    g = torch.Generator().manual_seed(n + k)
-    x = torch.randperm(rows * n, generator=g).float().view(rows, n).to(DEVICE) / n - 0.5  # distinct, signs mixed
-    x[0, :3] = float("-inf")
-    got = tri.topk_indices(x, k)
-    want = x.topk(k, dim=-1).indices
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-

@@ -13,6 +13,7 @@ from .reference import (  # noqa: F401  (torch ops used as they are on every dev
     fill_ring,
     group_scores,
     sparse_positions,
+    topk_positions,
     update_pages,
 )
 
@@ -40,25 +41,18 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=No
     return impl.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor, pages, page_size)
 
 
-def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return (_triton() if use_triton(q) else reference).group_max_scores(q, k)
+def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
+    fused = use_triton(q) and 0 < min(k_top, hi - lo) <= _triton().MAX_K
+    return (_triton() if fused else reference).exact_select(q, k, lo, hi, k_top)
 
 
-def _topk_fn(x: torch.Tensor, k: int) -> torch.Tensor:
-    # The sort-based Triton top-k wins on short rows (page bounds: two launches instead of ~20);
-    # on long rows (exact selection over every key) torch's radix select is faster (BENCHMARKS.md).
-    fast = use_triton(x) and k <= 512 and x.shape[-1] <= 65536
-    return _triton().topk_indices(x, k) if fast else reference.topk_indices(x, k)
-
-
-def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-    return reference.topk_positions(scores, lo, hi, k, topk_fn=_topk_fn)
-
-
-def page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope):
-    impl = _triton() if use_triton(q) else reference
-    return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope,
-                                 bounds_fn=impl.page_bounds, scores_fn=impl.paged_group_max_scores, topk_fn=_topk_fn)
+def page_select(q, k, kmin, kmax, lo: int, hi: int, k_top: int, page_size: int, oversample: float, scope: str):
+    # The kernels keep one list per KV group; scope "head" and very large k use the reference.
+    if use_triton(q) and scope == "group" and 0 < k_top <= _triton().MAX_K and lo < hi:
+        _, _, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
+        if n_sel <= _triton().MAX_K:
+            return _triton().page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample)
+    return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope)
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:

@@ -114,12 +114,18 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.topk(k, dim=-1, sorted=False).indices
 
 
-def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int, topk_fn=topk_indices) -> torch.Tensor:
+def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
     """The min(k, hi - lo) best positions in [lo, hi) of scores [..., n]."""
     take = max(0, min(k, hi - lo))
     if take == 0:
         return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
-    return topk_fn(scores[..., lo:hi], take) + lo
+    return topk_indices(scores[..., lo:hi], take) + lo
+
+
+def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
+    """The min(k_top, hi - lo) positions in [lo, hi) of k [B, Hkv, >=hi, D] with the largest
+    group-max score q·k / sqrt(D): [B, Hkv, k] (exact top-k, one list per KV group)."""
+    return topk_positions(group_max_scores(q, k[:, :, :hi]), lo, hi, k_top)
 
 
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -159,15 +165,20 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: 
     return bound
 
 
+def page_plan(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -> tuple[int, int, int]:
+    """Pages [p_lo, p_hi) that overlap positions [lo, hi), and how many of them page selection
+    scores exactly: ceil(k_top * oversample / page_size), at most all of them."""
+    p_lo, p_hi = lo // page_size, (hi - 1) // page_size + 1
+    return p_lo, p_hi, min(p_hi - p_lo, math.ceil(k_top * oversample / page_size))
+
+
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
-                  k_top: int, page_size: int, oversample: float, scope: str,
-                bounds_fn=page_bounds, scores_fn=paged_group_max_scores, topk_fn=topk_indices) -> tuple[torch.Tensor, torch.Tensor]:
+                k_top: int, page_size: int, oversample: float, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
-    Rank pages by their upper bound (bounds_fn), score exactly only the tokens of the best
-    ceil(k_top * oversample / page_size) pages, keep the top k_top of those. k [B, Hkv, cap, D] is
-    the key store, kmin/kmax [B, Hkv, pages, D] its page summaries. The Triton path passes its
-    kernels as bounds_fn / scores_fn / topk_fn (scope "group").
+    Rank pages by their upper bound (page_bounds), score exactly only the tokens of the best
+    pages (page_plan), keep the top k_top of those. k [B, Hkv, cap, D] is the key store,
+    kmin/kmax [B, Hkv, pages, D] its page summaries.
     Returns pages [B, Hkv, S] and page-relative indices (see sparse_positions), [B, Hkv, <=k_top]
     for scope "group" or [B, Hkv, G, <=k_top] for "head"; when fewer than k_top tokens of the pages
     lie in [lo, hi), some entries point outside it.
@@ -178,17 +189,16 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
         lead = (B, Hkv) if scope == "group" else (B, Hkv, Hq // Hkv)
         return torch.zeros(B, Hkv, 0, dtype=torch.long, device=q.device), torch.empty((*lead, 0), dtype=torch.long, device=q.device)
     P = page_size
-    p_lo, p_hi = lo // P, (hi - 1) // P + 1
-    n_sel = min(p_hi - p_lo, math.ceil(k_top * oversample / P))
-    bounds = bounds_fn(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
-    pages = topk_fn(bounds, n_sel)  # [B, Hkv, S]
+    p_lo, p_hi, n_sel = page_plan(lo, hi, k_top, P, oversample)
+    bounds = page_bounds(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
+    pages = topk_indices(bounds, n_sel)  # [B, Hkv, S]
     if scope == "group":
-        s = scores_fn(q, k, pages, P, lo, hi)
+        s = paged_group_max_scores(q, k, pages, P, lo, hi)
     else:
         pos, keys = page_tokens(k, pages, P)
         s = group_scores(q, keys).masked_fill(((pos < lo) | (pos >= hi))[:, :, None], NEG_INF)
     # Entries whose position falls outside [lo, hi) (scored -inf) are ignored by sparse_attention.
-    return pages, topk_fn(s, min(k_top, s.shape[-1]))
+    return pages, topk_indices(s, min(k_top, s.shape[-1]))
 
 
 def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, end: int, page_size: int) -> None:

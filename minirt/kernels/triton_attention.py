@@ -6,8 +6,9 @@ online softmax, and writes a partial output plus its log-sum-exp; a second kerne
 The sparse variant runs the same loop over a virtual sequence: W ring-buffer slots followed by K
 gathered history positions (anchor + top-k), loaded in place with no gathered copy of K/V.
 
-Scoring computes the group-max of q·k per position (exact top-k input), either over a contiguous
-range or over gathered positions, and the Quest page bound q+·kmax + q-·kmin over page summaries.
+Selection fuses scoring with top-k: the group-max of q·k per position (exact selection), or the
+Quest page bound q+·kmax + q-·kmin over page summaries and then q·k over the chosen pages' tokens
+(page selection); each program keeps a running top-k, and one more launch merges programs.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from . import reference
 
 
 @triton.jit
@@ -202,95 +205,6 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=No
     return _attention(q, k, v, ring_k.shape[2] + a + idx.shape[2], sparse, out, SPARSE)
 
 
-@triton.jit
-def _block_scores(Q, K, K2, PAGES, b, h, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                  MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores of entries j of KV head (b, h), max over the group's query heads, -inf where masked.
-    MODE 0: q·k at position j; 1: q·k at token j of the pages PAGES, -inf outside positions
-    [lo, hi); 2: page bound q+·K[j] + q-·K2[j] (K = page max, K2 = page min), -inf for pages j < lo."""
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    gmask = g < G
-    dmask = d < D
-    jmask = j < n
-    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if MODE == 1:
-        page = tl.load(PAGES + b * spb + h * sph + j // P, mask=jmask, other=0)
-        pos = (page * P + j % P).to(tl.int64)
-        jmask = jmask & (pos >= lo) & (pos < hi)
-    else:
-        pos = j.to(tl.int64)
-    off = (b * skb + h * skh + pos * skn)[:, None] + d[None, :]
-    lmask = jmask[:, None] & dmask[None, :]
-    k = tl.load(K + off, mask=lmask, other=0.0)
-    if MODE == 2:
-        jmask = jmask & (j >= lo)
-        kmin = tl.load(K2 + off, mask=lmask, other=0.0)
-        qf = q.to(tl.float32)  # split signs in fp32 (exact; also sidesteps the interpreter's bf16)
-        s = _dot(tl.maximum(qf, 0.0).to(k.dtype), tl.trans(k), PRECISION, UPCAST)
-        s += _dot(tl.minimum(qf, 0.0).to(k.dtype), tl.trans(kmin), PRECISION, UPCAST)
-    else:
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST)
-    s = tl.where(gmask[:, None] & jmask[None, :], s * scale, float("-inf"))
-    return tl.max(s, 0)
-
-
-@triton.jit
-def _scores(
-    Q, K, K2, PAGES, OUT, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale, Hkv,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = _block_scores(Q, K, K2, PAGES, pid_bh // Hkv, pid_bh % Hkv, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P,
-                      scale, G, G_PAD, D, D_PAD, MODE, PRECISION, UPCAST)
-    tl.store(OUT + pid_bh * n + j, s, mask=j < n)
-
-
-@triton.jit
-def _pack(x, i):
-    """fp32 score and int index -> one int64 whose integer order is the score order."""
-    bits = x.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
-    return (ordered.to(tl.int64) << 32) | i.to(tl.int64)
-
-
-def _launch_scores(q, k, k2, n, mode, pages=None, lo=0, hi=0, page_size=1, block_n: int = 64) -> torch.Tensor:
-    B, Hq, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    out = torch.empty(B, Hkv, n, device=q.device, dtype=torch.float32)
-    if n == 0:
-        return out
-    assert k.stride(-1) == 1 and (k2 is None or k2.stride() == k.stride())
-    page_strides = pages.stride()[:2] if pages is not None else (0, 0)
-    _scores[(B * Hkv, triton.cdiv(n, block_n))](
-        q, k, k2 if k2 is not None else k, pages if pages is not None else k, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *page_strides, n, lo, hi, page_size,
-        1.0 / math.sqrt(D), Hkv, G=G, G_PAD=_pow2(G), D=D, D_PAD=_pow2(D), BLOCK_N=block_n, MODE=mode, **_precision(q),
-    )
-    return out
-
-
-def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """max over each KV group's query heads of q·k / sqrt(D): [B, Hkv, n] (fp32)."""
-    return _launch_scores(q, k, None, k.shape[2], mode=0)
-
-
-def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor, page_size: int,
-                           lo: int, hi: int) -> torch.Tensor:
-    """See reference.paged_group_max_scores."""
-    pages = pages.contiguous()
-    return _launch_scores(q, k, None, pages.shape[2] * page_size, 1, pages, lo, hi, page_size)
-
-
-def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """Quest upper bound per page, max over the group: [B, Hkv, pages]; see reference.page_bounds."""
-    return _launch_scores(q, kmax, kmin, kmax.shape[2], mode=2, lo=first)
-
-
 @triton.jit(do_not_specialize=["pos"])  # Triton would make pos == 1 a compile-time constant
 def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
             D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
@@ -329,48 +243,137 @@ def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, pa
     )
 
 
-_TOPK_BLOCK = 1024
+@triton.jit
+def _block_scores(Q, K, K2, PAGES, b, h, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                  MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores of entries j of KV head (b, h), max over the group's query heads, -inf where masked.
+    MODE 0: q·k at position j; 1: q·k at token j of the pages PAGES, -inf outside positions
+    [lo, hi); 2: page bound q+·K[j] + q-·K2[j] (K = page max, K2 = page min), -inf for pages j < lo."""
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    gmask = g < G
+    dmask = d < D
+    jmask = j < n
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if MODE == 1:
+        page = tl.load(PAGES + b * spb + h * sph + j // P, mask=jmask, other=0)
+        pos = (page * P + j % P).to(tl.int64)
+        jmask = jmask & (pos >= lo) & (pos < hi)
+    else:
+        pos = j.to(tl.int64)
+    off = (b * skb + h * skh + pos * skn)[:, None] + d[None, :]
+    lmask = jmask[:, None] & dmask[None, :]
+    k = tl.load(K + off, mask=lmask, other=0.0)
+    if MODE == 2:
+        jmask = jmask & (j >= lo)
+        kmin = tl.load(K2 + off, mask=lmask, other=0.0)
+        qf = q.to(tl.float32)  # split signs in fp32 (exact; also sidesteps the interpreter's bf16)
+        s = _dot(tl.maximum(qf, 0.0).to(k.dtype), tl.trans(k), PRECISION, UPCAST)
+        s += _dot(tl.minimum(qf, 0.0).to(k.dtype), tl.trans(kmin), PRECISION, UPCAST)
+    else:
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST)
+    s = tl.where(gmask[:, None] & jmask[None, :], s * scale, float("-inf"))
+    return tl.max(s, 0)
 
 
 @triton.jit
-def _topk_round(X, OUT, n, k, stride_row, out_row, BLOCK: tl.constexpr, K_PAD: tl.constexpr, PACKED: tl.constexpr,
-                FINAL: tl.constexpr):
-    """Each program sorts one block of a row and keeps its k best. Scores are packed with their
-    index into one int64 whose order is the float order (ties: larger index first), so a plain
-    integer sort carries the indices along. FINAL writes indices (-1 for padding), else packed keys."""
+def _pack(x, i):
+    """fp32 score and int index -> one int64 whose integer order is the score order (ties: larger
+    index first), so top-k over the packed keys carries the indices along."""
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+    return (ordered.to(tl.int64) << 32) | i.to(tl.int64)
+
+
+@triton.jit
+def _select(
+    Q, K, K2, PAGES, X, OUT, sqb, sqh, skb, skh, skn, spb, sph, sx,
+    r_lo, r_hi, per_split, lo, hi, P, scale, Hkv, k_out,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr, MODE: tl.constexpr, FINAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Fused score + top-k. Each program scores its share of entries [r_lo, r_hi) of one row,
+    BLOCK_N at a time, and keeps a running top K_PAD of packed (score, index) keys; a block is
+    merged only if its best key beats the current K_PAD-th, so most blocks of a long row cost
+    just their scores. MODE 0-2 score like _block_scores; MODE 3 reads packed candidates X
+    (the merge step). FINAL writes the k_out best indices (-1 where none), else the K_PAD
+    packed candidates of this program."""
     row = tl.program_id(0)
-    blk = tl.program_id(1)
-    i = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
+    split = tl.program_id(1)
     lowest = -9223372036854775807 - 1
-    if PACKED:
-        key = tl.load(X + row * stride_row + i, mask=mask, other=lowest)
+    start = r_lo + split * per_split
+    end = tl.minimum(start + per_split, r_hi)
+    best = tl.full([K_PAD], lowest, tl.int64)
+    for j0 in range(start, end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        if MODE == 3:
+            key = tl.load(X + row * sx + j, mask=j < end, other=lowest)
+        else:
+            s = _block_scores(Q, K, K2, PAGES, row // Hkv, row % Hkv, j, sqb, sqh, skb, skh, skn, spb, sph, end, lo, hi,
+                              P, scale, G, G_PAD, D, D_PAD, MODE, PRECISION, UPCAST)
+            key = tl.where(s == float("-inf"), lowest, _pack(s, j))
+        if tl.max(key, 0) > tl.min(best, 0):
+            both = tl.reshape(tl.join(best, tl.topk(key, K_PAD)), [2 * K_PAD])
+            best = tl.topk(both, K_PAD)
+    r = tl.arange(0, K_PAD)
+    if FINAL:  # tl.topk sorts descending: the first k_out are the best
+        tl.store(OUT + row * k_out + r, tl.where(best == lowest, -1, best & 0xFFFFFFFF), mask=r < k_out)
     else:
-        key = tl.where(mask, _pack(tl.load(X + row * stride_row + i, mask=mask, other=0.0), i), lowest)
-    best = tl.sort(key, descending=True)
-    r = tl.arange(0, BLOCK)
-    keep = r < k
-    if FINAL:
-        idx = tl.where(best == lowest, -1, best & 0xFFFFFFFF)
-        tl.store(OUT + row * out_row + r, idx, mask=keep)
-    else:
-        tl.store(OUT + row * out_row + blk * K_PAD + r, best, mask=keep)
+        tl.store(OUT + (row * tl.num_programs(1) + split) * K_PAD + r, best)
 
 
-def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values along the last dim of fp32 x [..., n] (any order): [..., k].
-    Replaces torch.topk, whose radix select costs ~20 launches per call at these sizes."""
-    lead, n = x.shape[:-1], x.shape[-1]
-    assert 0 < k <= _TOPK_BLOCK // 2 and x.dtype == torch.float32
-    rows = x.reshape(-1, n).contiguous()
-    R, packed, K_PAD = rows.shape[0], False, triton.next_power_of_2(k)
-    while n > _TOPK_BLOCK:  # each round keeps the best K_PAD of every block of 1024
-        blocks = triton.cdiv(n, _TOPK_BLOCK)
-        cand = torch.empty(R, blocks * K_PAD, device=x.device, dtype=torch.int64)
-        _topk_round[(R, blocks)](rows, cand, n, K_PAD, rows.stride(0), cand.stride(0),
-                                 BLOCK=_TOPK_BLOCK, K_PAD=K_PAD, PACKED=packed, FINAL=False)
-        rows, n, packed = cand, blocks * K_PAD, True
-    out = torch.empty(R, k, device=x.device, dtype=torch.int64)
-    block = max(16, triton.next_power_of_2(n))
-    _topk_round[(R, 1)](rows, out, n, k, rows.stride(0), out.stride(0), BLOCK=block, K_PAD=K_PAD, PACKED=packed, FINAL=True)
-    return out.view(*lead, k)
+# Selection launch settings: a long row is split over programs like split-K decode, each keeping
+# its own top-k; one more launch merges their candidates.
+SELECT = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "min_blocks": 8}
+MAX_K = 256  # larger top-k goes to torch.topk (the running merge keeps 2 * K_PAD keys in registers)
+
+
+def _topk(rows: int, r_lo: int, r_hi: int, k_out: int, mode: int, q: torch.Tensor, keys: torch.Tensor | None = None,
+          keys2: torch.Tensor | None = None, pages: torch.Tensor | None = None, lo: int = 0, hi: int = 0,
+          page_size: int = 1, x: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+    """Indices [rows, k_out] of the k_out best entries in [r_lo, r_hi) of each row (see _select)."""
+    K_PAD = _pow2(k_out, 1)
+    assert 0 < k_out and K_PAD <= MAX_K
+    block_n = max(SELECT["block_n"], K_PAD)
+    if splits is None:
+        splits = _splits(r_hi - r_lo, rows, {**SELECT, "block_n": block_n}, q.device) if mode != 3 else 1
+    per_split = triton.cdiv(triton.cdiv(r_hi - r_lo, splits), block_n) * block_n
+    splits = max(1, triton.cdiv(r_hi - r_lo, per_split))
+    final = splits == 1
+    out = torch.empty((rows, k_out) if final else (rows, splits, K_PAD), device=q.device, dtype=torch.int64)
+    keys = q if keys is None else keys
+    B, Hq, D = q.shape
+    Hkv = rows // B
+    _select[(rows, splits)](
+        q, keys, keys if keys2 is None else keys2, keys if pages is None else pages, out if x is None else x, out,
+        q.stride(0), q.stride(1), *(keys.stride()[:3] if keys.dim() == 4 else (0, 0, 0)),
+        *(pages.stride()[:2] if pages is not None else (0, 0)), 0 if x is None else x.stride(0),
+        r_lo, r_hi, per_split, lo, hi, page_size, 1.0 / math.sqrt(D), Hkv, k_out,
+        G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), BLOCK_N=block_n, K_PAD=K_PAD, MODE=mode,
+        FINAL=final, **_precision(q), num_warps=SELECT["num_warps"],
+    )
+    if final:
+        return out
+    return _topk(rows, 0, splits * K_PAD, k_out, 3, q, x=out.view(rows, -1))
+
+
+def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
+    """Exact group-max top-k over positions [lo, hi) of k, fused; see reference.exact_select."""
+    B, Hkv = k.shape[:2]
+    assert k.stride(-1) == 1
+    take = min(k_top, hi - lo)
+    return _topk(B * Hkv, lo, hi, take, 0, q, k).view(B, Hkv, take)
+
+
+def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
+                k_top: int, page_size: int, oversample: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest-style selection, scope "group", in two fused top-k passes (page bounds, then the
+    chosen pages' tokens); see reference.page_select."""
+    B, Hkv = k.shape[:2]
+    assert k.stride(-1) == 1 and kmin.stride() == kmax.stride() and kmax.stride(-1) == 1
+    p_lo, p_hi, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
+    pages = _topk(B * Hkv, p_lo, p_hi, n_sel, 2, q, kmax, kmin, lo=p_lo).view(B, Hkv, n_sel)
+    take = min(k_top, n_sel * page_size)
+    idx = _topk(B * Hkv, 0, n_sel * page_size, take, 1, q, k, pages=pages, lo=lo, hi=hi, page_size=page_size)
+    return pages, idx.view(B, Hkv, take)
