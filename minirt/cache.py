@@ -171,22 +171,20 @@ class CondensateCache(DenseCache):
         lo, hi = anchor, max(anchor, n - p.window)  # top-k candidates: neither anchor nor window
         scores = kernels.group_scores(q, kh) if self.certify else None  # per head, for the certificate
         k_top = p.budget(n)
-        pages = None
         if p.selection == "pages":
-            pages, idx = kernels.page_select(q, self.k[layer], *self._pages(layer), lo, hi, k_top,
-                                             p.page_size, p.page_oversample, p.scope)
+            idx = kernels.page_select(q, self.k[layer], *self._pages(layer), lo, hi, k_top,
+                                      p.page_size, p.page_oversample, p.scope)
         elif p.scope == "head":
             idx = kernels.topk_positions(scores if scores is not None else kernels.group_scores(q, kh), lo, hi, k_top)
         elif scores is not None:  # the certificate already scored every key: no second pass over them
             idx = kernels.topk_positions(scores.amax(dim=2), lo, hi, k_top)
         else:
             idx = kernels.exact_select(q, kh, lo, hi, k_top)
-        out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], kh, vh, idx, n, p.anchor,
-                                            pages, p.page_size)
+        out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], kh, vh, idx, n, p.anchor)
         if not self.certify:
             return out
-        if pages is not None and p.scope == "group":
-            self.recall[layer] = self._recall(scores, kernels.sparse_positions(idx, pages, p.page_size), lo, hi, k_top)
+        if p.selection == "pages" and p.scope == "group":
+            self.recall[layer] = self._recall(scores, idx, lo, hi, k_top)
         lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
         dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
         self.dropped[layer] = dropped.cpu()

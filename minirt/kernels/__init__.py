@@ -12,7 +12,6 @@ from .reference import (  # noqa: F401  (torch ops used as they are on every dev
     causal_attention,
     fill_ring,
     group_scores,
-    sparse_positions,
     topk_positions,
     update_pages,
 )
@@ -35,23 +34,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     return (_triton() if use_triton(q) else reference).decode_attention(q, k, v)
 
 
-def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=None, page_size: int = 1):
+def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int):
     # The kernel takes one index list per KV group; per-head lists (scope="head") use the reference.
     impl = _triton() if use_triton(q) and idx.dim() == 3 else reference
-    return impl.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor, pages, page_size)
+    return impl.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor)
 
 
 def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
-    fused = use_triton(q) and 0 < min(k_top, hi - lo) <= _triton().MAX_K
+    fused = use_triton(q) and _triton().can_exact_select(lo, hi, k_top)
     return (_triton() if fused else reference).exact_select(q, k, lo, hi, k_top)
 
 
 def page_select(q, k, kmin, kmax, lo: int, hi: int, k_top: int, page_size: int, oversample: float, scope: str):
-    # The kernels keep one list per KV group; scope "head" and very large k use the reference.
-    if use_triton(q) and scope == "group" and 0 < k_top <= _triton().MAX_K and lo < hi:
-        _, _, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
-        if n_sel <= _triton().MAX_K:
-            return _triton().page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample)
+    # The kernels keep one list per KV group; scope "head" and sizes past their limits use the reference.
+    if use_triton(q) and scope == "group" and _triton().can_page_select(lo, hi, k_top, page_size, oversample):
+        return _triton().page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample)
     return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope)
 
 

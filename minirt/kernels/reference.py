@@ -49,26 +49,15 @@ def ring_positions(n: int, window: int, device: torch.device | str = "cpu") -> t
     return torch.where(pos >= max(0, n - window), pos, -1)
 
 
-def sparse_positions(idx: torch.Tensor, pages: torch.Tensor | None, page_size: int) -> torch.Tensor:
-    """Cache positions of gathered entries: idx itself, or (with pages [B, Hkv, S]) an index into
-    the pages' tokens: pages[idx // page_size] * page_size + idx % page_size. -1 stays invalid."""
-    if pages is None:
-        return idx
-    flat = idx if idx.dim() == 3 else idx.flatten(2)
-    pos = torch.gather(pages, 2, flat.clamp(min=0) // page_size) * page_size + flat.clamp(min=0) % page_size
-    return torch.where(flat >= 0, pos, -1).view(idx.shape)
-
-
 def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     idx: torch.Tensor, n: int, anchor: int, pages: torch.Tensor | None = None,
-                     page_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                     idx: torch.Tensor, n: int, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over window ∪ anchor ∪ gathered positions, of n cached positions.
 
     window: ring_k/ring_v [B, Hkv, W, D] slots (slot = position % W) holding positions >= n - W;
     anchor: positions [0, min(anchor, n)) of k/v [B, Hkv, n, D];
-    gathered: idx, one list per KV group [B, Hkv, K] or per query head [B, Hkv, G, K], of
-    positions (or page-relative indices, see sparse_positions); entries outside
-    [min(anchor, n), n - W), such as the -1 padding, are ignored, so the three sets are disjoint.
+    gathered: idx, one list of positions per KV group [B, Hkv, K] or per query head
+    [B, Hkv, G, K]; entries outside [min(anchor, n), n - W), such as -1 padding, are ignored, so
+    the three sets are disjoint.
     Returns out [B, Hq, D] and the log-sum-exp of the attended logits [B, Hq].
     """
     B, Hq, D = q.shape
@@ -76,7 +65,7 @@ def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
     G = Hq // Hkv
     a = min(anchor, n)
     lo, hi = a, max(a, n - W)
-    pos = sparse_positions(idx, pages, page_size)
+    pos = idx
     if pos.dim() == 3:
         pos = pos[:, :, None]  # one list shared by the group's heads
     Gi = pos.shape[2]
@@ -133,18 +122,9 @@ def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return group_scores(q, k).amax(dim=2)
 
 
-def paged_group_max_scores(q: torch.Tensor, k: torch.Tensor, pages: torch.Tensor, page_size: int,
-                           lo: int, hi: int) -> torch.Tensor:
-    """group_max_scores at every token of pages [B, Hkv, S]: [B, Hkv, S * page_size], -inf at
-    positions outside [lo, hi)."""
-    pos, keys = page_tokens(k, pages, page_size)
-    return group_max_scores(q, keys).masked_fill((pos < lo) | (pos >= hi), NEG_INF)
-
-
 def page_tokens(k: torch.Tensor, pages: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions [B, Hkv, S * page_size] of every token of pages [B, Hkv, S], and their keys from k."""
-    idx = torch.arange(pages.shape[2] * page_size, device=k.device).expand(*pages.shape[:2], -1)
-    pos = sparse_positions(idx, pages, page_size)
+    pos = (pages[..., None] * page_size + torch.arange(page_size, device=k.device)).flatten(2)
     keys = torch.gather(k, 2, pos.clamp(0, k.shape[2] - 1)[..., None].expand(-1, -1, -1, k.shape[-1]))
     return pos, keys
 
@@ -173,32 +153,33 @@ def page_plan(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -
 
 
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
-                k_top: int, page_size: int, oversample: float, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+                k_top: int, page_size: int, oversample: float, scope: str) -> torch.Tensor:
     """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
     Rank pages by their upper bound (page_bounds), score exactly only the tokens of the best
     pages (page_plan), keep the top k_top of those. k [B, Hkv, cap, D] is the key store,
     kmin/kmax [B, Hkv, pages, D] its page summaries.
-    Returns pages [B, Hkv, S] and page-relative indices (see sparse_positions), [B, Hkv, <=k_top]
-    for scope "group" or [B, Hkv, G, <=k_top] for "head"; when fewer than k_top tokens of the pages
-    lie in [lo, hi), some entries point outside it.
+    Returns positions [B, Hkv, <=k_top] for scope "group" or [B, Hkv, G, <=k_top] for "head";
+    -1 where fewer than k_top tokens of the chosen pages lie in [lo, hi).
     """
     B, Hq, _ = q.shape
     Hkv = k.shape[1]
     if k_top <= 0 or hi <= lo:
         lead = (B, Hkv) if scope == "group" else (B, Hkv, Hq // Hkv)
-        return torch.zeros(B, Hkv, 0, dtype=torch.long, device=q.device), torch.empty((*lead, 0), dtype=torch.long, device=q.device)
+        return torch.empty((*lead, 0), dtype=torch.long, device=q.device)
     P = page_size
     p_lo, p_hi, n_sel = page_plan(lo, hi, k_top, P, oversample)
     bounds = page_bounds(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
     pages = topk_indices(bounds, n_sel)  # [B, Hkv, S]
+    pos, keys = page_tokens(k, pages, P)
+    s = group_scores(q, keys)
     if scope == "group":
-        s = paged_group_max_scores(q, k, pages, P, lo, hi)
+        s = s.amax(dim=2)
     else:
-        pos, keys = page_tokens(k, pages, P)
-        s = group_scores(q, keys).masked_fill(((pos < lo) | (pos >= hi))[:, :, None], NEG_INF)
-    # Entries whose position falls outside [lo, hi) (scored -inf) are ignored by sparse_attention.
-    return pages, topk_indices(s, min(k_top, s.shape[-1]))
+        pos = pos[:, :, None].expand_as(s)
+    s = s.masked_fill((pos < lo) | (pos >= hi), NEG_INF)
+    best = topk_indices(s, min(k_top, s.shape[-1]))
+    return torch.where(s.gather(-1, best) > NEG_INF, pos.gather(-1, best), -1)
 
 
 def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, end: int, page_size: int) -> None:

@@ -33,11 +33,11 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, PAGES, OP, LP, OUT, LSE,
-    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih, spb, sph,
-    n_keys, W, n_ctx, lo, hi, P, keys_per_split, scale, Hkv,
+    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE,
+    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
+    n_keys, W, n_ctx, lo, hi, keys_per_split, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -65,13 +65,8 @@ def _attn_partial(
             ring_pos = newest - ((newest - j) % W + W) % W  # latest position in slot j; < 0 if empty
             is_anchor = (j >= W) & (j < W + lo)
             is_gather = j >= W + lo
-            raw = tl.load(IDX + b * sib + h * sih + (j - W - lo), mask=in_range & is_gather, other=-1)
-            if PAGED:  # raw indexes the tokens of the selected pages
-                page = tl.load(PAGES + b * spb + h * sph + raw // P, mask=in_range & is_gather & (raw >= 0), other=0)
-                pos = page * P + raw % P
-            else:
-                pos = raw
-            gather_ok = is_gather & (raw >= 0) & (pos >= lo) & (pos < hi)
+            pos = tl.load(IDX + b * sib + h * sih + (j - W - lo), mask=in_range & is_gather, other=-1)
+            gather_ok = is_gather & (pos >= lo) & (pos < hi)
             valid = in_range & ((is_ring & (ring_pos >= lo) & (ring_pos >= 0)) | is_anchor | gather_ok)
             hist_pos = tl.where(is_anchor, j - W, tl.where(gather_ok, pos, 0)).to(tl.int64)
             ring_off = (b * srb + h * srh + j * srn)[:, None] + d[None, :]
@@ -170,19 +165,17 @@ def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = Non
         op = torch.empty(B * Hkv * S, G_PAD, D_PAD, device=q.device, dtype=torch.float32)
         lp = torch.empty(B * Hkv * S, G_PAD, device=q.device, dtype=torch.float32)
     if sparse is None:
-        ring_k = ring_v = idx = pages = k  # unused
-        W = n_ctx = lo = hi = P = 0
+        ring_k = ring_v = idx = k  # unused
+        W = n_ctx = lo = hi = 0
     else:
-        ring_k, ring_v, idx, pages, n_ctx, lo, hi, P = sparse
+        ring_k, ring_v, idx, n_ctx, lo, hi = sparse
         assert ring_v.stride() == ring_k.stride() and ring_k.stride(-1) == 1 and idx.stride(-1) == 1
         W = ring_k.shape[2]
-    paged = sparse is not None and pages is not None
     _attn_partial[(B * Hkv, S)](
-        q, k, v, ring_k, ring_v, idx, pages if paged else k, op, lp, out, lse,
+        q, k, v, ring_k, ring_v, idx, op, lp, out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
-        *(pages.stride()[:2] if paged else (0, 0)),
-        n_keys, W, n_ctx, lo, hi, P, per_split, 1.0 / math.sqrt(D), Hkv,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=block_n, SPARSE=sparse is not None, PAGED=paged, **_precision(q),
+        n_keys, W, n_ctx, lo, hi, per_split, 1.0 / math.sqrt(D), Hkv,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=block_n, SPARSE=sparse is not None, **_precision(q),
         DIRECT=direct, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
@@ -196,12 +189,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     return _attention(q, k, v, k.shape[2], None, out, config)
 
 
-def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int, pages=None, page_size: int = 1,
+def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int,
                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window ∪ anchor ∪ gathered idx [B, Hkv, K]; see reference.sparse_attention."""
+    """Window ∪ anchor ∪ gathered positions idx [B, Hkv, K]; see reference.sparse_attention."""
     a = min(anchor, n)
     hi = max(a, n - ring_k.shape[2])
-    sparse = (ring_k, ring_v, idx.contiguous(), None if pages is None else pages.contiguous(), n, a, hi, page_size)
+    sparse = (ring_k, ring_v, idx.contiguous(), n, a, hi)
     return _attention(q, k, v, ring_k.shape[2] + a + idx.shape[2], sparse, out, SPARSE)
 
 
@@ -244,12 +237,14 @@ def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, pa
 
 
 @triton.jit
-def _block_scores(Q, K, K2, PAGES, b, h, j, sqb, sqh, skb, skh, skn, spb, sph, n, lo, hi, P, scale,
+def _block_scores(Q, K, K2, PAGES_ROW, b, h, j, sqb, sqh, skb, skh, skn, n, lo, hi, P, scale,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                   MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores of entries j of KV head (b, h), max over the group's query heads, -inf where masked.
-    MODE 0: q·k at position j; 1: q·k at token j of the pages PAGES, -inf outside positions
-    [lo, hi); 2: page bound q+·K[j] + q-·K2[j] (K = page max, K2 = page min), -inf for pages j < lo."""
+    """Scores of entries j < n of KV head (b, h), max over the group's query heads (-inf where
+    masked), and the position each entry stands for.
+    MODE 0: q·k at position j, -inf before lo; 1: q·k at token j of the pages listed at PAGES_ROW
+    (page j // P, -1 for none), -inf outside positions [lo, hi); 2: page bound q+·K[j] + q-·K2[j]
+    (K = page max, K2 = page min), -inf for pages before lo."""
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
     gmask = g < G
@@ -257,16 +252,16 @@ def _block_scores(Q, K, K2, PAGES, b, h, j, sqb, sqh, skb, skh, skn, spb, sph, n
     jmask = j < n
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     if MODE == 1:
-        page = tl.load(PAGES + b * spb + h * sph + j // P, mask=jmask, other=0)
-        pos = (page * P + j % P).to(tl.int64)
-        jmask = jmask & (pos >= lo) & (pos < hi)
+        page = tl.load(PAGES_ROW + j // P, mask=jmask, other=-1)
+        pos = page * P + j % P
+        jmask = jmask & (page >= 0) & (pos >= lo) & (pos < hi)
     else:
         pos = j.to(tl.int64)
+        jmask = jmask & (j >= lo)
     off = (b * skb + h * skh + pos * skn)[:, None] + d[None, :]
     lmask = jmask[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=lmask, other=0.0)
     if MODE == 2:
-        jmask = jmask & (j >= lo)
         kmin = tl.load(K2 + off, mask=lmask, other=0.0)
         qf = q.to(tl.float32)  # split signs in fp32 (exact; also sidesteps the interpreter's bf16)
         s = _dot(tl.maximum(qf, 0.0).to(k.dtype), tl.trans(k), PRECISION, UPCAST)
@@ -274,106 +269,151 @@ def _block_scores(Q, K, K2, PAGES, b, h, j, sqb, sqh, skb, skh, skn, spb, sph, n
     else:
         s = _dot(q, tl.trans(k), PRECISION, UPCAST)
     s = tl.where(gmask[:, None] & jmask[None, :], s * scale, float("-inf"))
-    return tl.max(s, 0)
+    return tl.max(s, 0), pos
+
+
+LOWEST: tl.constexpr = tl.constexpr(-9223372036854775807 - 1)  # packed key of a masked entry
 
 
 @triton.jit
-def _pack(x, i):
-    """fp32 score and int index -> one int64 whose integer order is the score order (ties: larger
-    index first), so top-k over the packed keys carries the indices along."""
+def _keys(x, i):
+    """fp32 scores and int indices -> int64 keys whose integer order is the score order (ties:
+    larger index first), so top-k over the keys carries the indices along; -inf -> LOWEST."""
     bits = x.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
-    return (ordered.to(tl.int64) << 32) | i.to(tl.int64)
+    return tl.where(x == float("-inf"), LOWEST, (ordered.to(tl.int64) << 32) | i.to(tl.int64))
 
 
 @triton.jit
-def _select(
-    Q, K, K2, PAGES, X, OUT, sqb, sqh, skb, skh, skn, spb, sph, sx,
-    r_lo, r_hi, per_split, lo, hi, P, scale, Hkv, k_out,
+def _index(key):
+    return tl.where(key == LOWEST, -1, key & 0xFFFFFFFF)
+
+
+@triton.jit
+def _scan(
+    Q, K, K2, V0, V1, sqb, sqh, skb, skh, skn, n, lo, scale, Hkv, n0, n1,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_PAD: tl.constexpr, MODE: tl.constexpr, FINAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    R: tl.constexpr, FAN: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Fused score + top-k. Each program scores its share of entries [r_lo, r_hi) of one row,
-    BLOCK_N at a time, and keeps a running top K_PAD of packed (score, index) keys; a block is
-    merged only if its best key beats the current K_PAD-th, so most blocks of a long row cost
-    just their scores. MODE 0-2 score like _block_scores; MODE 3 reads packed candidates X
-    (the merge step). FINAL writes the k_out best indices (-1 where none), else the K_PAD
-    packed candidates of this program."""
+    """Selection pass 1, bandwidth-bound, over every entry (MODE 0: positions; 2: page summaries):
+    V0 = the max score of each page (R entries), V1 = the max of each run of FAN pages (one run per
+    program). No top-k here: maxima are all pass 2 needs."""
     row = tl.program_id(0)
-    split = tl.program_id(1)
-    lowest = -9223372036854775807 - 1
-    start = r_lo + split * per_split
-    end = tl.minimum(start + per_split, r_hi)
-    best = tl.full([K_PAD], lowest, tl.int64)
-    for j0 in range(start, end, BLOCK_N):
+    run = tl.program_id(1)
+    best = tl.full([BLOCK_N // R], float("-inf"), tl.float32)
+    for j0 in range(run * FAN * R, (run + 1) * FAN * R, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        if MODE == 3:
-            key = tl.load(X + row * sx + j, mask=j < end, other=lowest)
-        else:
-            s = _block_scores(Q, K, K2, PAGES, row // Hkv, row % Hkv, j, sqb, sqh, skb, skh, skn, spb, sph, end, lo, hi,
-                              P, scale, G, G_PAD, D, D_PAD, MODE, PRECISION, UPCAST)
-            key = tl.where(s == float("-inf"), lowest, _pack(s, j))
-        if tl.max(key, 0) > tl.min(best, 0):
-            both = tl.reshape(tl.join(best, tl.topk(key, K_PAD)), [2 * K_PAD])
-            best = tl.topk(both, K_PAD)
-    r = tl.arange(0, K_PAD)
-    if FINAL:  # tl.topk sorts descending: the first k_out are the best
-        tl.store(OUT + row * k_out + r, tl.where(best == lowest, -1, best & 0xFFFFFFFF), mask=r < k_out)
-    else:
-        tl.store(OUT + (row * tl.num_programs(1) + split) * K_PAD + r, best)
+        s, _ = _block_scores(Q, K, K2, Q, row // Hkv, row % Hkv, j, sqb, sqh, skb, skh, skn, n, lo, 0, 1, scale,
+                             G, G_PAD, D, D_PAD, MODE, PRECISION, UPCAST)
+        v = tl.max(tl.reshape(s, [BLOCK_N // R, R]), 1)
+        i = j0 // R + tl.arange(0, BLOCK_N // R)
+        tl.store(V0 + row * n0 + i, v, mask=i < n0)
+        best = tl.maximum(best, v)
+    tl.store(V1 + row * n1 + run, tl.max(best, 0))
 
 
-# Selection launch settings: a long row is split over programs like split-K decode, each keeping
-# its own top-k; one more launch merges their candidates.
-SELECT = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "min_blocks": 8}
-MAX_K = 256  # larger top-k goes to torch.topk (the running merge keeps 2 * K_PAD keys in registers)
+@triton.jit
+def _pick(
+    Q, K, V0, V1, PAGES, SCR, OUT, sqb, sqh, skb, skh, skn, n0, n1, lo, hi, P, n_pages, scale, Hkv, k_out,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
+    FAN: tl.constexpr, S_PAD: tl.constexpr, T_PAD: tl.constexpr, TOK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Selection pass 2, one program per KV head. The n_pages best pages (by V0) lie in the
+    n_pages best runs (by V1), so only those runs' pages are ranked; then the chosen pages'
+    tokens are scored exactly and the k_out best positions written (-1 where fewer are valid)."""
+    row = tl.program_id(0)
+    i1 = tl.arange(0, N1_PAD)
+    v1 = tl.load(V1 + row * n1 + i1, mask=i1 < n1, other=float("-inf"))
+    runs = _index(tl.topk(_keys(v1, i1), S_PAD))
+    e = runs[:, None] * FAN + tl.arange(0, FAN)[None, :]
+    v0 = tl.load(V0 + row * n0 + e, mask=(runs[:, None] >= 0) & (e < n0), other=float("-inf"))
+    pages = _index(tl.topk(tl.reshape(_keys(v0, e), [S_PAD * FAN]), S_PAD))
+    r = tl.arange(0, S_PAD)
+    tl.store(PAGES + row * S_PAD + r, tl.where(r < n_pages, pages, -1))
+    tl.debug_barrier()  # the page list is read back below by other threads of this program
+    for t0 in range(0, T_PAD, TOK_BLOCK):
+        t = t0 + tl.arange(0, TOK_BLOCK)
+        s, pos = _block_scores(Q, K, K, PAGES + row * S_PAD, row // Hkv, row % Hkv, t, sqb, sqh, skb, skh, skn,
+                               n_pages * P, lo, hi, P, scale, G, G_PAD, D, D_PAD, 1, PRECISION, UPCAST)
+        tl.store(SCR + row * T_PAD + t, _keys(s, pos))
+    tl.debug_barrier()
+    best = _index(tl.topk(tl.load(SCR + row * T_PAD + tl.arange(0, T_PAD)), K_PAD))
+    kk = tl.arange(0, K_PAD)
+    tl.store(OUT + row * k_out + kk, best, mask=kk < k_out)
 
 
-def _topk(rows: int, r_lo: int, r_hi: int, k_out: int, mode: int, q: torch.Tensor, keys: torch.Tensor | None = None,
-          keys2: torch.Tensor | None = None, pages: torch.Tensor | None = None, lo: int = 0, hi: int = 0,
-          page_size: int = 1, x: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
-    """Indices [rows, k_out] of the k_out best entries in [r_lo, r_hi) of each row (see _select)."""
-    K_PAD = _pow2(k_out, 1)
-    assert 0 < k_out and K_PAD <= MAX_K
-    block_n = max(SELECT["block_n"], K_PAD)
-    if splits is None:
-        splits = _splits(r_hi - r_lo, rows, {**SELECT, "block_n": block_n}, q.device) if mode != 3 else 1
-    per_split = triton.cdiv(triton.cdiv(r_hi - r_lo, splits), block_n) * block_n
-    splits = max(1, triton.cdiv(r_hi - r_lo, per_split))
-    final = splits == 1
-    out = torch.empty((rows, k_out) if final else (rows, splits, K_PAD), device=q.device, dtype=torch.int64)
-    keys = q if keys is None else keys
+# Selection settings. FAN pages per pass-1 program bound pass 2's work: it ranks n_pages * FAN
+# page maxima and scores n_pages * page_size tokens in one program, so both are capped.
+SELECT = {"scan_block": 64, "fan": 64, "token_block": 128, "scan_warps": 4, "pick_warps": 8}
+EXACT_PAGE = 32  # exact selection ranks virtual pages of this many positions by their exact max
+_MAX_RUNS, _MAX_RANKED, _MAX_TOKENS = 4096, 4096, 8192
+
+
+def _fits(n0: int, n_pages: int, page_size: int) -> bool:
+    fan = SELECT["fan"]
+    return (0 < n_pages and _pow2(triton.cdiv(n0, fan), 1) <= _MAX_RUNS and _pow2(n_pages, 1) * fan <= _MAX_RANKED
+            and _pow2(n_pages * page_size, 1) <= _MAX_TOKENS)
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, n_pages: int, take: int,
+            kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions [B, Hkv, take]: the best `take` of the tokens of the n_pages best pages, pages
+    ranked by exact max (kmin/kmax None) or by their Quest bound from kmin/kmax."""
     B, Hq, D = q.shape
-    Hkv = rows // B
-    _select[(rows, splits)](
-        q, keys, keys if keys2 is None else keys2, keys if pages is None else pages, out if x is None else x, out,
-        q.stride(0), q.stride(1), *(keys.stride()[:3] if keys.dim() == 4 else (0, 0, 0)),
-        *(pages.stride()[:2] if pages is not None else (0, 0)), 0 if x is None else x.stride(0),
-        r_lo, r_hi, per_split, lo, hi, page_size, 1.0 / math.sqrt(D), Hkv, k_out,
-        G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), BLOCK_N=block_n, K_PAD=K_PAD, MODE=mode,
-        FINAL=final, **_precision(q), num_warps=SELECT["num_warps"],
+    Hkv = k.shape[1]
+    rows, P, fan = B * Hkv, page_size, SELECT["fan"]
+    assert k.stride(-1) == 1 and (kmin is None or (kmin.stride() == kmax.stride() and kmax.stride(-1) == 1))
+    if kmin is None:  # pass 1 over positions [lo, hi), maxima per page of P
+        mode, R, scan_k, scan_k2, n0, scan_n, scan_lo = 0, P, k, k, triton.cdiv(hi, P), hi, lo
+    else:  # pass 1 over the bounds of pages [lo // P, ceil(hi / P))
+        mode, R, scan_k, scan_k2, n0 = 2, 1, kmax, kmin, triton.cdiv(hi, P)
+        scan_n, scan_lo = n0, lo // P
+    n1 = triton.cdiv(n0, fan)
+    v0 = torch.empty(rows, n0, device=q.device, dtype=torch.float32)
+    v1 = torch.empty(rows, n1, device=q.device, dtype=torch.float32)
+    consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
+    _scan[(rows, n1)](
+        q, scan_k, scan_k2, v0, v1, q.stride(0), q.stride(1), *scan_k.stride()[:3], scan_n, scan_lo,
+        1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(SELECT["scan_block"], R), R=R, FAN=fan, MODE=mode, **consts,
+        num_warps=SELECT["scan_warps"],
     )
-    if final:
-        return out
-    return _topk(rows, 0, splits * K_PAD, k_out, 3, q, x=out.view(rows, -1))
+    S_PAD, T_PAD, K_PAD = _pow2(n_pages, 1), _pow2(n_pages * P, 1), _pow2(take, 1)
+    pages = torch.empty(rows, S_PAD, device=q.device, dtype=torch.int64)
+    scratch = torch.empty(rows, T_PAD, device=q.device, dtype=torch.int64)
+    out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
+    _pick[(rows,)](
+        q, k, v0, v1, pages, scratch, out, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, lo, hi, P, n_pages,
+        1.0 / math.sqrt(D), Hkv, take, N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, T_PAD=T_PAD,
+        TOK_BLOCK=min(SELECT["token_block"], T_PAD), K_PAD=K_PAD, **consts, num_warps=SELECT["pick_warps"],
+    )
+    return out
+
+
+def _exact_plan(lo: int, hi: int, k_top: int) -> tuple[int, int]:
+    take = min(k_top, hi - lo)
+    return take, min(take, triton.cdiv(hi, EXACT_PAGE) - lo // EXACT_PAGE)
+
+
+def can_exact_select(lo: int, hi: int, k_top: int) -> bool:
+    take, n_pages = _exact_plan(lo, hi, k_top)
+    return take > 0 and _fits(triton.cdiv(hi, EXACT_PAGE), n_pages, EXACT_PAGE)
 
 
 def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
-    """Exact group-max top-k over positions [lo, hi) of k, fused; see reference.exact_select."""
-    B, Hkv = k.shape[:2]
-    assert k.stride(-1) == 1
-    take = min(k_top, hi - lo)
-    return _topk(B * Hkv, lo, hi, take, 0, q, k).view(B, Hkv, take)
+    """Exact group-max top-k over positions [lo, hi); see reference.exact_select. The top k
+    positions lie in the k pages with the largest maxima, so only those pages are scored twice."""
+    take, n_pages = _exact_plan(lo, hi, k_top)
+    return _select(q, k, lo, hi, EXACT_PAGE, n_pages, take)
+
+
+def can_page_select(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -> bool:
+    p_lo, p_hi, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
+    return k_top > 0 and hi > lo and _fits(p_hi, n_sel, page_size)
 
 
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
-                k_top: int, page_size: int, oversample: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quest-style selection, scope "group", in two fused top-k passes (page bounds, then the
-    chosen pages' tokens); see reference.page_select."""
-    B, Hkv = k.shape[:2]
-    assert k.stride(-1) == 1 and kmin.stride() == kmax.stride() and kmax.stride(-1) == 1
-    p_lo, p_hi, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
-    pages = _topk(B * Hkv, p_lo, p_hi, n_sel, 2, q, kmax, kmin, lo=p_lo).view(B, Hkv, n_sel)
-    take = min(k_top, n_sel * page_size)
-    idx = _topk(B * Hkv, 0, n_sel * page_size, take, 1, q, k, pages=pages, lo=lo, hi=hi, page_size=page_size)
-    return pages, idx.view(B, Hkv, take)
+                k_top: int, page_size: int, oversample: float) -> torch.Tensor:
+    """Quest-style selection, scope "group"; see reference.page_select."""
+    _, _, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
+    return _select(q, k, lo, hi, page_size, n_sel, min(k_top, n_sel * page_size), kmin, kmax)
