@@ -378,7 +378,8 @@ def _select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, 
         1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(SELECT["scan_block"], R), R=R, FAN=fan, MODE=mode, **consts,
         num_warps=SELECT["scan_warps"],
     )
-    S_PAD, T_PAD, K_PAD = _pow2(n_pages, 1), _pow2(n_pages * P, 1), _pow2(take, 1)
+    # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
+    S_PAD, T_PAD, K_PAD = _pow2(n_pages, 2), _pow2(n_pages * P, 2), _pow2(take, 2)
     pages = torch.empty(rows, S_PAD, device=q.device, dtype=torch.int64)
     scratch = torch.empty(rows, T_PAD, device=q.device, dtype=torch.int64)
     out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
