@@ -375,7 +375,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, 
     consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
     _scan[(rows, n1)](
         q, scan_k, scan_k2, v0, v1, q.stride(0), q.stride(1), *scan_k.stride()[:3], scan_n, scan_lo,
-        1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(SELECT["scan_block"], R), R=R, FAN=fan, MODE=mode, **consts,
+        1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan, MODE=mode, **consts,
         num_warps=SELECT["scan_warps"],
     )
     # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
