@@ -237,39 +237,29 @@ def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, pa
 
 
 @triton.jit
-def _block_scores(Q, K, K2, PAGES_ROW, b, h, j, sqb, sqh, skb, skh, skn, n, lo, hi, P, scale,
+def _block_scores(Q, K, K2, b, h, pos, valid, sqb, sqh, skb, skh, skn, scale,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                  MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores of entries j < n of KV head (b, h), max over the group's query heads (-inf where
-    masked), and the position each entry stands for.
-    MODE 0: q·k at position j, -inf before lo; 1: q·k at token j of the pages listed at PAGES_ROW
-    (page j // P, -1 for none), -inf outside positions [lo, hi); 2: page bound q+·K[j] + q-·K2[j]
-    (K = page max, K2 = page min), -inf for pages before lo."""
+                  BOUND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores at rows pos of KV head (b, h), max over the group's query heads, -inf where not
+    valid: q·K[pos], or with BOUND the Quest page bound q+·K[pos] + q-·K2[pos] (K = page max,
+    K2 = page min)."""
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
     gmask = g < G
     dmask = d < D
-    jmask = j < n
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if MODE == 1:
-        page = tl.load(PAGES_ROW + j // P, mask=jmask, other=-1)
-        pos = page * P + j % P
-        jmask = jmask & (page >= 0) & (pos >= lo) & (pos < hi)
-    else:
-        pos = j.to(tl.int64)
-        jmask = jmask & (j >= lo)
-    off = (b * skb + h * skh + pos * skn)[:, None] + d[None, :]
-    lmask = jmask[:, None] & dmask[None, :]
+    off = (b * skb + h * skh + pos.to(tl.int64) * skn)[:, None] + d[None, :]
+    lmask = valid[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=lmask, other=0.0)
-    if MODE == 2:
+    if BOUND:
         kmin = tl.load(K2 + off, mask=lmask, other=0.0)
         qf = q.to(tl.float32)  # split signs in fp32 (exact; also sidesteps the interpreter's bf16)
         s = _dot(tl.maximum(qf, 0.0).to(k.dtype), tl.trans(k), PRECISION, UPCAST)
         s += _dot(tl.minimum(qf, 0.0).to(k.dtype), tl.trans(kmin), PRECISION, UPCAST)
     else:
         s = _dot(q, tl.trans(k), PRECISION, UPCAST)
-    s = tl.where(gmask[:, None] & jmask[None, :], s * scale, float("-inf"))
-    return tl.max(s, 0), pos
+    s = tl.where(gmask[:, None] & valid[None, :], s * scale, float("-inf"))
+    return tl.max(s, 0)
 
 
 LOWEST: tl.constexpr = tl.constexpr(-9223372036854775807 - 1)  # packed key of a masked entry
@@ -290,103 +280,130 @@ def _index(key):
 
 
 @triton.jit
-def _scan(
-    Q, K, K2, V0, V1, sqb, sqh, skb, skh, skn, n, lo, scale, Hkv, n0, n1,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    R: tl.constexpr, FAN: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Selection pass 1, bandwidth-bound, over every entry (MODE 0: positions; 2: page summaries):
-    V0 = the max score of each page (R entries), V1 = the max of each run of FAN pages (one run per
-    program). No top-k here: maxima are all pass 2 needs."""
-    row = tl.program_id(0)
-    run = tl.program_id(1)
-    best = tl.full([BLOCK_N // R], float("-inf"), tl.float32)
-    for j0 in range(run * FAN * R, (run + 1) * FAN * R, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        s, _ = _block_scores(Q, K, K2, Q, row // Hkv, row % Hkv, j, sqb, sqh, skb, skh, skn, n, lo, 0, 1, scale,
-                             G, G_PAD, D, D_PAD, MODE, PRECISION, UPCAST)
-        v = tl.max(tl.reshape(s, [BLOCK_N // R, R]), 1)
-        i = j0 // R + tl.arange(0, BLOCK_N // R)
-        tl.store(V0 + row * n0 + i, v, mask=i < n0)
-        best = tl.maximum(best, v)
-    tl.store(V1 + row * n1 + run, tl.max(best, 0))
+def _token_keys(Q, K, b, h, pages, lo, hi, P, sqb, sqh, skb, skh, skn, scale,
+                G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N_PAGES: tl.constexpr,
+                P_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys (see _keys) of q·k at every token of pages [N_PAGES] (-1: none) that lies in [lo, hi)."""
+    t = tl.arange(0, P_PAD)
+    pos = pages[:, None].to(tl.int64) * P + t[None, :]
+    valid = (pages[:, None] >= 0) & (t[None, :] < P) & (pos >= lo) & (pos < hi)
+    pos = tl.reshape(pos, [N_PAGES * P_PAD])
+    s = _block_scores(Q, K, K, b, h, pos, tl.reshape(valid, [N_PAGES * P_PAD]), sqb, sqh, skb, skh, skn, scale,
+                      G, G_PAD, D, D_PAD, False, PRECISION, UPCAST)
+    return _keys(s, pos)
 
 
 @triton.jit
-def _pick(
-    Q, K, V0, V1, PAGES, SCR, OUT, sqb, sqh, skb, skh, skn, n0, n1, lo, hi, P, n_pages, scale, Hkv, k_out,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
-    FAN: tl.constexpr, S_PAD: tl.constexpr, T_PAD: tl.constexpr, TOK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _select(
+    Q, K, SK, SK2, V0, V1, COUNT, SCR, OUT, sqb, sqh, skb, skh, skn, ssb, ssh, ssn,
+    n, scan_lo, lo, hi, P, n_pages, scale, Hkv, n0, n1, k_out,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, FAN: tl.constexpr, BOUND: tl.constexpr, N1_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Selection pass 2, one program per KV head. The n_pages best pages (by V0) lie in the
-    n_pages best runs (by V1), so only those runs' pages are ranked; then the chosen pages'
-    tokens are scored exactly and the k_out best positions written (-1 where fewer are valid)."""
+    """Top-k selection for one KV head (row), in two phases.
+
+    1. Every program scans one run of FAN pages (bandwidth-bound, no top-k): V0 = each page's max
+       score (exact q·k over R positions [scan_lo, n) of SK, or with BOUND the Quest bound of
+       page summaries SK/SK2, R = 1), V1 = the run's max.
+    2. The last program of the row to finish (a counter) ranks: the n_pages best pages (by V0)
+       lie in the n_pages best runs (by V1), so only those runs' pages are ranked; then the
+       chosen pages' tokens are scored exactly and the k_out best positions written (-1 where
+       fewer are valid).
+    """
     row = tl.program_id(0)
+    run = tl.program_id(1)
+    b = row // Hkv
+    h = row % Hkv
+    best_run = tl.full([BLOCK_N // R], float("-inf"), tl.float32)
+    for j0 in range(run * FAN * R, (run + 1) * FAN * R, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        s = _block_scores(Q, SK, SK2, b, h, j, (j < n) & (j >= scan_lo), sqb, sqh, ssb, ssh, ssn, scale,
+                          G, G_PAD, D, D_PAD, BOUND, PRECISION, UPCAST)
+        v = tl.max(tl.reshape(s, [BLOCK_N // R, R]), 1)
+        i = j0 // R + tl.arange(0, BLOCK_N // R)
+        tl.store(V0 + row * n0 + i, v, mask=i < n0)
+        best_run = tl.maximum(best_run, v)
+    tl.store(V1 + row * n1 + run, tl.max(best_run, 0))
+    # Every thread's stores are issued before the counter moves (barrier), and the acq_rel atomic
+    # makes this row's V0/V1 visible to the program that sees the count reach n1.
+    tl.debug_barrier()
+    if tl.atomic_add(COUNT + row, 1, sem="acq_rel") != n1 - 1:
+        return
+    tl.store(COUNT + row, 0)  # ready for the next call
     i1 = tl.arange(0, N1_PAD)
-    v1 = tl.load(V1 + row * n1 + i1, mask=i1 < n1, other=float("-inf"))
+    v1 = tl.load(V1 + row * n1 + i1, mask=i1 < n1, other=float("-inf"), cache_modifier=".cg")
     runs = _index(tl.topk(_keys(v1, i1), S_PAD))
     e = runs[:, None] * FAN + tl.arange(0, FAN)[None, :]
-    v0 = tl.load(V0 + row * n0 + e, mask=(runs[:, None] >= 0) & (e < n0), other=float("-inf"))
-    pages = _index(tl.topk(tl.reshape(_keys(v0, e), [S_PAD * FAN]), S_PAD))
+    v0 = tl.load(V0 + row * n0 + e, mask=(runs[:, None] >= 0) & (e < n0), other=float("-inf"), cache_modifier=".cg")
     r = tl.arange(0, S_PAD)
-    tl.store(PAGES + row * S_PAD + r, tl.where(r < n_pages, pages, -1))
-    tl.debug_barrier()  # the page list is read back below by other threads of this program
-    for t0 in range(0, T_PAD, TOK_BLOCK):
-        t = t0 + tl.arange(0, TOK_BLOCK)
-        s, pos = _block_scores(Q, K, K, PAGES + row * S_PAD, row // Hkv, row % Hkv, t, sqb, sqh, skb, skh, skn,
-                               n_pages * P, lo, hi, P, scale, G, G_PAD, D, D_PAD, 1, PRECISION, UPCAST)
-        tl.store(SCR + row * T_PAD + t, _keys(s, pos))
-    tl.debug_barrier()
-    best = _index(tl.topk(tl.load(SCR + row * T_PAD + tl.arange(0, T_PAD)), K_PAD))
+    pages = tl.where(r < n_pages, _index(tl.topk(tl.reshape(_keys(v0, e), [S_PAD * FAN]), S_PAD)), -1)
+    if S_PAD <= CHUNK:  # every chosen token fits one tile
+        best = tl.topk(_token_keys(Q, K, b, h, pages, lo, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
+                                   S_PAD, P_PAD, PRECISION, UPCAST), K_PAD)
+    else:  # CHUNK pages at a time through a scratch row
+        for c0 in range(0, S_PAD, CHUNK):
+            sel = (c0 + tl.arange(0, CHUNK))[:, None] == r[None, :]
+            chunk = tl.max(tl.where(sel, pages[None, :], -1), 1)  # pages c0 .. c0 + CHUNK - 1
+            keys = _token_keys(Q, K, b, h, chunk, lo, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
+                               CHUNK, P_PAD, PRECISION, UPCAST)
+            tl.store(SCR + row * S_PAD * P_PAD + c0 * P_PAD + tl.arange(0, CHUNK * P_PAD), keys)
+        tl.debug_barrier()
+        best = tl.topk(tl.load(SCR + row * S_PAD * P_PAD + tl.arange(0, S_PAD * P_PAD)), K_PAD)
     kk = tl.arange(0, K_PAD)
-    tl.store(OUT + row * k_out + kk, best, mask=kk < k_out)
+    tl.store(OUT + row * k_out + kk, _index(best), mask=kk < k_out)
 
 
-# Selection settings. FAN pages per pass-1 program bound pass 2's work: it ranks n_pages * FAN
-# page maxima and scores n_pages * page_size tokens in one program, so both are capped.
-SELECT = {"scan_block": 64, "fan": 64, "token_block": 128, "scan_warps": 4, "pick_warps": 8}
+# Selection settings (bench/tune_select.py). FAN pages per phase-1 program bound phase 2's work: it
+# ranks n_pages * FAN page maxima and scores n_pages * page_size tokens in one program, so both
+# are capped; tokens are scored token_block at a time.
+SELECT = {"scan_block": 128, "fan": 64, "token_block": 512, "num_warps": 8}
 EXACT_PAGE = 32  # exact selection ranks virtual pages of this many positions by their exact max
 _MAX_RUNS, _MAX_RANKED, _MAX_TOKENS = 4096, 4096, 8192
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _fits(n0: int, n_pages: int, page_size: int) -> bool:
     fan = SELECT["fan"]
-    return (0 < n_pages and _pow2(triton.cdiv(n0, fan), 1) <= _MAX_RUNS and _pow2(n_pages, 1) * fan <= _MAX_RANKED
-            and _pow2(n_pages * page_size, 1) <= _MAX_TOKENS)
+    return (0 < n_pages and _pow2(triton.cdiv(n0, fan), 1) <= _MAX_RUNS and _pow2(n_pages, 2) * fan <= _MAX_RANKED
+            and _pow2(n_pages, 2) * _pow2(page_size, 1) <= _MAX_TOKENS)
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, n_pages: int, take: int,
-            kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> torch.Tensor:
+def _counters(device: torch.device, rows: int) -> torch.Tensor:
+    """Zeroed per-row counters that the kernel leaves zeroed again (kept, so a captured CUDA
+    graph keeps using the same ones)."""
+    if device not in _COUNTERS or _COUNTERS[device].numel() < rows:
+        _COUNTERS[device] = torch.zeros(max(rows, 1024), device=device, dtype=torch.int32)
+    return _COUNTERS[device]
+
+
+def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, n_pages: int, take: int,
+                 kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> torch.Tensor:
     """Positions [B, Hkv, take]: the best `take` of the tokens of the n_pages best pages, pages
     ranked by exact max (kmin/kmax None) or by their Quest bound from kmin/kmax."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     rows, P, fan = B * Hkv, page_size, SELECT["fan"]
     assert k.stride(-1) == 1 and (kmin is None or (kmin.stride() == kmax.stride() and kmax.stride(-1) == 1))
-    if kmin is None:  # pass 1 over positions [lo, hi), maxima per page of P
-        mode, R, scan_k, scan_k2, n0, scan_n, scan_lo = 0, P, k, k, triton.cdiv(hi, P), hi, lo
-    else:  # pass 1 over the bounds of pages [lo // P, ceil(hi / P))
-        mode, R, scan_k, scan_k2, n0 = 2, 1, kmax, kmin, triton.cdiv(hi, P)
+    if kmin is None:  # phase 1 over positions [lo, hi), maxima per page of P
+        R, scan_k, scan_k2, n0, scan_n, scan_lo = P, k, k, triton.cdiv(hi, P), hi, lo
+    else:  # phase 1 over the bounds of pages [lo // P, ceil(hi / P))
+        R, scan_k, scan_k2, n0 = 1, kmax, kmin, triton.cdiv(hi, P)
         scan_n, scan_lo = n0, lo // P
     n1 = triton.cdiv(n0, fan)
+    # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
+    S_PAD, P_PAD, K_PAD = _pow2(n_pages, 2), _pow2(P, 1), _pow2(take, 2)
     v0 = torch.empty(rows, n0, device=q.device, dtype=torch.float32)
     v1 = torch.empty(rows, n1, device=q.device, dtype=torch.float32)
-    consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
-    _scan[(rows, n1)](
-        q, scan_k, scan_k2, v0, v1, q.stride(0), q.stride(1), *scan_k.stride()[:3], scan_n, scan_lo,
-        1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan, MODE=mode, **consts,
-        num_warps=SELECT["scan_warps"],
-    )
-    # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
-    S_PAD, T_PAD, K_PAD = _pow2(n_pages, 2), _pow2(n_pages * P, 2), _pow2(take, 2)
-    pages = torch.empty(rows, S_PAD, device=q.device, dtype=torch.int64)
-    scratch = torch.empty(rows, T_PAD, device=q.device, dtype=torch.int64)
+    chunk = max(1, SELECT["token_block"] // P_PAD)
+    scratch = torch.empty(rows, S_PAD * P_PAD if S_PAD > chunk else 1, device=q.device, dtype=torch.int64)
     out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
-    _pick[(rows,)](
-        q, k, v0, v1, pages, scratch, out, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, lo, hi, P, n_pages,
-        1.0 / math.sqrt(D), Hkv, take, N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, T_PAD=T_PAD,
-        TOK_BLOCK=min(SELECT["token_block"], T_PAD), K_PAD=K_PAD, **consts, num_warps=SELECT["pick_warps"],
+    _select[(rows, n1)](
+        q, k, scan_k, scan_k2, v0, v1, _counters(q.device, rows), scratch, out, q.stride(0), q.stride(1),
+        *k.stride()[:3], *scan_k.stride()[:3], scan_n, scan_lo, lo, hi, P, n_pages, 1.0 / math.sqrt(D), Hkv, n0, n1,
+        take, G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)),
+        R=R, FAN=fan, BOUND=kmin is not None, N1_PAD=max(_pow2(n1, 1), S_PAD), S_PAD=S_PAD, P_PAD=P_PAD,
+        CHUNK=min(chunk, S_PAD), K_PAD=K_PAD, **_precision(q), num_warps=SELECT["num_warps"],
     )
     return out
 
@@ -405,7 +422,7 @@ def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int)
     """Exact group-max top-k over positions [lo, hi); see reference.exact_select. The top k
     positions lie in the k pages with the largest maxima, so only those pages are scored twice."""
     take, n_pages = _exact_plan(lo, hi, k_top)
-    return _select(q, k, lo, hi, EXACT_PAGE, n_pages, take)
+    return _select_topk(q, k, lo, hi, EXACT_PAGE, n_pages, take)
 
 
 def can_page_select(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -> bool:
@@ -417,4 +434,4 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
                 k_top: int, page_size: int, oversample: float) -> torch.Tensor:
     """Quest-style selection, scope "group"; see reference.page_select."""
     _, _, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
-    return _select(q, k, lo, hi, page_size, n_sel, min(k_top, n_sel * page_size), kmin, kmax)
+    return _select_topk(q, k, lo, hi, page_size, n_sel, min(k_top, n_sel * page_size), kmin, kmax)
