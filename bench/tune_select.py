@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.attention import SHAPES, graphed, make_cache  # noqa: E402
 from minirt.kernels import triton_attention as tri  # noqa: E402
 
-GRID = {"fan": [32, 64], "token_block": [256, 512], "num_warps": [4, 8], "scan_block": [64, 128],
-        "sparse_min_blocks": [1, 2]}
+GRID = {"fan": [32, 64], "token_block": [256, 512], "pick_warps": [4, 8], "scan_warps": [4, 8],
+        "scan_block": [64, 128], "sparse_min_blocks": [1]}
 
 
 def main() -> None:

@@ -294,48 +294,46 @@ def _token_keys(Q, K, b, h, pages, lo, hi, P, sqb, sqh, skb, skh, skn, scale,
 
 
 @triton.jit
-def _select(
-    Q, K, SK, SK2, V0, V1, COUNT, SCR, OUT, sqb, sqh, skb, skh, skn, ssb, ssh, ssn,
-    n, scan_lo, lo, hi, P, n_pages, scale, Hkv, n0, n1, k_out,
+def _scan(
+    Q, K, K2, V0, V1, sqb, sqh, skb, skh, skn, n, lo, scale, Hkv, n0, n1,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    R: tl.constexpr, FAN: tl.constexpr, BOUND: tl.constexpr, N1_PAD: tl.constexpr, S_PAD: tl.constexpr,
-    P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    R: tl.constexpr, FAN: tl.constexpr, BOUND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Top-k selection for one KV head (row), in two phases.
-
-    1. Every program scans one run of FAN pages (bandwidth-bound, no top-k): V0 = each page's max
-       score (exact q·k over R positions [scan_lo, n) of SK, or with BOUND the Quest bound of
-       page summaries SK/SK2, R = 1), V1 = the run's max.
-    2. The last program of the row to finish (a counter) ranks: the n_pages best pages (by V0)
-       lie in the n_pages best runs (by V1), so only those runs' pages are ranked; then the
-       chosen pages' tokens are scored exactly and the k_out best positions written (-1 where
-       fewer are valid).
-    """
+    """Selection pass 1, bandwidth-bound, no top-k: each program scans one run of FAN pages of one
+    KV head (row) and writes V0 = each page's max score (exact q·k over R positions [lo, n) of K,
+    or with BOUND the Quest bound of page summaries K/K2, R = 1) and V1 = the run's max."""
     row = tl.program_id(0)
     run = tl.program_id(1)
-    b = row // Hkv
-    h = row % Hkv
-    best_run = tl.full([BLOCK_N // R], float("-inf"), tl.float32)
+    best = tl.full([BLOCK_N // R], float("-inf"), tl.float32)
     for j0 in range(run * FAN * R, (run + 1) * FAN * R, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        s = _block_scores(Q, SK, SK2, b, h, j, (j < n) & (j >= scan_lo), sqb, sqh, ssb, ssh, ssn, scale,
+        s = _block_scores(Q, K, K2, row // Hkv, row % Hkv, j, (j < n) & (j >= lo), sqb, sqh, skb, skh, skn, scale,
                           G, G_PAD, D, D_PAD, BOUND, PRECISION, UPCAST)
         v = tl.max(tl.reshape(s, [BLOCK_N // R, R]), 1)
         i = j0 // R + tl.arange(0, BLOCK_N // R)
         tl.store(V0 + row * n0 + i, v, mask=i < n0)
-        best_run = tl.maximum(best_run, v)
-    tl.store(V1 + row * n1 + run, tl.max(best_run, 0))
-    # Every thread's stores are issued before the counter moves (barrier), and the acq_rel atomic
-    # makes this row's V0/V1 visible to the program that sees the count reach n1.
-    tl.debug_barrier()
-    if tl.atomic_add(COUNT + row, 1, sem="acq_rel") != n1 - 1:
-        return
-    tl.store(COUNT + row, 0)  # ready for the next call
+        best = tl.maximum(best, v)
+    tl.store(V1 + row * n1 + run, tl.max(best, 0))
+
+
+@triton.jit
+def _pick(
+    Q, K, V0, V1, SCR, OUT, sqb, sqh, skb, skh, skn, n0, n1, lo, hi, P, n_pages, scale, Hkv, k_out,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
+    FAN: tl.constexpr, S_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Selection pass 2, one program per KV head. The n_pages best pages (by V0) lie in the
+    n_pages best runs (by V1), so only those runs' pages are ranked; then the chosen pages'
+    tokens are scored exactly and the k_out best positions written (-1 where fewer are valid)."""
+    row = tl.program_id(0)
+    b = row // Hkv
+    h = row % Hkv
     i1 = tl.arange(0, N1_PAD)
-    v1 = tl.load(V1 + row * n1 + i1, mask=i1 < n1, other=float("-inf"), cache_modifier=".cg")
+    v1 = tl.load(V1 + row * n1 + i1, mask=i1 < n1, other=float("-inf"))
     runs = _index(tl.topk(_keys(v1, i1), S_PAD))
     e = runs[:, None] * FAN + tl.arange(0, FAN)[None, :]
-    v0 = tl.load(V0 + row * n0 + e, mask=(runs[:, None] >= 0) & (e < n0), other=float("-inf"), cache_modifier=".cg")
+    v0 = tl.load(V0 + row * n0 + e, mask=(runs[:, None] >= 0) & (e < n0), other=float("-inf"))
     r = tl.arange(0, S_PAD)
     pages = tl.where(r < n_pages, _index(tl.topk(tl.reshape(_keys(v0, e), [S_PAD * FAN]), S_PAD)), -1)
     if S_PAD <= CHUNK:  # every chosen token fits one tile
@@ -348,33 +346,24 @@ def _select(
             keys = _token_keys(Q, K, b, h, chunk, lo, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
                                CHUNK, P_PAD, PRECISION, UPCAST)
             tl.store(SCR + row * S_PAD * P_PAD + c0 * P_PAD + tl.arange(0, CHUNK * P_PAD), keys)
-        tl.debug_barrier()
+        tl.debug_barrier()  # the scratch row is read back by other threads of this program
         best = tl.topk(tl.load(SCR + row * S_PAD * P_PAD + tl.arange(0, S_PAD * P_PAD)), K_PAD)
     kk = tl.arange(0, K_PAD)
     tl.store(OUT + row * k_out + kk, _index(best), mask=kk < k_out)
 
 
-# Selection settings (bench/tune_select.py). FAN pages per phase-1 program bound phase 2's work: it
+# Selection settings (bench/tune_select.py). FAN pages per pass-1 program bound pass 2's work: it
 # ranks n_pages * FAN page maxima and scores n_pages * page_size tokens in one program, so both
-# are capped; tokens are scored token_block at a time.
-SELECT = {"scan_block": 128, "fan": 64, "token_block": 512, "num_warps": 8}
+# are capped; tokens are scored token_block at a time (as many bytes of keys for other sizes).
+SELECT = {"scan_block": 128, "fan": 64, "token_block": 512, "scan_warps": 4, "pick_warps": 8}
 EXACT_PAGE = 32  # exact selection ranks virtual pages of this many positions by their exact max
 _MAX_RUNS, _MAX_RANKED, _MAX_TOKENS = 4096, 4096, 8192
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _fits(n0: int, n_pages: int, page_size: int) -> bool:
     fan = SELECT["fan"]
     return (0 < n_pages and _pow2(triton.cdiv(n0, fan), 1) <= _MAX_RUNS and _pow2(n_pages, 2) * fan <= _MAX_RANKED
             and _pow2(n_pages, 2) * _pow2(page_size, 1) <= _MAX_TOKENS)
-
-
-def _counters(device: torch.device, rows: int) -> torch.Tensor:
-    """Zeroed per-row counters that the kernel leaves zeroed again (kept, so a captured CUDA
-    graph keeps using the same ones)."""
-    if device not in _COUNTERS or _COUNTERS[device].numel() < rows:
-        _COUNTERS[device] = torch.zeros(max(rows, 1024), device=device, dtype=torch.int32)
-    return _COUNTERS[device]
 
 
 def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, n_pages: int, take: int,
@@ -385,25 +374,30 @@ def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: 
     Hkv = k.shape[1]
     rows, P, fan = B * Hkv, page_size, SELECT["fan"]
     assert k.stride(-1) == 1 and (kmin is None or (kmin.stride() == kmax.stride() and kmax.stride(-1) == 1))
-    if kmin is None:  # phase 1 over positions [lo, hi), maxima per page of P
+    if kmin is None:  # pass 1 over positions [lo, hi), maxima per page of P
         R, scan_k, scan_k2, n0, scan_n, scan_lo = P, k, k, triton.cdiv(hi, P), hi, lo
-    else:  # phase 1 over the bounds of pages [lo // P, ceil(hi / P))
+    else:  # pass 1 over the bounds of pages [lo // P, ceil(hi / P))
         R, scan_k, scan_k2, n0 = 1, kmax, kmin, triton.cdiv(hi, P)
         scan_n, scan_lo = n0, lo // P
     n1 = triton.cdiv(n0, fan)
-    # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
-    S_PAD, P_PAD, K_PAD = _pow2(n_pages, 2), _pow2(P, 1), _pow2(take, 2)
+    consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
     v0 = torch.empty(rows, n0, device=q.device, dtype=torch.float32)
     v1 = torch.empty(rows, n1, device=q.device, dtype=torch.float32)
-    chunk = max(1, SELECT["token_block"] // P_PAD)
+    _scan[(rows, n1)](
+        q, scan_k, scan_k2, v0, v1, q.stride(0), q.stride(1), *scan_k.stride()[:3], scan_n, scan_lo,
+        1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan,
+        BOUND=kmin is not None, **consts, num_warps=SELECT["scan_warps"],
+    )
+    # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
+    S_PAD, P_PAD, K_PAD = _pow2(n_pages, 2), _pow2(P, 1), _pow2(take, 2)
+    tokens = SELECT["token_block"] * 128 // (_pow2(D) * k.element_size())  # token_block is for 64 fp16 dims
+    chunk = min(S_PAD, max(1, tokens // P_PAD))
     scratch = torch.empty(rows, S_PAD * P_PAD if S_PAD > chunk else 1, device=q.device, dtype=torch.int64)
     out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
-    _select[(rows, n1)](
-        q, k, scan_k, scan_k2, v0, v1, _counters(q.device, rows), scratch, out, q.stride(0), q.stride(1),
-        *k.stride()[:3], *scan_k.stride()[:3], scan_n, scan_lo, lo, hi, P, n_pages, 1.0 / math.sqrt(D), Hkv, n0, n1,
-        take, G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)),
-        R=R, FAN=fan, BOUND=kmin is not None, N1_PAD=max(_pow2(n1, 1), S_PAD), S_PAD=S_PAD, P_PAD=P_PAD,
-        CHUNK=min(chunk, S_PAD), K_PAD=K_PAD, **_precision(q), num_warps=SELECT["num_warps"],
+    _pick[(rows,)](
+        q, k, v0, v1, scratch, out, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, lo, hi, P, n_pages,
+        1.0 / math.sqrt(D), Hkv, take, N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, P_PAD=P_PAD,
+        CHUNK=chunk, K_PAD=K_PAD, **consts, num_warps=SELECT["pick_warps"],
     )
     return out
 
