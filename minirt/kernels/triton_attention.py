@@ -355,7 +355,7 @@ def _pick(
 # Selection settings (bench/tune_select.py). FAN pages per pass-1 program bound pass 2's work: it
 # ranks n_pages * FAN page maxima and scores n_pages * page_size tokens in one program, so both
 # are capped; tokens are scored token_block at a time (as many bytes of keys for other sizes).
-SELECT = {"scan_block": 128, "fan": 64, "token_block": 512, "scan_warps": 4, "pick_warps": 8}
+SELECT = {"scan_block": 128, "fan": 64, "token_block": 256, "scan_warps": 4, "pick_warps": 8}
 EXACT_PAGE = 32  # exact selection ranks virtual pages of this many positions by their exact max
 _MAX_RUNS, _MAX_RANKED, _MAX_TOKENS = 4096, 4096, 8192
 
