@@ -126,14 +126,15 @@ def test_exact_select(Hkv, G, D, n, lo, hi, k_top, dtype):
         assert torch.allclose(picked, best, atol=TOL[dtype] * 4)
 
 
-@pytest.mark.parametrize("n, P, lo, hi, k_top, oversample", [
-    (300, 16, 4, 250, 12, 2.0),  # one run of pages
-    (9000, 4, 4, 8900, 16, 16.0),  # 35 runs of 64 pages: pass 2 ranks only the best runs
-    (40, 16, 4, 20, 30, 2.0),  # fewer tokens in [lo, hi) than k: the rest are -1
+@pytest.mark.parametrize("n, P, lo, hi, k_top, oversample, G, D", [
+    (300, 16, 4, 250, 12, 2.0, 4, 64),  # one run of pages
+    (9000, 4, 4, 8900, 16, 16.0, 7, 80),  # 35 runs of 64 pages: pass 2 ranks only the best runs
+    (40, 16, 4, 20, 30, 2.0, 1, 128),  # fewer tokens in [lo, hi) than k: the rest are -1
+    (3000, 24, 100, 2900, 40, 8.0, 8, 64),  # a page size that is not a power of two; tokens in chunks
 ])
-def test_page_select(n, P, lo, hi, k_top, oversample):
+def test_page_select(n, P, lo, hi, k_top, oversample, G, D):
     g = torch.Generator().manual_seed(n + P)
-    B, Hkv, G, D = 1, 2, 4, 64
+    B, Hkv = 1, 2
     q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
     k = torch.randn(B, Hkv, n, D, generator=g).to(DEVICE)
     kmin, kmax = (torch.empty(B, Hkv, -(-n // P), D, device=DEVICE) for _ in range(2))
