@@ -147,6 +147,23 @@ def test_page_select(n, P, lo, hi, k_top, oversample, G, D):
     assert ((got == -1) | ((got >= lo) & (got < hi))).all()  # never a position outside [lo, hi)
 
 
+def test_selection_past_kernel_limits_uses_the_reference(monkeypatch):
+    """A top-k larger than the ranking program holds goes to the reference, with its result."""
+    from minirt import kernels
+
+    monkeypatch.setenv("MINIRT_KERNELS", "triton")
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 64, generator=g).to(DEVICE)
+    k = torch.randn(1, 2, 5000, 64, generator=g).to(DEVICE)
+    kmin, kmax = (torch.empty(1, 2, 5000 // 8, 64, device=DEVICE) for _ in range(2))
+    ref.update_pages(k, kmin, kmax, 0, 5000, 8)
+    assert tri.can_exact_select(4, 4900, 64) and not tri.can_exact_select(4, 4900, 100)
+    assert torch.equal(kernels.exact_select(q, k, 4, 4900, 100), ref.exact_select(q, k, 4, 4900, 100))
+    page_args = (q, k, kmin, kmax, 4, 4900, 100, 8, 16.0)
+    assert not tri.can_page_select(*page_args[4:])
+    assert torch.equal(kernels.page_select(*page_args, "group"), ref.page_select(*page_args, "group"))
+
+
 @pytest.mark.parametrize("with_pages", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_append_kv(with_pages, dtype):

@@ -6,9 +6,9 @@ online softmax, and writes a partial output plus its log-sum-exp; a second kerne
 The sparse variant runs the same loop over a virtual sequence: W ring-buffer slots followed by K
 gathered history positions (anchor + top-k), loaded in place with no gathered copy of K/V.
 
-Selection fuses scoring with top-k: the group-max of q·k per position (exact selection), or the
-Quest page bound q+·kmax + q-·kmin over page summaries and then q·k over the chosen pages' tokens
-(page selection); each program keeps a running top-k, and one more launch merges programs.
+Selection is two launches and no full sort: a bandwidth-bound scan writes per-page maxima (of the
+group-max q·k for exact selection, of the Quest bound q+·kmax + q-·kmin for page selection) and
+per-run maxima; then one program per KV head ranks runs, pages, and the chosen pages' tokens.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _precision(t: torch.Tensor) -> dict:
 
 # Launch settings of the decode kernels; bench/tune_decode.py measures the alternatives.
 DECODE = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "min_blocks": 4}
-# A sparse step gathers a few hundred keys through dependent loads (index, page, key): latency,
+# A sparse step gathers a few hundred keys through dependent loads (index, then key): latency,
 # not bandwidth, so every block of 32 gets its own program.
 SPARSE = {**DECODE, "block_n": 32, "min_blocks": 1}
 
@@ -374,11 +374,11 @@ def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: 
     Hkv = k.shape[1]
     rows, P, fan = B * Hkv, page_size, SELECT["fan"]
     assert k.stride(-1) == 1 and (kmin is None or (kmin.stride() == kmax.stride() and kmax.stride(-1) == 1))
+    n0 = triton.cdiv(hi, P)  # pages up to the last one overlapping [lo, hi)
     if kmin is None:  # pass 1 over positions [lo, hi), maxima per page of P
-        R, scan_k, scan_k2, n0, scan_n, scan_lo = P, k, k, triton.cdiv(hi, P), hi, lo
-    else:  # pass 1 over the bounds of pages [lo // P, ceil(hi / P))
-        R, scan_k, scan_k2, n0 = 1, kmax, kmin, triton.cdiv(hi, P)
-        scan_n, scan_lo = n0, lo // P
+        R, scan_k, scan_k2, scan_n, scan_lo = P, k, k, hi, lo
+    else:  # pass 1 over the bounds of pages [lo // P, n0)
+        R, scan_k, scan_k2, scan_n, scan_lo = 1, kmax, kmin, n0, lo // P
     n1 = triton.cdiv(n0, fan)
     consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
     v0 = torch.empty(rows, n0, device=q.device, dtype=torch.float32)
@@ -402,25 +402,22 @@ def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: 
     return out
 
 
-def _exact_plan(lo: int, hi: int, k_top: int) -> tuple[int, int]:
-    take = min(k_top, hi - lo)
-    return take, min(take, triton.cdiv(hi, EXACT_PAGE) - lo // EXACT_PAGE)
-
-
 def can_exact_select(lo: int, hi: int, k_top: int) -> bool:
-    take, n_pages = _exact_plan(lo, hi, k_top)
-    return take > 0 and _fits(triton.cdiv(hi, EXACT_PAGE), n_pages, EXACT_PAGE)
+    take = min(k_top, hi - lo)
+    return take > 0 and can_page_select(lo, hi, take, EXACT_PAGE, EXACT_PAGE)
 
 
 def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
     """Exact group-max top-k over positions [lo, hi); see reference.exact_select. The top k
-    positions lie in the k pages with the largest maxima, so only those pages are scored twice."""
-    take, n_pages = _exact_plan(lo, hi, k_top)
+    positions lie in the k pages with the largest maxima, so only those pages (k of them:
+    oversampling by the page size) are scored twice."""
+    take = min(k_top, hi - lo)
+    _, _, n_pages = reference.page_plan(lo, hi, take, EXACT_PAGE, EXACT_PAGE)
     return _select_topk(q, k, lo, hi, EXACT_PAGE, n_pages, take)
 
 
 def can_page_select(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -> bool:
-    p_lo, p_hi, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
+    _, p_hi, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
     return k_top > 0 and hi > lo and _fits(p_hi, n_sel, page_size)
 
 
