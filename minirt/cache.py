@@ -130,12 +130,10 @@ class CondensateCache(DenseCache):
     def _pages(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (None, None) if self.kmin is None else (self.kmin[layer], self.kmax[layer])
 
-    def _layer(self, layer: int) -> kernels.LayerKV:
-        return kernels.LayerKV(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer))
-
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
         start, end = self._reserve(k.shape[2])
-        kernels.append_kv(*self._layer(layer), k, v, start, self.policy.page_size)
+        kernels.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
+                          k, v, start, self.policy.page_size)
         return start, end
 
     def truncate(self, n: int) -> None:
@@ -159,26 +157,34 @@ class CondensateCache(DenseCache):
         return float(hits.float().mean())
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _, end = self._store(layer, k, v)
         if q.shape[2] > 1 or layer in self.policy.dense_layers:
-            _, end = self._store(layer, k, v)
             self.dropped[layer] = 0.0
             return self._full(layer, q, end)  # prefill and dense layers: full attention
-        start, _ = self._reserve(1)
-        return self._sparse(layer, q[:, :, 0], k, v, start)[:, :, None]
+        return self._sparse(layer, q[:, :, 0], end)[:, :, None]
 
-    def _sparse(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+    def _sparse(self, layer: int, q: torch.Tensor, n: int) -> torch.Tensor:
         p = self.policy
         B, Hq, D = q.shape
-        n, k_top = pos + 1, p.budget(pos + 1)
-        out, lse, idx = kernels.sparse_decode(q, k, v, self._layer(layer), pos, p.anchor, k_top, p.page_size,
-                                              p.page_oversample, p.scope)
+        kh, vh = self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        anchor = min(p.anchor, n)
+        lo, hi = anchor, max(anchor, n - p.window)  # top-k candidates: neither anchor nor window
+        scores = kernels.group_scores(q, kh) if self.certify else None  # per head, for the certificate
+        k_top = p.budget(n)
+        if p.selection == "pages":
+            idx = kernels.page_select(q, self.k[layer], *self._pages(layer), lo, hi, k_top,
+                                      p.page_size, p.page_oversample, p.scope)
+        elif p.scope == "head":
+            idx = kernels.topk_positions(scores if scores is not None else kernels.group_scores(q, kh), lo, hi, k_top)
+        elif scores is not None:  # the certificate already scored every key: no second pass over them
+            idx = kernels.topk_positions(scores.amax(dim=2), lo, hi, k_top)
+        else:
+            idx = kernels.exact_select(q, kh, lo, hi, k_top)
+        out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], kh, vh, idx, n, p.anchor)
         if not self.certify:
             return out
-        kh, vh = self.k[layer, :, :, :n], self.v[layer, :, :, :n]
-        scores = kernels.group_scores(q, kh)  # [B, Hkv, G, n]: every logit, for the certificate
         if p.selection == "pages" and p.scope == "group":
-            lo = min(p.anchor, n)
-            self.recall[layer] = self._recall(scores, idx, lo, max(lo, n - p.window), k_top)
+            self.recall[layer] = self._recall(scores, idx, lo, hi, k_top)
         lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
         dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
         self.dropped[layer] = dropped.cpu()

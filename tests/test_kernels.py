@@ -98,109 +98,70 @@ def valid_sorted(pos: torch.Tensor, lo: int, hi: int) -> list[list[int]]:
     return [sorted(int(p) for p in r if lo <= p < hi) for r in rows]
 
 
-def decode_state(B, Hkv, G, D, pos, W, P, dtype, g):
-    """A condensate layer holding positions [0, pos) and the step's new query, key and value.
-    Capacity past pos, and page summaries of pages not yet started, are NaN-poisoned."""
-    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
-    k_new, v_new = torch.randn(2, B, 1, Hkv, D, generator=g).to(dtype).to(DEVICE).transpose(2, 3)  # model's strides
-    k, v = (torch.randn(B, Hkv, pos + 9, D, generator=g).to(dtype).to(DEVICE) for _ in range(2))
-    k[:, :, pos:], v[:, :, pos:] = float("nan"), float("nan")
-    ring_k, ring_v = (torch.full((B, Hkv, W, D), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
-    first = max(0, pos - W)
-    ref.fill_ring(ring_k, ring_v, k[:, :, first:pos], v[:, :, first:pos], first)
-    kmin, kmax = (torch.full((B, Hkv, -(-(pos + 9) // P), D), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
-    ref.update_pages(k, kmin, kmax, 0, pos, P)
-    return q, k_new, v_new, ref.LayerKV(k, v, ring_k, ring_v, kmin, kmax)
-
-
-def check_step(monkeypatch, q, k_new, v_new, kv, pos, anchor, k_top, P, oversample, exact_scores=False):
-    """The two-launch Triton step against the reference ops (float64) on copies of the same
-    cache: identical stores after the append; the reference's selection (the same positions, or
-    with exact_scores the same scores to rounding, as half precision may swap near-ties); and
-    the reference's attention over the positions the kernel chose."""
-    from minirt import kernels
-
-    dtype = q.dtype
-    kv_ref = ref.LayerKV(*(None if t is None else t.double() for t in kv))
-    monkeypatch.setenv("MINIRT_KERNELS", "reference")
-    _, _, want_idx = kernels.sparse_decode(q.double(), k_new.double(), v_new.double(), kv_ref, pos, anchor, k_top, P,
-                                           oversample, "group")
-    out = torch.full_like(q, float("nan"))
-    got, lse, idx = tri.sparse_decode(q, k_new, v_new, kv, pos, anchor, k_top, P, oversample, out=out)
-    assert got.data_ptr() == out.data_ptr() and idx.shape == want_idx.shape
-    for have, want in zip(kv, kv_ref):
-        if have is not None:
-            torch.testing.assert_close(have.double(), want, rtol=0, atol=0, equal_nan=True)
-    n, W = pos + 1, kv.ring_k.shape[2]
-    lo = min(anchor, n)
-    hi = max(lo, n - W)
-    chosen = valid_sorted(idx, lo, hi)
-    assert all(len(set(r)) == len(r) for r in chosen)
-    assert ((idx == -1) | ((idx >= lo) & (idx < hi))).all()  # never a position outside [lo, hi)
-    if exact_scores:
-        scores = ref.group_max_scores(q.double(), kv_ref.k[:, :, :hi])
-        picked, best = (scores.gather(-1, i.clamp(min=0)).sort(-1).values for i in (idx, want_idx))
-        assert all(len(r) == idx.shape[-1] for r in chosen)
-        assert torch.allclose(picked, best, atol=TOL[dtype] * 4)
-    else:
-        assert chosen == valid_sorted(want_idx, lo, hi)
-    want, want_lse = ref.sparse_attention(q.double(), kv_ref.ring_k, kv_ref.ring_v, kv_ref.k[:, :, :n],
-                                          kv_ref.v[:, :, :n], idx, n, anchor)
-    assert rel_err(got, want) <= TOL[dtype] and rel_err(lse, want_lse) <= TOL[dtype]
-
-
-# (kv heads, G, D, new position, anchor, window, k, dtype): one run of pages and many (10 runs of
-# 64 pages of 32 for k = 5: pass 2 ranks only the best 8 runs), k not a power of two, k = 1, k =
-# the whole range, GQA 1/2/4/7/8, head dims 64/80/128.
-EXACT_CASES = [
-    (2, 4, 64, 299, 4, 50, 12, torch.float32), (1, 8, 128, 2599, 4, 100, 32, torch.float32),
-    (3, 1, 80, 19999, 10, 100, 5, torch.float16), (2, 7, 64, 899, 0, 1, 100, torch.bfloat16),
-    (1, 4, 64, 39, 4, 16, 20, torch.float32), (2, 2, 64, 99, 4, 10, 1, torch.float32),
+# (kv heads, G, D, n, lo, hi, k, dtype): one run of pages and many (10 runs of 64 pages of 32 for
+# k = 5: pass 2 ranks only the best 8 runs), k not a power of two, k = 1, k = the whole range.
+SELECT_CASES = [
+    (2, 4, 64, 300, 4, 250, 12, torch.float32), (1, 8, 128, 2600, 4, 2500, 32, torch.float32),
+    (3, 1, 80, 20000, 10, 19900, 5, torch.float16), (2, 7, 64, 900, 0, 900, 100, torch.bfloat16),
+    (1, 4, 64, 40, 4, 24, 20, torch.float32), (2, 2, 64, 100, 4, 90, 1, torch.float32),
 ]
 
 
-@pytest.mark.parametrize("Hkv, G, D, pos, anchor, W, k_top, dtype", EXACT_CASES)
-def test_sparse_decode_exact(monkeypatch, Hkv, G, D, pos, anchor, W, k_top, dtype):
-    g = torch.Generator().manual_seed(pos + k_top)
-    q, k_new, v_new, kv = decode_state(1, Hkv, G, D, pos, W, 32, dtype, g)
-    kv = kv._replace(kmin=None, kmax=None)
-    check_step(monkeypatch, q, k_new, v_new, kv, pos, anchor, k_top, 32, 1.0, exact_scores=dtype != torch.float32)
+@pytest.mark.parametrize("Hkv, G, D, n, lo, hi, k_top, dtype", SELECT_CASES)
+def test_exact_select(Hkv, G, D, n, lo, hi, k_top, dtype):
+    """The fused score + top-k kernel picks the reference's top-k: the same set in fp32; in half
+    precision, where rounding can swap near-ties, the same scores to rounding."""
+    g = torch.Generator().manual_seed(n + k_top)
+    q = torch.randn(1, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
+    k, _ = make_cache(1, Hkv, n, D, dtype, g)
+    got = tri.exact_select(q, k, lo, hi, k_top)
+    want = ref.exact_select(q.double(), k.double(), lo, hi, k_top)
+    assert got.shape == want.shape == (1, Hkv, min(k_top, hi - lo))
+    assert all(len(set(r)) == len(r) == got.shape[-1] for r in valid_sorted(got, lo, hi))
+    if dtype == torch.float32:
+        assert valid_sorted(got, lo, hi) == valid_sorted(want, lo, hi)
+    else:
+        scores = ref.group_max_scores(q.double(), k.double())
+        picked, best = scores.gather(-1, got).sort(-1).values, scores.gather(-1, want).sort(-1).values
+        assert torch.allclose(picked, best, atol=TOL[dtype] * 4)
 
 
-@pytest.mark.parametrize("B, pos, P, anchor, W, k_top, oversample, G, D", [
-    (1, 299, 16, 4, 50, 12, 2.0, 4, 64),  # one run of pages
-    (1, 8999, 4, 4, 100, 16, 16.0, 7, 80),  # 35 runs of 64 pages: pass 2 ranks only the best runs
-    (2, 39, 16, 4, 20, 30, 2.0, 1, 128),  # fewer tokens in [anchor, hi) than k: the rest are -1
-    (1, 2999, 24, 100, 100, 40, 8.0, 8, 64),  # a page size that is not a power of two; tokens in chunks
-    (1, 499, 32, 4, 8, 16, 4.0, 4, 64),  # window < page: the new key's page holds candidates
-    (2, 480, 32, 4, 8, 16, 4.0, 8, 64),  # window < page, the new key starts a page
+@pytest.mark.parametrize("n, P, lo, hi, k_top, oversample, G, D", [
+    (300, 16, 4, 250, 12, 2.0, 4, 64),  # one run of pages
+    (9000, 4, 4, 8900, 16, 16.0, 7, 80),  # 35 runs of 64 pages: pass 2 ranks only the best runs
+    (40, 16, 4, 20, 30, 2.0, 1, 128),  # fewer tokens in [lo, hi) than k: the rest are -1
+    (3000, 24, 100, 2900, 40, 8.0, 8, 64),  # a page size that is not a power of two; tokens in chunks
 ])
-def test_sparse_decode_pages(monkeypatch, B, pos, P, anchor, W, k_top, oversample, G, D):
-    g = torch.Generator().manual_seed(pos + P)
-    q, k_new, v_new, kv = decode_state(B, 2, G, D, pos, W, P, torch.float32, g)
-    check_step(monkeypatch, q, k_new, v_new, kv, pos, anchor, k_top, P, oversample)
+def test_page_select(n, P, lo, hi, k_top, oversample, G, D):
+    g = torch.Generator().manual_seed(n + P)
+    B, Hkv = 1, 2
+    q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, n, D, generator=g).to(DEVICE)
+    kmin, kmax = (torch.empty(B, Hkv, -(-n // P), D, device=DEVICE) for _ in range(2))
+    ref.update_pages(k, kmin, kmax, 0, n, P)
+    args = (q, k, kmin, kmax, lo, hi, k_top, P, oversample)
+    got = tri.page_select(*args)
+    want = ref.page_select(*args, "group")
+    assert got.shape == want.shape
+    assert valid_sorted(got, lo, hi) == valid_sorted(want, lo, hi)
+    assert ((got == -1) | ((got >= lo) & (got < hi))).all()  # never a position outside [lo, hi)
 
 
-def test_selection_past_kernel_limits_uses_the_reference_selection(monkeypatch):
-    """A top-k larger than the ranking program holds is selected by the reference; the step
-    then composes the other kernels and matches the reference ops."""
+def test_selection_past_kernel_limits_uses_the_reference(monkeypatch):
+    """A top-k larger than the ranking program holds goes to the reference, with its result."""
     from minirt import kernels
 
-    assert tri.can_sparse_decode(4, 4900, 64, 8, 16.0, False) and not tri.can_sparse_decode(4, 4900, 100, 8, 16.0, False)
-    assert not tri.can_sparse_decode(4, 4900, 100, 8, 16.0, True)
-    for pages in (False, True):
-        g = torch.Generator().manual_seed(9)
-        q, k_new, v_new, kv = decode_state(1, 2, 2, 64, 4999, 100, 8, torch.float32, g)
-        if not pages:
-            kv = kv._replace(kmin=None, kmax=None)
-        runs = {}
-        for mode in ("triton", "reference"):
-            monkeypatch.setenv("MINIRT_KERNELS", mode)
-            state = ref.LayerKV(*(None if t is None else t.clone() for t in kv))
-            runs[mode] = kernels.sparse_decode(q, k_new, v_new, state, 4999, 4, 100, 8, 16.0, "group")
-        (out, lse, idx), (want, want_lse, want_idx) = runs.values()
-        assert torch.equal(idx, want_idx)
-        assert rel_err(out, want) <= TOL[torch.float32] and rel_err(lse, want_lse) <= TOL[torch.float32]
+    monkeypatch.setenv("MINIRT_KERNELS", "triton")
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 64, generator=g).to(DEVICE)
+    k = torch.randn(1, 2, 5000, 64, generator=g).to(DEVICE)
+    kmin, kmax = (torch.empty(1, 2, 5000 // 8, 64, device=DEVICE) for _ in range(2))
+    ref.update_pages(k, kmin, kmax, 0, 5000, 8)
+    assert tri.can_exact_select(4, 4900, 64) and not tri.can_exact_select(4, 4900, 100)
+    assert torch.equal(kernels.exact_select(q, k, 4, 4900, 100), ref.exact_select(q, k, 4, 4900, 100))
+    page_args = (q, k, kmin, kmax, 4, 4900, 100, 8, 16.0)
+    assert not tri.can_page_select(*page_args[4:])
+    assert torch.equal(kernels.page_select(*page_args, "group"), ref.page_select(*page_args, "group"))
 
 
 @pytest.mark.parametrize("with_pages", [False, True])

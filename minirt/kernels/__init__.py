@@ -9,7 +9,6 @@ import torch
 
 from . import reference
 from .reference import (  # noqa: F401  (torch ops used as they are on every device)
-    LayerKV,
     causal_attention,
     fill_ring,
     group_scores,
@@ -41,36 +40,19 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int):
     return impl.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor)
 
 
+def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
+    fused = use_triton(q) and _triton().can_exact_select(lo, hi, k_top)
+    return (_triton() if fused else reference).exact_select(q, k, lo, hi, k_top)
+
+
+def page_select(q, k, kmin, kmax, lo: int, hi: int, k_top: int, page_size: int, oversample: float, scope: str):
+    # The kernels keep one list per KV group; scope "head" and sizes past their limits use the reference.
+    if use_triton(q) and scope == "group" and _triton().can_page_select(lo, hi, k_top, page_size, oversample):
+        return _triton().page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample)
+    return reference.page_select(q, k, kmin, kmax, lo, hi, k_top, page_size, oversample, scope)
+
+
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:
     # One fused kernel for the one-token decode append; prefill (T > 1) uses the reference.
     impl = _triton() if use_triton(k) and k.shape[2] == 1 else reference
     impl.append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start, page_size)
-
-
-def sparse_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv: LayerKV, pos: int, anchor: int,
-                  k_top: int, page_size: int, oversample: float, scope: str
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decode step of a condensate layer: choose up to k_top positions of [a, hi) (a =
-    min(anchor, n), hi = n - W, n = pos + 1) by exact Q·K, or with page summaries (kv.kmin set)
-    Quest-style; append k_new/v_new [B, Hkv, 1, D] at pos; attend over window ∪ anchor ∪ chosen.
-
-    Selection reads the cache as it was before this step: the new key is in the window, never
-    a candidate, and page bounds do not yet include it. Returns out [B, Hq, D], the log-sum-exp
-    of the attended logits [B, Hq] and the chosen positions (-1: none; [B, Hkv, K] for scope
-    "group", [B, Hkv, G, K] for "head"). Two Triton launches where they fit, else the ops below.
-    """
-    n, W = pos + 1, kv.ring_k.shape[2]
-    lo = min(anchor, n)
-    hi = max(lo, n - W)
-    pages = kv.kmin is not None
-    if use_triton(q) and scope == "group" and _triton().can_sparse_decode(lo, hi, k_top, page_size, oversample, pages):
-        return _triton().sparse_decode(q, k_new, v_new, kv, pos, anchor, k_top, page_size, oversample)
-    if pages:
-        idx = reference.page_select(q, kv.k, kv.kmin, kv.kmax, lo, hi, k_top, page_size, oversample, scope)
-    elif scope == "head":
-        idx = topk_positions(group_scores(q, kv.k[:, :, :hi]), lo, hi, k_top)
-    else:
-        idx = reference.exact_select(q, kv.k, lo, hi, k_top)
-    append_kv(*kv, k_new, v_new, pos, page_size)
-    out, lse = sparse_attention(q, kv.ring_k, kv.ring_v, kv.k[:, :, :n], kv.v[:, :, :n], idx, n, anchor)
-    return out, lse, idx

@@ -6,25 +6,11 @@ n cached positions. Queries of one decode step are [B, Hq, D]; cached keys/value
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 NEG_INF = float("-inf")
-
-
-class LayerKV(NamedTuple):
-    """One layer's condensate cache storage: history k/v [B, Hkv, capacity, D], ring buffer
-    ring_k/ring_v [B, Hkv, W, D] (slot = position % W) and, for page selection, page summaries
-    kmin/kmax [B, Hkv, pages, D] (None otherwise)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    ring_k: torch.Tensor
-    ring_v: torch.Tensor
-    kmin: torch.Tensor | None
-    kmax: torch.Tensor | None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -32,18 +32,34 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, m, l, acc, K, V, RK, RV, IDX, b, h, start, end, skb, skh, skn, srb, srh, srn, sib, sih,
-            W, n_ctx, lo, hi, scale, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-            SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Online-softmax state (m, l, acc) of queries q [G_PAD, D_PAD] of KV head (b, h) after keys
-    [start, end): cache positions, or with SPARSE the virtual sequence of W ring slots, then
-    anchor positions [0, lo), then the positions listed at IDX (only those in [lo, hi) count)."""
+def _attn_partial(
+    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE,
+    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
+    n_keys, W, n_ctx, lo, hi, keys_per_split, scale, Hkv,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
+    gmask = g < G
     dmask = d < D
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, n_keys)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         in_range = j < end
         if SPARSE:
+            # virtual sequence: W ring slots | anchor positions [0, lo) | gathered entries
             is_ring = j < W
             newest = n_ctx - 1
             ring_pos = newest - ((newest - j) % W + W) % W  # latest position in slot j; < 0 if empty
@@ -74,58 +90,16 @@ def _attend(q, m, l, acc, K, V, RK, RV, IDX, b, h, start, end, skb, skh, skn, sr
         v = tl.load(vp, mask=lmask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m = m_new
-    return m, l, acc
-
-
-@triton.jit
-def _load_q(Q, b, h, sqb, sqh, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """The G query heads of KV head (b, h): [G_PAD, D_PAD], zero padded."""
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    return tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _store_out(OUT, LSE, row, m, l, acc, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """Final output [B * Hq, D] and log-sum-exp of the G query heads of row (= b * Hkv + kv head)."""
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    head = row * G + g  # = b * Hq + query head
+    lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
-    tl.store(LSE + head, tl.where(l > 0, m + tl.log(l), float("-inf")), mask=g < G)
-
-
-@triton.jit
-def _attn_partial(
-    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE,
-    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
-    n_keys, W, n_ctx, lo, hi, keys_per_split, scale, Hkv,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
-    q = _load_q(Q, b, h, sqb, sqh, G, G_PAD, D, D_PAD)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, n_keys)
-    m, l, acc = _attend(q, m, l, acc, K, V, RK, RV, IDX, b, h, start, end, skb, skh, skn, srb, srh, srn, sib, sih,
-                        W, n_ctx, lo, hi, scale, D, D_PAD, BLOCK_N, SPARSE, PRECISION, UPCAST)
     if DIRECT:  # a single split: this is the final result, skip the reduction launch
-        _store_out(OUT, LSE, pid_bh, m, l, acc, G, G_PAD, D, D_PAD)
+        head = pid_bh * G + g  # = b * Hq + query head
+        tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+        tl.store(LSE + head, lse, mask=gmask)
         return
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
     part = pid_bh * n_splits + split
-    tl.store(OP + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc / tl.where(l > 0, l, 1.0)[:, None])
-    tl.store(LP + part * G_PAD + g, tl.where(l > 0, m + tl.log(l), float("-inf")))
+    tl.store(OP + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], out)
+    tl.store(LP + part * G_PAD + g, lse)
 
 
 @triton.jit
@@ -224,11 +198,12 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int,
     return _attention(q, k, v, ring_k.shape[2] + a + idx.shape[2], sparse, out, SPARSE)
 
 
-@triton.jit
-def _append_row(KN, VN, K, V, RK, RV, KMIN, KMAX, b, h, pos, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn,
-                spb, sph, spn, D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
-    """Write KV head (b, h)'s new key/value at position pos: history, ring slot pos % W and, with
-    PAGES, the min/max summary of page pos // P."""
+@triton.jit(do_not_specialize=["pos"])  # Triton would make pos == 1 a compile-time constant
+def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
+            D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
     d = tl.arange(0, D_PAD)
     dmask = d < D
     kn = tl.load(KN + b * snb + h * snh + d, mask=dmask)
@@ -247,14 +222,6 @@ def _append_row(KN, VN, K, V, RK, RV, KMIN, KMAX, b, h, pos, W, P, snb, snh, svb
         hi = tl.load(KMAX + page, mask=dmask).to(tl.float32)
         tl.store(KMIN + page, tl.where(first, kf, tl.minimum(lo, kf)).to(kn.dtype), mask=dmask)
         tl.store(KMAX + page, tl.where(first, kf, tl.maximum(hi, kf)).to(kn.dtype), mask=dmask)
-
-
-@triton.jit(do_not_specialize=["pos"])  # Triton would make pos == 1 a compile-time constant
-def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
-            D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
-    pid = tl.program_id(0)
-    _append_row(KN, VN, K, V, RK, RV, KMIN, KMAX, pid // Hkv, pid % Hkv, pos, W, P, snb, snh, svb, svh, skb, skh, skn,
-                srb, srh, srn, spb, sph, spn, D, D_PAD, PAGES)
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:
@@ -276,9 +243,11 @@ def _block_scores(Q, K, K2, b, h, pos, valid, sqb, sqh, skb, skh, skn, scale,
     """Scores at rows pos of KV head (b, h), max over the group's query heads, -inf where not
     valid: q·K[pos], or with BOUND the Quest page bound q+·K[pos] + q-·K2[pos] (K = page max,
     K2 = page min)."""
-    q = _load_q(Q, b, h, sqb, sqh, G, G_PAD, D, D_PAD)
+    g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
+    gmask = g < G
     dmask = d < D
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     off = (b * skb + h * skh + pos.to(tl.int64) * skn)[:, None] + d[None, :]
     lmask = valid[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=lmask, other=0.0)
@@ -289,7 +258,7 @@ def _block_scores(Q, K, K2, b, h, pos, valid, sqb, sqh, skb, skh, skn, scale,
         s += _dot(tl.minimum(qf, 0.0).to(k.dtype), tl.trans(kmin), PRECISION, UPCAST)
     else:
         s = _dot(q, tl.trans(k), PRECISION, UPCAST)
-    s = tl.where((tl.arange(0, G_PAD) < G)[:, None] & valid[None, :], s * scale, float("-inf"))
+    s = tl.where(gmask[:, None] & valid[None, :], s * scale, float("-inf"))
     return tl.max(s, 0)
 
 
@@ -347,29 +316,19 @@ def _scan(
     tl.store(V1 + row * n1 + run, tl.max(best, 0))
 
 
-@triton.jit(do_not_specialize=["pos"])
-def _step(
-    Q, KN, VN, K, V, RK, RV, KMIN, KMAX, V0, V1, SCR, IDX, OUT, LSE,
-    sqb, sqh, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn,
-    pos, W, a, hi, P, n_pages, n0, n1, k_out, scale, Hkv,
+@triton.jit
+def _pick(
+    Q, K, V0, V1, SCR, OUT, sqb, sqh, skb, skh, skn, n0, n1, lo, hi, P, n_pages, scale, Hkv, k_out,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
     FAN: tl.constexpr, S_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Selection pass 2 and the rest of the decode step, one program per KV head (row).
-
-    Appends the new key/value at pos (history, ring and, with PAGES, page summary). Ranks: the
-    n_pages best pages of P positions (by V0) lie in the n_pages best runs (by V1), so only those
-    runs' pages are ranked; the chosen pages' tokens in [a, hi) are scored exactly and the k_out
-    best positions written to IDX (-1 where fewer are valid). Then attends over ring ∪ anchor
-    [0, a) ∪ IDX and writes OUT and LSE.
-    """
+    """Selection pass 2, one program per KV head. The n_pages best pages (by V0) lie in the
+    n_pages best runs (by V1), so only those runs' pages are ranked; then the chosen pages'
+    tokens are scored exactly and the k_out best positions written (-1 where fewer are valid)."""
     row = tl.program_id(0)
     b = row // Hkv
     h = row % Hkv
-    # pass 1 read neither this key nor its page summary (it is in the window, never a candidate)
-    _append_row(KN, VN, K, V, RK, RV, KMIN, KMAX, b, h, pos, W, P, snb, snh, svb, svh, skb, skh, skn,
-                srb, srh, srn, spb, sph, spn, D, D_PAD, PAGES)
     i1 = tl.arange(0, N1_PAD)
     v1 = tl.load(V1 + row * n1 + i1, mask=i1 < n1, other=float("-inf"))
     runs = _index(tl.topk(_keys(v1, i1), S_PAD))
@@ -378,27 +337,19 @@ def _step(
     r = tl.arange(0, S_PAD)
     pages = tl.where(r < n_pages, _index(tl.topk(tl.reshape(_keys(v0, e), [S_PAD * FAN]), S_PAD)), -1)
     if S_PAD <= CHUNK:  # every chosen token fits one tile
-        best = tl.topk(_token_keys(Q, K, b, h, pages, a, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
+        best = tl.topk(_token_keys(Q, K, b, h, pages, lo, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
                                    S_PAD, P_PAD, PRECISION, UPCAST), K_PAD)
     else:  # CHUNK pages at a time through a scratch row
         for c0 in range(0, S_PAD, CHUNK):
             sel = (c0 + tl.arange(0, CHUNK))[:, None] == r[None, :]
             chunk = tl.max(tl.where(sel, pages[None, :], -1), 1)  # pages c0 .. c0 + CHUNK - 1
-            keys = _token_keys(Q, K, b, h, chunk, a, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
+            keys = _token_keys(Q, K, b, h, chunk, lo, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
                                CHUNK, P_PAD, PRECISION, UPCAST)
             tl.store(SCR + row * S_PAD * P_PAD + c0 * P_PAD + tl.arange(0, CHUNK * P_PAD), keys)
         tl.debug_barrier()  # the scratch row is read back by other threads of this program
         best = tl.topk(tl.load(SCR + row * S_PAD * P_PAD + tl.arange(0, S_PAD * P_PAD)), K_PAD)
     kk = tl.arange(0, K_PAD)
-    tl.store(IDX + row * k_out + kk, _index(best), mask=kk < k_out)
-    tl.debug_barrier()  # the ring slot and IDX are read back by other threads of this program
-    q = _load_q(Q, b, h, sqb, sqh, G, G_PAD, D, D_PAD)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    m, l, acc = _attend(q, m, l, acc, K, V, RK, RV, IDX, b, h, 0, W + a + k_out, skb, skh, skn, srb, srh, srn,
-                        Hkv * k_out, k_out, W, pos + 1, a, hi, scale, D, D_PAD, BLOCK_N, True, PRECISION, UPCAST)
-    _store_out(OUT, LSE, row, m, l, acc, G, G_PAD, D, D_PAD)
+    tl.store(OUT + row * k_out + kk, _index(best), mask=kk < k_out)
 
 
 # Selection settings (bench/tune_select.py). FAN pages per pass-1 program bound pass 2's work: it
@@ -415,71 +366,63 @@ def _fits(n0: int, n_pages: int, page_size: int) -> bool:
             and _pow2(n_pages, 2) * _pow2(page_size, 1) <= _MAX_TOKENS)
 
 
-def _plan(lo: int, hi: int, k_top: int, page_size: int, oversample: float, pages: bool) -> tuple[int, int, int]:
-    """Page size, pages scored exactly and positions kept by selection over [lo, hi). Exact
-    selection ranks virtual pages of EXACT_PAGE positions by their exact max: the top k
-    positions lie in the k best of them (oversampling by the page size)."""
-    if not pages:
-        k_top = min(k_top, hi - lo)
-        page_size = oversample = EXACT_PAGE
-    _, _, n_pages = reference.page_plan(lo, hi, k_top, page_size, oversample)
-    return page_size, n_pages, min(k_top, n_pages * page_size)
-
-
-def can_sparse_decode(lo: int, hi: int, k_top: int, page_size: int, oversample: float, pages: bool) -> bool:
-    """Whether the step kernels hold this selection (else kernels.sparse_decode composes the ops)."""
-    if k_top <= 0 or hi <= lo:
-        return False
-    P, n_pages, _ = _plan(lo, hi, k_top, page_size, oversample, pages)
-    return _fits(triton.cdiv(hi, P), n_pages, P)
-
-
-def sparse_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv: reference.LayerKV, pos: int,
-                  anchor: int, k_top: int, page_size: int, oversample: float, out: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decode step of a condensate layer in two launches, scope "group"; see
-    kernels.sparse_decode. Pass 1 scans every key in [anchor, pos + 1 - W) (exact selection)
-    or every page summary (kv.kmin set: Quest bounds); pass 2 appends, ranks and attends."""
+def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, n_pages: int, take: int,
+                 kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions [B, Hkv, take]: the best `take` of the tokens of the n_pages best pages, pages
+    ranked by exact max (kmin/kmax None) or by their Quest bound from kmin/kmax."""
     B, Hq, D = q.shape
-    Hkv, W = kv.k.shape[1], kv.ring_k.shape[2]
-    a = min(anchor, pos + 1)
-    hi = max(a, pos + 1 - W)
-    pages = kv.kmin is not None
-    P, n_pages, take = _plan(a, hi, k_top, page_size, oversample, pages)
-    rows, fan = B * Hkv, SELECT["fan"]
-    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1 and kv.k.stride(-1) == 1
-    assert kv.v.stride() == kv.k.stride() and kv.ring_v.stride() == kv.ring_k.stride() and kv.ring_k.stride(-1) == 1
-    assert not pages or (kv.kmin.stride() == kv.kmax.stride() and kv.kmax.stride(-1) == 1)
-    n0 = triton.cdiv(hi, P)  # pages up to the last one overlapping [a, hi)
-    if pages:  # pass 1 over the bounds of pages [a // P, n0)
-        R, scan_k, scan_k2, scan_n, scan_lo = 1, kv.kmax, kv.kmin, n0, a // P
-    else:  # pass 1 over positions [a, hi), maxima per page of P
-        R, scan_k, scan_k2, scan_n, scan_lo = P, kv.k, kv.k, hi, a
+    Hkv = k.shape[1]
+    rows, P, fan = B * Hkv, page_size, SELECT["fan"]
+    assert k.stride(-1) == 1 and (kmin is None or (kmin.stride() == kmax.stride() and kmax.stride(-1) == 1))
+    n0 = triton.cdiv(hi, P)  # pages up to the last one overlapping [lo, hi)
+    if kmin is None:  # pass 1 over positions [lo, hi), maxima per page of P
+        R, scan_k, scan_k2, scan_n, scan_lo = P, k, k, hi, lo
+    else:  # pass 1 over the bounds of pages [lo // P, n0)
+        R, scan_k, scan_k2, scan_n, scan_lo = 1, kmax, kmin, n0, lo // P
     n1 = triton.cdiv(n0, fan)
-    scale = 1.0 / math.sqrt(D)
     consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
     v0 = torch.empty(rows, n0, device=q.device, dtype=torch.float32)
     v1 = torch.empty(rows, n1, device=q.device, dtype=torch.float32)
     _scan[(rows, n1)](
         q, scan_k, scan_k2, v0, v1, q.stride(0), q.stride(1), *scan_k.stride()[:3], scan_n, scan_lo,
-        scale, Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan,
-        BOUND=pages, **consts, num_warps=SELECT["scan_warps"],
+        1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan,
+        BOUND=kmin is not None, **consts, num_warps=SELECT["scan_warps"],
     )
     # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
     S_PAD, P_PAD, K_PAD = _pow2(n_pages, 2), _pow2(P, 1), _pow2(take, 2)
-    tokens = SELECT["token_block"] * 128 // (_pow2(D) * kv.k.element_size())  # token_block is for 64 fp16 dims
+    tokens = SELECT["token_block"] * 128 // (_pow2(D) * k.element_size())  # token_block is for 64 fp16 dims
     chunk = min(S_PAD, max(1, tokens // P_PAD))
     scratch = torch.empty(rows, S_PAD * P_PAD if S_PAD > chunk else 1, device=q.device, dtype=torch.int64)
-    idx = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
-    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
-    kmin, kmax = (kv.kmin, kv.kmax) if pages else (kv.k, kv.k)  # unused without pages
-    _step[(rows,)](
-        q, k_new, v_new, kv.k, kv.v, kv.ring_k, kv.ring_v, kmin, kmax, v0, v1, scratch, idx, out, lse,
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        *kv.k.stride()[:3], *kv.ring_k.stride()[:3], *kmin.stride()[:3],
-        pos, W, a, hi, P, n_pages, n0, n1, take, scale, Hkv,
-        N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, P_PAD=P_PAD, CHUNK=chunk, K_PAD=K_PAD,
-        BLOCK_N=SPARSE["block_n"], PAGES=pages, **consts, num_warps=SELECT["pick_warps"],
+    out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
+    _pick[(rows,)](
+        q, k, v0, v1, scratch, out, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, lo, hi, P, n_pages,
+        1.0 / math.sqrt(D), Hkv, take, N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, P_PAD=P_PAD,
+        CHUNK=chunk, K_PAD=K_PAD, **consts, num_warps=SELECT["pick_warps"],
     )
-    return out, lse, idx
+    return out
+
+
+def can_exact_select(lo: int, hi: int, k_top: int) -> bool:
+    take = min(k_top, hi - lo)
+    return take > 0 and can_page_select(lo, hi, take, EXACT_PAGE, EXACT_PAGE)
+
+
+def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
+    """Exact group-max top-k over positions [lo, hi); see reference.exact_select. The top k
+    positions lie in the k pages with the largest maxima, so only those pages (k of them:
+    oversampling by the page size) are scored twice."""
+    take = min(k_top, hi - lo)
+    _, _, n_pages = reference.page_plan(lo, hi, take, EXACT_PAGE, EXACT_PAGE)
+    return _select_topk(q, k, lo, hi, EXACT_PAGE, n_pages, take)
+
+
+def can_page_select(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -> bool:
+    _, p_hi, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
+    return k_top > 0 and hi > lo and _fits(p_hi, n_sel, page_size)
+
+
+def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
+                k_top: int, page_size: int, oversample: float) -> torch.Tensor:
+    """Quest-style selection, scope "group"; see reference.page_select."""
+    _, _, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
+    return _select_topk(q, k, lo, hi, page_size, n_sel, min(k_top, n_sel * page_size), kmin, kmax)
