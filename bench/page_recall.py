@@ -2,9 +2,9 @@
 
     python bench/page_recall.py --model SmolLM2-135M-Instruct [--context 8000] [--steps 8] [--out results/page_recall]
 
-Prefills a long real text once, then for each page size and oversampling decodes `steps` tokens
-of the text's own continuation (teacher forcing) with selection="pages" and the certificate on,
-and records per layer and step the fraction of the exact top-k (same group-max score) that page
+Prefills a long real text once, then for each page size, oversampling and summary dtype (the
+cache's, or fp8 rounded outward) decodes `steps` tokens of the text's own continuation (teacher
+forcing) with selection="pages" and the certificate on, and records per layer and step the fraction of the exact top-k (same group-max score) that page
 selection found, plus the attention mass each policy left out. Exact selection is the baseline.
 Runs on CPU or GPU; writes JSON and a Markdown table.
 """
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--oversample", default="4,16")
+    ap.add_argument("--summaries", default="cache", help="summary dtypes, e.g. cache,fp8")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="results/page_recall")
     args = ap.parse_args()
@@ -78,22 +79,24 @@ def main() -> None:
         with torch.inference_mode():
             llm.model(torch.tensor([ids[:n]], device=llm.model.device), base, last_only=True)
         print(f"{name}: {n} tokens prefilled in {time.time() - t0:.0f} s", flush=True)
-        policies = [base_policy] + [replace(base_policy, selection="pages", page_size=P, page_oversample=o)
-                                    for P in map(int, args.page_sizes.split(",")) for o in map(float, args.oversample.split(","))]
+        policies = [base_policy] + [replace(base_policy, selection="pages", page_size=P, page_oversample=o, summary_dtype=sd)
+                                    for P in map(int, args.page_sizes.split(",")) for o in map(float, args.oversample.split(","))
+                                    for sd in args.summaries.split(",")]
         for policy in policies:
             row = {"text": name, "context": n, "steps": args.steps, "selection": policy.selection,
                    "page_size": policy.page_size if policy.selection == "pages" else None,
                    "oversample": policy.page_oversample if policy.selection == "pages" else None,
+                   "summaries": policy.summary_dtype if policy.selection == "pages" else None,
                    **run(llm, ids, args.steps, policy, base)}
             rows.append(row)
             print(row, flush=True)
-    header = "| text | context | selection | page size | oversample | recall of exact top-k (mean / min) | (layer, step) pairs with recall 1 | dropped mass mean / max |"
+    header = "| text | context | selection | page size | oversample | summaries | recall of exact top-k (mean / min) | (layer, step) pairs with recall 1 | dropped mass mean / max |"
     lines = [f"Model: {args.model} (fp32, {llm.model.device}); A={base_policy.anchor} W={base_policy.window} "
-             f"k={base_policy.top_k}, scope group; {args.steps} teacher-forced steps per row\n", header, "|---" * 8 + "|"]
+             f"k={base_policy.top_k}, scope group; {args.steps} teacher-forced steps per row\n", header, "|---" * 9 + "|"]
     for r in rows:
         rec = f"{100 * r['recall_mean']:.1f}% / {100 * r['recall_min']:.1f}%" if "recall_mean" in r else "(exact)"
         em = f"{100 * r['exact_match']:.1f}%" if "exact_match" in r else ""
-        lines.append(f"| {r['text']} | {r['context']} | {r['selection']} | {r['page_size'] or ''} | {r['oversample'] or ''} "
+        lines.append(f"| {r['text']} | {r['context']} | {r['selection']} | {r['page_size'] or ''} | {r['oversample'] or ''} | {r['summaries'] or ''} "
                      f"| {rec} | {em} | {r['dropped_mass_mean']:.3e} / {r['dropped_mass_max']:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "device": str(llm.model.device), "torch": torch.__version__, "dtype": "fp32",

@@ -34,6 +34,7 @@ class CondensateConfig:
     selection: str = "exact"  # "exact": score every key; "pages": Quest-style page bounds first
     page_size: int = 32
     page_oversample: float = 16.0  # pages scored exactly = ceil(k * oversample / page_size)
+    summary_dtype: str = "cache"  # page min/max kept in the cache dtype, or "fp8" (half the bytes to scan)
     max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
 
     def __post_init__(self) -> None:
@@ -47,6 +48,7 @@ class CondensateConfig:
             (self.selection in ("exact", "pages"), "selection must be 'exact' or 'pages'"),
             (self.page_size >= 1, "page_size must be >= 1"),
             (self.page_oversample >= 1, "page_oversample must be >= 1"),
+            (self.summary_dtype in ("cache", "fp8"), "summary_dtype must be 'cache' or 'fp8'"),
             (self.max_dropped_mass is None or 0 <= self.max_dropped_mass <= 1, "max_dropped_mass must be in [0, 1]"),
             (all(i >= 0 for i in self.dense_layers), "dense_layers must be layer indices >= 0"),
         ]
@@ -117,8 +119,10 @@ class CondensateCache(DenseCache):
         self.kmin = self.kmax = None
         if policy.selection == "pages":
             pages = (cfg.n_layers, batch, cfg.n_kv_heads, math.ceil(capacity / policy.page_size), cfg.head_dim)
-            self.kmin = torch.empty(pages, device=device, dtype=dtype)
-            self.kmax = torch.empty(pages, device=device, dtype=dtype)
+            # fp8 summaries are rounded outward (kernels.reference.round_outward): still bounds
+            summary = torch.float8_e4m3fn if policy.summary_dtype == "fp8" else dtype
+            self.kmin = torch.empty(pages, device=device, dtype=summary)
+            self.kmax = torch.empty(pages, device=device, dtype=summary)
         # Certificate: per decode step, the attention mass each head's sparse set left out.
         self.certify = certify or policy.max_dropped_mass is not None
         self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads)

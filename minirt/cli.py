@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", choices=["group", "head"], default=d.scope)
     s.add_argument("--selection", choices=["exact", "pages"], default=d.selection)
     s.add_argument("--page-size", type=int, default=d.page_size)
+    s.add_argument("--summary-dtype", choices=["cache", "fp8"], default=d.summary_dtype,
+                   help="page min/max summaries: the cache dtype, or fp8 rounded outward (half the bytes)")
     s.add_argument("--max-dropped-mass", type=float, help="certificate bound: fall back to full attention above it")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto")
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = CondensateConfig(
             anchor=args.anchor, window=args.window, top_k=args.sparse_k, budget_alpha=args.budget_alpha,
             budget_exponent=args.budget_exponent, dense_layers=args.dense_layers, scope=args.scope,
-            selection=args.selection, page_size=args.page_size, max_dropped_mass=args.max_dropped_mass)
+            selection=args.selection, page_size=args.page_size, summary_dtype=args.summary_dtype,
+            max_dropped_mass=args.max_dropped_mass)
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         parser.error(str(e))

@@ -41,6 +41,7 @@ def test_compare_json(smollm2):
     (["--text", "hi", "--max-new-tokens", "0"], "must be > 0"),
     (["--text", "hi", "--attention", "bogus"], "invalid choice"),
     (["--text", "hi", "--window", "0"], "window must be >= 1"),
+    (["--text", "hi", "--summary-dtype", "fp4"], "invalid choice"),
     (["--text", "hi", "--temperature", "-1"], "temperature must be >= 0"),
     (["--text", "hi", "--dense-layers", "a,b"], "comma-separated layer indices"),
     (["--text", "hi", "--json"], "--json needs --attention compare"),

@@ -15,13 +15,16 @@ from minirt.workloads import PAPER_PROMPTS
 STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
 
 
-@pytest.mark.parametrize("scope, selection", [("group", "exact"), ("head", "exact"), ("group", "pages"), ("head", "pages")])
-def test_k_covering_the_context_equals_full(smollm2_llm, scope, selection):
+@pytest.mark.parametrize("scope, selection, summary", [("group", "exact", "cache"), ("head", "exact", "cache"),
+                                                      ("group", "pages", "cache"), ("head", "pages", "cache"),
+                                                      ("group", "pages", "fp8")])
+def test_k_covering_the_context_equals_full(smollm2_llm, scope, selection, summary):
     """With k >= context length the sparse set is everything: same tokens, logits equal to rounding.
     W=8 makes the ring buffer wrap ~10 times over the 60 steps."""
     ids = smollm2_llm.tokenizer.encode(STORY)
     full_logits, full_tokens = minirt_greedy(smollm2_llm, ids, 60)
-    policy = CondensateConfig(anchor=4, window=8, top_k=10_000, scope=scope, selection=selection, page_size=4)
+    policy = CondensateConfig(anchor=4, window=8, top_k=10_000, scope=scope, selection=selection, page_size=4,
+                              summary_dtype=summary)
     cache = smollm2_llm.new_cache(len(ids) + 61, "sparse", policy, certify=True)
     logits, tokens = minirt_greedy(smollm2_llm, ids, 60, cache=cache)
     assert tokens == full_tokens

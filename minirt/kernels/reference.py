@@ -141,6 +141,7 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: 
     qg = q.view(B, Hkv, Hq // Hkv, D).float()
     bound = qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)
     bound = bound.amax(dim=2) / math.sqrt(D)
+    bound = torch.where(bound.isnan(), math.inf, bound)  # an fp8 summary past its range (round_outward)
     bound[..., :first] = NEG_INF
     return bound
 
@@ -191,8 +192,25 @@ def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start:
     if pad:
         keys = torch.cat((keys, keys[:, :, -1:].expand(-1, -1, pad, -1)), dim=2)
     keys = keys.unflatten(2, (p1 - p0, P))
-    kmin[:, :, p0:p1] = keys.amin(dim=3)
-    kmax[:, :, p0:p1] = keys.amax(dim=3)
+    kmin[:, :, p0:p1] = round_outward(keys.amin(dim=3).float(), False, kmin.dtype)
+    kmax[:, :, p0:p1] = round_outward(keys.amax(dim=3).float(), True, kmax.dtype)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def round_outward(x: torch.Tensor, up: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Summaries x (fp32) stored as dtype: exact for the cache dtype (x are min/max of its keys);
+    for float8_e4m3fn rounded toward +inf (up, page maxima) or -inf (minima) so the Quest bound
+    stays a bound. Its grid step at x's binary exponent e is 2^(max(e, -6) - 3); past ±448 the
+    summary is NaN, which page_bounds reads as an infinite bound (the page is always scored)."""
+    if dtype != torch.float8_e4m3fn:
+        return x.to(dtype)
+    e = ((x.contiguous().view(torch.int32) >> 23) & 0xFF) - 127  # binary exponent
+    e = e.clamp(min=-6)
+    ulp, inv_ulp = (((e - 3 + 127) << 23).view(torch.float32), ((127 + 3 - e) << 23).view(torch.float32))
+    r = (torch.ceil if up else torch.floor)(x * inv_ulp) * ulp  # exact: powers of two
+    return torch.where(r.abs() > FP8_MAX, float("nan"), r).to(dtype)
 
 
 def fill_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:

@@ -218,10 +218,38 @@ def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb
         page = b * spb + h * sph + (pos // P) * spn + d
         first = pos % P == 0  # a new page starts with this key as its min and max
         kf = kn.to(tl.float32)  # compare in fp32 (exact; the interpreter mishandles bf16 max)
-        lo = tl.load(KMIN + page, mask=dmask).to(tl.float32)
-        hi = tl.load(KMAX + page, mask=dmask).to(tl.float32)
-        tl.store(KMIN + page, tl.where(first, kf, tl.minimum(lo, kf)).to(kn.dtype), mask=dmask)
-        tl.store(KMAX + page, tl.where(first, kf, tl.maximum(hi, kf)).to(kn.dtype), mask=dmask)
+        lo = _widen(tl.load(KMIN + page, mask=dmask), tl.float32)
+        hi = _widen(tl.load(KMAX + page, mask=dmask), tl.float32)
+        # NaN (an fp8 summary past its range) stays: tl.minimum would drop it
+        lo = tl.where(first, kf, tl.where(lo != lo, lo, tl.minimum(lo, kf)))
+        hi = tl.where(first, kf, tl.where(hi != hi, hi, tl.maximum(hi, kf)))
+        if KMIN.dtype.element_ty == tl.float8e4nv:  # rounding is monotone: rounding the new min suffices
+            lo = _fp8_outward(lo, False)
+            hi = _fp8_outward(hi, True)
+        tl.store(KMIN + page, lo.to(KMIN.dtype.element_ty), mask=dmask)
+        tl.store(KMAX + page, hi.to(KMAX.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _widen(x, dtype: tl.constexpr):
+    """x (a page summary) as dtype; fp8 NaN is recognised by its bits, since the interpreter
+    widens it to a number (Triton 3.9)."""
+    if x.dtype == tl.float8e4nv:
+        return tl.where((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), x.to(tl.float32)).to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
+def _fp8_outward(x, UP: tl.constexpr):
+    """fp32 x as float8_e4m3fn rounded toward +inf (UP) or -inf, NaN past ±448 or if x is NaN:
+    the arithmetic of reference.round_outward, so both give the same values."""
+    e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)
+    r = (tl.ceil(x * inv_ulp) if UP else tl.floor(x * inv_ulp)) * ulp  # on the grid: converts exactly
+    # NaN written as its bits: the interpreter converts a float NaN to fp8 384 (Triton 3.9)
+    nan = tl.full(r.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return tl.where((tl.abs(r) > 448.0) | (r != r), nan, r.to(tl.float8e4nv))
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:
@@ -251,11 +279,13 @@ def _block_scores(Q, K, K2, b, h, pos, valid, sqb, sqh, skb, skh, skn, scale,
     off = (b * skb + h * skh + pos.to(tl.int64) * skn)[:, None] + d[None, :]
     lmask = valid[:, None] & dmask[None, :]
     k = tl.load(K + off, mask=lmask, other=0.0)
-    if BOUND:
-        kmin = tl.load(K2 + off, mask=lmask, other=0.0)
+    if BOUND:  # summaries may be fp8: widened to the query's dtype, exactly
+        k = _widen(k, q.dtype)
+        kmin = _widen(tl.load(K2 + off, mask=lmask, other=0.0), q.dtype)
         qf = q.to(tl.float32)  # split signs in fp32 (exact; also sidesteps the interpreter's bf16)
-        s = _dot(tl.maximum(qf, 0.0).to(k.dtype), tl.trans(k), PRECISION, UPCAST)
-        s += _dot(tl.minimum(qf, 0.0).to(k.dtype), tl.trans(kmin), PRECISION, UPCAST)
+        s = _dot(tl.maximum(qf, 0.0).to(q.dtype), tl.trans(k), PRECISION, UPCAST)
+        s += _dot(tl.minimum(qf, 0.0).to(q.dtype), tl.trans(kmin), PRECISION, UPCAST)
+        s = tl.where(s != s, float("inf"), s)  # NaN: an fp8 summary past its range, no bound
     else:
         s = _dot(q, tl.trans(k), PRECISION, UPCAST)
     s = tl.where(gmask[:, None] & valid[None, :], s * scale, float("-inf"))
