@@ -1,5 +1,6 @@
 """Decode-attention benchmark on one GPU: SDPA (flash, cuDNN), transformers' eager attention, and
-minirt's Triton dense decode and condensate sparse decode (exact and page selection).
+minirt's Triton dense decode and condensate sparse decode (exact selection, and page selection
+with summaries in the cache dtype and in fp8).
 
     python bench/attention.py [--contexts 4096,32768,...] [--out results/attention]
 
@@ -55,20 +56,21 @@ def graphed(fn, inputs: list):
     return graphs
 
 
-def sparse_bytes(n: int, Hkv: int, D: int, el: int, selection: str) -> int:
+def sparse_bytes(n: int, Hkv: int, D: int, el: int, selection: str, summary_el: int) -> int:
     A, W, k, P = POLICY.anchor, POLICY.window, POLICY.top_k, POLICY.page_size
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
     if selection == "exact":
         return attend + Hkv * n * D * el  # every key scored once (the top-k candidates are a few KB)
     pages = math.ceil(n / P)
     chosen = min(pages, math.ceil(k * POLICY.page_oversample / P)) * P
-    return attend + 2 * Hkv * pages * D * el + Hkv * chosen * D * el  # page min/max, then the chosen pages' keys
+    return attend + 2 * Hkv * pages * D * summary_el + Hkv * chosen * D * el  # page min/max, then the chosen pages' keys
 
 
-def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype) -> CondensateCache:
+def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype, summary: str = "cache") -> CondensateCache:
     cfg = ModelConfig(family="llama", vocab_size=2, dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv,
                       head_dim=D, ffn_dim=1, max_seq_len=n + 1, rotary_dim=D)
-    cache = CondensateCache(cfg, replace(POLICY, selection=selection), capacity=n + 1, device="cuda", dtype=dtype)
+    policy = replace(POLICY, selection=selection, summary_dtype=summary)
+    cache = CondensateCache(cfg, policy, capacity=n + 1, device="cuda", dtype=dtype)
     cache.k.normal_()
     cache.v.normal_()
     cache.seq_len = n
@@ -120,13 +122,14 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
     add("transformers-eager-attention", hf, inputs, kv_bytes)
     add("minirt-dense-triton", lambda inp: tri.decode_attention(inp[0], *inp[1]), inputs, kv_bytes, f"rel err vs SDPA {err:.1e}")
 
-    for selection in ("exact", "pages"):
-        caches = [make_cache(Hq, Hkv, D, n, selection, dtype) for _ in range(min(copies, 2))]
+    for selection, summary in (("exact", "cache"), ("pages", "cache"), ("pages", "fp8")):
+        caches = [make_cache(Hq, Hkv, D, n, selection, dtype, summary) for _ in range(min(copies, 2))]
         new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
         # The runtime's own decode step: append position n (seq_len stays n, so every call
         # rewrites it), update ring and page summary, select, attend.
         step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
-        add(f"minirt-sparse-{selection}", step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, selection))
+        method = f"minirt-sparse-{selection}" + ("-fp8" if summary == "fp8" else "")
+        add(method, step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, selection, 1 if summary == "fp8" else el))
         del caches
     for r in rows:
         flash = next(f["ms"] for f in rows if f["method"] == "sdpa-flash" and f["mode"] == r["mode"])
@@ -160,8 +163,9 @@ def main() -> None:
     rows = []
     for n in map(int, args.contexts.split(",")):
         for name, (Hq, Hkv, D) in SHAPES.items():
-            rows += run_shape(name, Hq, Hkv, D, n, dtype, not args.no_graphs)
-            print(markdown(rows[-12:], device).split("\n", 3)[3], end="", flush=True)
+            shape_rows = run_shape(name, Hq, Hkv, D, n, dtype, not args.no_graphs)
+            rows += shape_rows
+            print(markdown(shape_rows, device).split("\n", 3)[3], end="", flush=True)
             torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "dtype": args.dtype, "policy": asdict(POLICY)}

@@ -23,9 +23,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1 << 20)
     ap.add_argument("--selection", default="pages", choices=["exact", "pages"])
     ap.add_argument("--shape", default=next(iter(SHAPES)), choices=list(SHAPES))
+    ap.add_argument("--summary-dtype", default="cache", choices=["cache", "fp8"])
     args = ap.parse_args()
     Hq, Hkv, D = SHAPES[args.shape]
-    cache = make_cache(Hq, Hkv, D, args.context, args.selection, torch.float16)
+    cache = make_cache(Hq, Hkv, D, args.context, args.selection, torch.float16, args.summary_dtype)
     q = torch.randn(1, Hq, 1, D, device="cuda", dtype=torch.float16)
     kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=torch.float16)
     for _ in range(5):
@@ -37,7 +38,7 @@ def main() -> None:
             cache.attend(0, q, kv[0], kv[1])
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    print(f"{args.shape}, n={args.context}, selection={args.selection}: kernels per step and GPU time (us/step)")
+    print(f"{args.shape}, n={args.context}, selection={args.selection}, summaries={args.summary_dtype}: kernels per step and GPU time (us/step)")
     for e in sorted(events, key=lambda e: -e.device_time_total):
         print(f"{e.count / steps:5.1f} x  {e.device_time_total / steps:8.1f} us  {e.key[:100]}")
     print(f"total {sum(e.device_time_total for e in events) / steps:.1f} us/step in {sum(e.count for e in events) / steps:.0f} kernels")

@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="1048576")
     ap.add_argument("--selection", default="pages", choices=["exact", "pages"])
+    ap.add_argument("--summary-dtype", default="cache", choices=["cache", "fp8"])
     ap.add_argument("--grid", type=json.loads, default=GRID, help="JSON like GRID, to sweep other values")
     ap.add_argument("--out", default="results/tune_select")
     args = ap.parse_args()
@@ -37,7 +38,7 @@ def main() -> None:
     rows = []
     for n in map(int, args.contexts.split(",")):
         for name, (Hq, Hkv, D) in SHAPES.items():
-            cache = make_cache(Hq, Hkv, D, n, args.selection, torch.float16)
+            cache = make_cache(Hq, Hkv, D, n, args.selection, torch.float16, args.summary_dtype)
             q = torch.randn(1, Hq, 1, D, device="cuda", dtype=torch.float16)
             kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=torch.float16)
             best = None
@@ -47,7 +48,8 @@ def main() -> None:
                 tri.SPARSE.update({key[7:]: val for key, val in config.items() if key.startswith("sparse_")})
                 graph = graphed(lambda _: cache.attend(0, q, kv[0], kv[1]), [None])[0]
                 ms = do_bench(graph.replay, return_mode="median")
-                rows.append({"context": n, "shape": name, "selection": args.selection, **config, "ms": ms})
+                rows.append({"context": n, "shape": name, "selection": args.selection, "summaries": args.summary_dtype,
+                             **config, "ms": ms})
                 best = min(best or rows[-1], rows[-1], key=lambda r: r["ms"])
             default = next((r for r in rows if r["context"] == n and r["shape"] == name
                             and all(r[key] == defaults[key] for key in grid)), None)
