@@ -126,10 +126,12 @@ def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(x))
 
 
+INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def _precision(t: torch.Tensor) -> dict:
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return dict(PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
-                UPCAST=interpreted and t.dtype == torch.bfloat16)
+                UPCAST=INTERPRETED.value and t.dtype == torch.bfloat16)
 
 
 # Launch settings of the decode kernels; bench/tune_decode.py measures the alternatives.
@@ -232,9 +234,9 @@ def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb
 
 @triton.jit
 def _widen(x, dtype: tl.constexpr):
-    """x (a page summary) as dtype; fp8 NaN is recognised by its bits, since the interpreter
-    widens it to a number (Triton 3.9)."""
-    if x.dtype == tl.float8e4nv:
+    """x (a page summary) as dtype. The interpreter widens fp8 NaN to a number (Triton 3.9), so
+    there NaN is recognised by its bits; compiled, the conversion keeps NaN by itself."""
+    if INTERPRETED and x.dtype == tl.float8e4nv:
         return tl.where((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), x.to(tl.float32)).to(dtype)
     return x.to(dtype)
 
