@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--oversample", default="4,16")
-    ap.add_argument("--summaries", default="cache", help="summary dtypes, e.g. cache,fp8")
+    ap.add_argument("--summaries", default="cache,fp8", help="summary dtypes to compare")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="results/page_recall")
     args = ap.parse_args()

@@ -34,7 +34,7 @@ class CondensateConfig:
     selection: str = "exact"  # "exact": score every key; "pages": Quest-style page bounds first
     page_size: int = 32
     page_oversample: float = 16.0  # pages scored exactly = ceil(k * oversample / page_size)
-    summary_dtype: str = "cache"  # page min/max kept in the cache dtype, or "fp8" (half the bytes to scan)
+    summary_dtype: str = "fp8"  # page min/max as fp8 rounded outward (half the bytes to scan), or "cache" dtype
     max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
 
     def __post_init__(self) -> None:

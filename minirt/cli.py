@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--selection", choices=["exact", "pages"], default=d.selection)
     s.add_argument("--page-size", type=int, default=d.page_size)
     s.add_argument("--summary-dtype", choices=["cache", "fp8"], default=d.summary_dtype,
-                   help="page min/max summaries: the cache dtype, or fp8 rounded outward (half the bytes)")
+                   help="page min/max summaries: fp8 rounded outward (half the bytes), or the cache dtype")
     s.add_argument("--max-dropped-mass", type=float, help="certificate bound: fall back to full attention above it")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto")

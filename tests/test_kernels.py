@@ -210,7 +210,7 @@ def test_append_kv(pages, dtype):
 @pytest.mark.parametrize("attention, policy", [
     ("full", None),
     ("sparse", dict(anchor=2, window=8, top_k=4)),
-    ("sparse", dict(anchor=2, window=8, top_k=4, selection="pages", page_size=4)),
+    ("sparse", dict(anchor=2, window=8, top_k=4, selection="pages", page_size=4, summary_dtype="cache")),
     ("sparse", dict(anchor=2, window=8, top_k=4, selection="pages", page_size=4, summary_dtype="fp8")),
 ])
 def test_runtime_through_triton_kernels(tiny_checkpoint, monkeypatch, attention, policy):

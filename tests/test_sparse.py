@@ -39,7 +39,8 @@ def tiny_cfg() -> ModelConfig:
 
 def test_ring_buffer_wraps_and_truncates():
     cfg = tiny_cfg()
-    cache = CondensateCache(cfg, CondensateConfig(anchor=2, window=5, top_k=3, selection="pages", page_size=4), capacity=40)
+    policy = CondensateConfig(anchor=2, window=5, top_k=3, selection="pages", page_size=4, summary_dtype="cache")
+    cache = CondensateCache(cfg, policy, capacity=40)
     g = torch.Generator().manual_seed(0)
     for step in range(23):
         T = 3 if step == 0 else 1  # a short prefill, then decode steps
