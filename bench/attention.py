@@ -129,7 +129,8 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
         # rewrites it), update ring and page summary, select, attend.
         step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
         method = f"minirt-sparse-{selection}" + ("-fp8" if summary == "fp8" else "")
-        add(method, step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, selection, 1 if summary == "fp8" else el))
+        summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()
+        add(method, step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, selection, summary_el))
         del caches
     for r in rows:
         flash = next(f["ms"] for f in rows if f["method"] == "sdpa-flash" and f["mode"] == r["mode"])

@@ -127,6 +127,7 @@ def _pow2(x: int, minimum: int = 16) -> int:
 
 
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+FP8_MAX: tl.constexpr = tl.constexpr(reference.FP8_MAX)
 
 
 def _precision(t: torch.Tensor) -> dict:
@@ -222,9 +223,9 @@ def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb
         kf = kn.to(tl.float32)  # compare in fp32 (exact; the interpreter mishandles bf16 max)
         lo = _widen(tl.load(KMIN + page, mask=dmask), tl.float32)
         hi = _widen(tl.load(KMAX + page, mask=dmask), tl.float32)
-        # NaN (an fp8 summary past its range) stays: tl.minimum would drop it
-        lo = tl.where(first, kf, tl.where(lo != lo, lo, tl.minimum(lo, kf)))
-        hi = tl.where(first, kf, tl.where(hi != hi, hi, tl.maximum(hi, kf)))
+        # NaN (an fp8 summary past its range) must stay: by default tl.minimum drops it
+        lo = tl.where(first, kf, tl.minimum(lo, kf, propagate_nan=tl.PropagateNan.ALL))
+        hi = tl.where(first, kf, tl.maximum(hi, kf, propagate_nan=tl.PropagateNan.ALL))
         if KMIN.dtype.element_ty == tl.float8e4nv:  # rounding is monotone: rounding the new min suffices
             lo = _fp8_outward(lo, False)
             hi = _fp8_outward(hi, True)
@@ -251,7 +252,7 @@ def _fp8_outward(x, UP: tl.constexpr):
     r = (tl.ceil(x * inv_ulp) if UP else tl.floor(x * inv_ulp)) * ulp  # on the grid: converts exactly
     # NaN written as its bits: the interpreter converts a float NaN to fp8 384 (Triton 3.9)
     nan = tl.full(r.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
-    return tl.where((tl.abs(r) > 448.0) | (r != r), nan, r.to(tl.float8e4nv))
+    return tl.where((tl.abs(r) > FP8_MAX) | (r != r), nan, r.to(tl.float8e4nv))
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:
