@@ -114,7 +114,7 @@ def test_growing_budget():
 @pytest.mark.parametrize("kwargs, message", [
     ({"window": 0}, "window"), ({"top_k": -1}, "top_k"), ({"scope": "layer"}, "scope"),
     ({"selection": "random"}, "selection"), ({"max_dropped_mass": 2.0}, "max_dropped_mass"),
-    ({"budget_exponent": 1.5}, "budget_exponent"),
+    ({"budget_exponent": 1.5}, "budget_exponent"), ({"summary_dtype": "fp16"}, "summary_dtype"),
 ])
 def test_bad_policy(kwargs, message):
     with pytest.raises(ValueError, match=message):
