@@ -9,7 +9,7 @@ from pathlib import Path
 from .cache import CondensateConfig
 from .generate import Sampling, check_length, encode_prompt, generate
 
-DEFAULT_MODEL = "smollm-135m"
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def _positive(kind):
@@ -103,7 +103,7 @@ def _run(args, text: str, policy: CondensateConfig, sampling: Sampling) -> int:
 
     t0 = time.perf_counter()
     llm = LLM.load(args.model, args.device, args.dtype, progress=True)
-    print(f"loaded {llm.folder} ({llm.cfg.family}, {llm.cfg.n_layers} layers) on {llm.model.device} "
+    print(f"loaded {llm.path} ({llm.cfg.family}, {llm.cfg.n_layers} layers) on {llm.model.device} "
           f"{str(llm.model.dtype).removeprefix('torch.')} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     if args.attention == "compare":
         ids = encode_prompt(llm, text, args.chat)

@@ -22,8 +22,6 @@ MODEL_ALIASES: dict[str, str] = {
     "pythia-160m": "EleutherAI/pythia-160m",
     "pythia-410m": "EleutherAI/pythia-410m",
     "qwen2-0.5b": "Qwen/Qwen2-0.5B-Instruct",
-    "smollm-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 # HF activation names -> the function minirt applies (see model.ACTIVATIONS).

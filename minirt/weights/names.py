@@ -6,12 +6,17 @@ and how they combine:
   cat       q, k, v projections stacked along the output dim into minirt's fused wqkv
   conv1d    GPT-2's Conv1D stores [in, out]; transpose to nn.Linear's [out, in]
   neox_qkv  GPT-NeoX's fused QKV is interleaved per head ([heads, 3, head_dim]); regroup to q|k|v
+  llama_qkv like cat, after undoing the q/k row permutation llama.cpp writes into Llama GGUF files
+
+GGUF files (llama.cpp's tensor names) have tables of their own, GGUF_NAME_MAPS.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from ..config import ModelConfig
 
 Spec = tuple[str, tuple[str, ...]]
 
@@ -73,6 +78,33 @@ _NEOX: dict[str, Spec] = {
     },
 }
 
+def _gguf_map(qkv: str) -> dict[str, Spec]:
+    """llama.cpp's names; the families differ in how separate q/k/v or one fused qkv are stored."""
+    blk = "blk.{i}."
+    table: dict[str, Spec] = {
+        "embed.weight": ("copy", ("token_embd.weight",)),
+        "pos_embed.weight": ("copy", ("position_embd.weight",)),
+        "lm_head.weight": ("copy", ("output.weight",)),
+    }
+    for p in ("weight", "bias"):
+        table |= {
+            f"norm.{p}": ("copy", (f"output_norm.{p}",)),
+            f"layers.{{i}}.attn_norm.{p}": ("copy", (f"{blk}attn_norm.{p}",)),
+            f"layers.{{i}}.mlp_norm.{p}": ("copy", (f"{blk}ffn_norm.{p}",)),
+            f"layers.{{i}}.attn.wo.{p}": ("copy", (f"{blk}attn_output.{p}",)),
+            **{f"layers.{{i}}.mlp.{x}.{p}": ("copy", (f"{blk}ffn_{x}.{p}",)) for x in ("gate", "up", "down")},
+            f"layers.{{i}}.attn.wqkv.{p}": (
+                ("copy", (f"{blk}attn_qkv.{p}",)) if qkv == "fused" else (qkv, tuple(f"{blk}attn_{x}.{p}" for x in "qkv"))),
+        }
+    return table
+
+
+# GGUF stores GPT-2's projections as [out, in] and GPT-NeoX's fused qkv already as q|k|v.
+GGUF_NAME_MAPS: dict[str, dict[str, Spec]] = {
+    "llama": _gguf_map("llama_qkv"), "mistral": _gguf_map("llama_qkv"), "qwen2": _gguf_map("cat"),
+    "gpt2": _gguf_map("fused"), "gpt_neox": _gguf_map("fused"),
+}
+
 NAME_MAPS: dict[str, dict[str, Spec]] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2, "gpt_neox": _NEOX,
 }
@@ -87,23 +119,30 @@ def _neox_qkv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.view(n_heads, 3, head_dim, *rest).transpose(0, 1).reshape(t.shape)
 
 
-def combine(op: str, tensors: list[torch.Tensor], n_heads: int) -> torch.Tensor:
+def _llama_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    from .gguf import unpermute_llama
+
+    return torch.cat((unpermute_llama(q, cfg.n_heads), unpermute_llama(k, cfg.n_kv_heads), v), dim=0)
+
+
+def combine(op: str, tensors: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
     ops: dict[str, Callable[[], torch.Tensor]] = {
         "copy": lambda: tensors[0],
         "cat": lambda: torch.cat(tensors, dim=0),
         "conv1d": lambda: tensors[0].t(),
-        "neox_qkv": lambda: _neox_qkv(tensors[0], n_heads),
+        "neox_qkv": lambda: _neox_qkv(tensors[0], cfg.n_heads),
+        "llama_qkv": lambda: _llama_qkv(*tensors, cfg),
     }
     return ops[op]()
 
 
-def spec_for(family: str, param: str) -> tuple[str, list[str]] | None:
-    """The (op, HF names) a minirt parameter is built from, or None if the family has no entry."""
+def spec_for(family: str, param: str, maps: dict[str, dict[str, Spec]] = NAME_MAPS) -> tuple[str, list[str]] | None:
+    """The (op, source names) a minirt parameter is built from, or None if the family has no entry."""
     parts = param.split(".")
     layer = None
     if parts[0] == "layers":
         layer, parts[1] = parts[1], "{i}"
-    entry = NAME_MAPS[family].get(".".join(parts))
+    entry = maps[family].get(".".join(parts))
     if entry is None:
         return None
     op, sources = entry
