@@ -10,57 +10,15 @@ for heads where that mass exceeds a bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .config import ModelConfig
+from .config import CondensateConfig, ModelConfig
 
 
 class CacheFullError(RuntimeError):
     """More tokens than the cache was allocated for."""
-
-
-@dataclass(frozen=True)
-class CondensateConfig:
-    anchor: int = 4  # first positions always attended (the attention sink)
-    window: int = 128  # most recent positions, kept in a ring buffer
-    top_k: int = 32  # distant positions chosen by Q·K
-    budget_alpha: float = 0.0  # if > 0: k = max(top_k, ceil(alpha * n ** budget_exponent))
-    budget_exponent: float = 0.5
-    dense_layers: tuple[int, ...] = ()  # layers that always attend to everything
-    scope: str = "group"  # top-k shared by a KV group's query heads, or chosen per "head"
-    selection: str = "exact"  # "exact": score every key; "pages": Quest-style page bounds first
-    page_size: int = 32
-    page_oversample: float = 16.0  # pages scored exactly = ceil(k * oversample / page_size)
-    summary_dtype: str = "fp8"  # page min/max as fp8 rounded outward (half the bytes to scan), or "cache" dtype
-    max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.anchor >= 0, "anchor must be >= 0"),
-            (self.window >= 1, "window must be >= 1"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (self.budget_alpha >= 0, "budget_alpha must be >= 0"),
-            (0 <= self.budget_exponent <= 1, "budget_exponent must be in [0, 1]"),
-            (self.scope in ("group", "head"), "scope must be 'group' or 'head'"),
-            (self.selection in ("exact", "pages"), "selection must be 'exact' or 'pages'"),
-            (self.page_size >= 1, "page_size must be >= 1"),
-            (self.page_oversample >= 1, "page_oversample must be >= 1"),
-            (self.summary_dtype in ("cache", "fp8"), "summary_dtype must be 'cache' or 'fp8'"),
-            (self.max_dropped_mass is None or 0 <= self.max_dropped_mass <= 1, "max_dropped_mass must be in [0, 1]"),
-            (all(i >= 0 for i in self.dense_layers), "dense_layers must be layer indices >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def budget(self, n: int) -> int:
-        """Top-k size at context length n (grows as alpha * n^C when alpha > 0)."""
-        if self.budget_alpha > 0:
-            return max(self.top_k, math.ceil(self.budget_alpha * n ** self.budget_exponent))
-        return self.top_k
 
 
 class DenseCache:
@@ -102,6 +60,22 @@ class DenseCache:
         if not 0 <= n <= self.seq_len:
             raise ValueError(f"cannot truncate a cache of {self.seq_len} positions to {n}")
         self.seq_len = n
+        if n:
+            self._derive(n - 1, n)
+
+    def copy_prefix(self, src: "DenseCache") -> None:
+        """Hold what `src` holds (prefill once, decode several ways): its keys/values and length,
+        and whatever this cache derives from them."""
+        n = src.seq_len
+        self._reserve(n - self.seq_len)
+        self.k[:, :, :, :n] = src.k[:, :, :, :n]
+        self.v[:, :, :, :n] = src.v[:, :, :, :n]
+        self.seq_len = n
+        if n:
+            self._derive(0, n)
+
+    def _derive(self, start: int, end: int) -> None:
+        """Rebuild what is derived from history positions [start, end), the last ones held (nothing here)."""
 
 
 class CondensateCache(DenseCache):
@@ -140,17 +114,15 @@ class CondensateCache(DenseCache):
                           k, v, start, self.policy.page_size)
         return start, end
 
-    def truncate(self, n: int) -> None:
-        super().truncate(n)
-        if n == 0:
-            return
-        # The ring and the last page may hold positions >= n: rebuild both from the history.
-        first = max(0, n - self.policy.window)
-        kernels.fill_ring(self.ring_k, self.ring_v, self.k[:, :, :, first:n], self.v[:, :, :, first:n], first)
+    def _derive(self, start: int, end: int) -> None:
+        # The ring holds the last W positions; pages touching [start, end) are summarised again
+        # (after truncate, the last page may have held positions past the new end).
+        first = max(0, end - self.policy.window)
+        kernels.fill_ring(self.ring_k, self.ring_v, self.k[:, :, :, first:end], self.v[:, :, :, first:end], first)
         if self.kmin is not None:
             P = self.policy.page_size
             for layer in range(self.k.shape[0]):
-                kernels.update_pages(self.k[layer], *self._pages(layer), (n - 1) // P * P, n, P)
+                kernels.update_pages(self.k[layer], *self._pages(layer), start // P * P, end, P)
 
     @staticmethod
     def _recall(scores: torch.Tensor, chosen: torch.Tensor, lo: int, hi: int, k_top: int) -> float:

@@ -1,4 +1,6 @@
-"""Model configuration: one dataclass for every family, built from a Hugging Face config.json.
+"""Configuration: the model (one dataclass for every family, built from a Hugging Face config.json
+or GGUF metadata), the condensate sparse-attention policy and sampling. No torch here, so the CLI
+can parse and check its flags before loading it.
 
 Per-family differences are data here (norm kind, positions, rotary fraction, residual layout,
 biases, MLP kind); the layer graph in model.py reads these fields and never the family name.
@@ -6,6 +8,7 @@ biases, MLP kind); the layer graph in model.py reads these fields and never the 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,8 @@ class ModelConfig:
             return _BUILDERS[family](hf)
         except KeyError as e:
             raise ConfigError(f"{source}: model_type {family!r} needs field {e.args[0]!r}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -175,3 +180,60 @@ def _llama_like(hf: dict[str, Any]) -> ModelConfig:
 
 
 _BUILDERS = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like}
+
+
+@dataclass(frozen=True)
+class CondensateConfig:
+    anchor: int = 4  # first positions always attended (the attention sink)
+    window: int = 128  # most recent positions, kept in a ring buffer
+    top_k: int = 32  # distant positions chosen by Q·K
+    budget_alpha: float = 0.0  # if > 0: k = max(top_k, ceil(alpha * n ** budget_exponent))
+    budget_exponent: float = 0.5
+    dense_layers: tuple[int, ...] = ()  # layers that always attend to everything
+    scope: str = "group"  # top-k shared by a KV group's query heads, or chosen per "head"
+    selection: str = "exact"  # "exact": score every key; "pages": Quest-style page bounds first
+    page_size: int = 32
+    page_oversample: float = 16.0  # pages scored exactly = ceil(k * oversample / page_size)
+    summary_dtype: str = "fp8"  # page min/max as fp8 rounded outward (half the bytes to scan), or "cache" dtype
+    max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.anchor >= 0, "anchor must be >= 0"),
+            (self.window >= 1, "window must be >= 1"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.budget_alpha >= 0, "budget_alpha must be >= 0"),
+            (0 <= self.budget_exponent <= 1, "budget_exponent must be in [0, 1]"),
+            (self.scope in ("group", "head"), "scope must be 'group' or 'head'"),
+            (self.selection in ("exact", "pages"), "selection must be 'exact' or 'pages'"),
+            (self.page_size >= 1, "page_size must be >= 1"),
+            (self.page_oversample >= 1, "page_oversample must be >= 1"),
+            (self.summary_dtype in ("cache", "fp8"), "summary_dtype must be 'cache' or 'fp8'"),
+            (self.max_dropped_mass is None or 0 <= self.max_dropped_mass <= 1, "max_dropped_mass must be in [0, 1]"),
+            (all(i >= 0 for i in self.dense_layers), "dense_layers must be layer indices >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def budget(self, n: int) -> int:
+        """Top-k size at context length n (grows as alpha * n^C when alpha > 0)."""
+        if self.budget_alpha > 0:
+            return max(self.top_k, math.ceil(self.budget_alpha * n ** self.budget_exponent))
+        return self.top_k
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")

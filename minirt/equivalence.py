@@ -5,17 +5,22 @@ compare() decodes one prompt three ways on the same weights:
   2. sparse, teacher-forced on the reference tokens, so each step's next-token distribution is
      compared with full attention on the same context: KL(full || sparse), top-5 overlap, argmax
      agreement, and the attention mass the sparse set left out (exact, per layer and head);
-  3. sparse, greedy on its own tokens: token match rate and the first divergent step.
+  3. sparse, greedy on its own tokens: token match rate and the first divergent step. Up to the
+     first step where sparse's argmax differs from full's token this is run 2 itself, so it is
+     continued from a copy of run 2's cache at that step rather than decoded again.
+The prompt is prefilled once: prefill is full attention in either mode.
 """
 from __future__ import annotations
 
+import copy
 import json
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .cache import CondensateConfig
-from .generate import forced_steps, stream_tokens
+from .config import CondensateConfig
+from .generation import forced_steps, prefill, stream_tokens
 from .llm import LLM
 
 
@@ -44,6 +49,8 @@ class EquivalenceReport:
     dropped_mass_by_layer: list[float]  # max over steps and heads
     fallbacks: int
     page_recall: float | None  # selection="pages": mean fraction of the exact top-k it found
+    attended_keys: float = 0.0  # keys in the sparse set per layer and decode step, mean
+    context: float = 0.0  # cached positions per decode step, mean (what full attention attends to)
     full_text: str = ""
     sparse_text: str = ""
 
@@ -66,44 +73,95 @@ class EquivalenceReport:
             ("top-5 overlap mean", f"{self.top5_overlap_mean:.3f}"),
             ("dropped mass max / mean", f"{self.dropped_mass_max:.3e} / {self.dropped_mass_mean:.3e}"),
             ("fallbacks to full", str(self.fallbacks)),
+            ("keys attended per step (mean)", f"{self.attended_keys:.0f} of {self.context:.0f} "
+                                              f"({100 * self.attended_keys / self.context:.1f}%)"),
         ]
         if self.page_recall is not None:
             rows.append(("page selection recall of exact top-k", f"{100 * self.page_recall:.1f}%"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         lines.append("dropped mass by layer (max): " + " ".join(f"{m:.1e}" for m in self.dropped_mass_by_layer))
+        for name, text in (("full", self.full_text), ("sparse", self.sparse_text)):
+            lines += ["", f"--- {name} attention decoded ---", text]
         return "\n".join(lines)
 
 
-def _greedy(llm: LLM, ids: list[int], steps: int, attention: str, policy: CondensateConfig | None) -> tuple[list[int], torch.Tensor]:
-    cache = llm.new_cache(len(ids) + steps, attention, policy)
+def _greedy(llm: LLM, ids: list[int], cache, first: torch.Tensor, steps: int, bar=None) -> tuple[list[int], torch.Tensor]:
     tokens, logits = [], []
-    for token, step_logits in stream_tokens(llm, ids, cache, steps):
+    for token, step_logits in stream_tokens(llm, ids, cache, steps, prefilled=first):
         tokens.append(token)
         logits.append(step_logits.float())
+        if bar is not None:
+            bar.update()
     return tokens, torch.stack(logits)
 
 
 @torch.inference_mode()
-def _teacher_forced(llm: LLM, ids: list[int], forced: list[int], policy: CondensateConfig):
-    """Sparse logits at each step of the full run's context, with per-step dropped mass."""
-    cache = llm.new_cache(len(ids) + len(forced), "sparse", policy, certify=True)
-    logits, dropped, recall = [], [], []
-    for step_logits in forced_steps(llm, ids, forced[:-1], cache):  # the last token is never fed
+def _teacher_forced(llm: LLM, ids: list[int], cache, first: torch.Tensor, forced: list[int], bar=None):
+    """Sparse logits at each step of the full run's context, with per-step dropped mass; and the
+    first step where sparse's own greedy token differs, with a copy of the cache at that step.
+
+    Until that step a free-running sparse decode is this very run, so it only has to be continued
+    from the copy (none is made if sparse never disagrees)."""
+    logits, dropped, recall, fork = [], [], [], None
+    for step, step_logits in enumerate(forced_steps(llm, ids, forced[:-1], cache, prefilled=first)):  # the last token is never fed
+        if bar is not None:
+            bar.update()
         logits.append(step_logits.float())
         dropped.append(cache.dropped[:, 0].clone())  # [layers, heads]
         recall.append(cache.recall.clone())
+        if fork is None and int(step_logits.argmax()) != forced[step]:
+            fork = (step, copy.deepcopy(cache))
     recall = torch.stack(recall[1:]) if len(recall) > 1 else torch.full((1,), float("nan"))  # step 0 is prefill
-    return torch.stack(logits), torch.stack(dropped), cache.fallbacks, recall
+    return torch.stack(logits), torch.stack(dropped), cache.fallbacks, recall, fork
 
 
-def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfig | None = None) -> EquivalenceReport:
-    """Decode `steps` tokens with full and with sparse attention and measure the difference."""
+@dataclass
+class FullReference:
+    """Full attention's greedy decode of a prompt, and the prompt's prefilled cache to start
+    sparse runs from (prefill is full attention either way): shared by every policy compared."""
+    prompt_ids: list[int]
+    steps: int
+    prompt_cache: object  # a DenseCache holding exactly the prompt
+    first_logits: torch.Tensor
+    tokens: list[int]
+    logits: torch.Tensor  # [steps, V] fp32
+
+
+def full_reference(llm: LLM, prompt_ids: list[int], steps: int, progress: bool = False, bar=None) -> FullReference:
+    capacity = len(prompt_ids) + steps
+    prompt_cache, run_cache = llm.new_cache(len(prompt_ids), "full"), llm.new_cache(capacity, "full")
+    first = prefill(llm, prompt_ids, prompt_cache, progress)
+    run_cache.copy_prefix(prompt_cache)
+    tokens, logits = _greedy(llm, prompt_ids, run_cache, first, steps, bar)
+    return FullReference(prompt_ids, steps, prompt_cache, first, tokens, logits)
+
+
+def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfig | None = None,
+            reference: FullReference | None = None, progress: bool = False) -> EquivalenceReport:
+    """Decode `steps` tokens with full and with sparse attention and measure the difference.
+    `reference` (from full_reference on the same prompt and steps) saves the full run;
+    `progress` shows bars for the prefill and the decodes on stderr (a terminal only)."""
+    from tqdm import tqdm
+
     policy = policy or CondensateConfig()
-    full_tokens, full_logits = _greedy(llm, prompt_ids, steps, "full", None)
-    sparse_logits, dropped, fallbacks, recall = _teacher_forced(llm, prompt_ids, full_tokens, policy)
-    recall = recall[~recall.isnan()]
-    free_tokens, free_logits = _greedy(llm, prompt_ids, steps, "sparse", policy)
+    runs = 2 if reference else 3  # at most: the free-running sparse decode starts where it diverges
+    with tqdm(total=runs * steps, desc="compare (full, sparse forced, sparse free)", unit="step", leave=False,
+              file=sys.stderr, disable=None if progress else True) as bar:
+        ref = reference or full_reference(llm, prompt_ids, steps, progress, bar)
+        assert ref.prompt_ids == prompt_ids and ref.steps == steps, "reference is for another prompt or length"
+        cache = llm.new_cache(len(prompt_ids) + steps, "sparse", policy, certify=True)
+        cache.copy_prefix(ref.prompt_cache)
+        first, full_tokens, full_logits = ref.first_logits, ref.tokens, ref.logits
+        sparse_logits, dropped, fallbacks, recall, fork = _teacher_forced(llm, prompt_ids, cache, first, full_tokens, bar)
+        recall = recall[~recall.isnan()]
+        free_tokens, free_logits = full_tokens, sparse_logits
+        if fork is not None:
+            step, fork_cache = fork
+            bar.update(step)
+            tail_tokens, tail_logits = _greedy(llm, prompt_ids, fork_cache, sparse_logits[step], steps - step, bar)
+            free_tokens = full_tokens[:step] + tail_tokens
+            free_logits = torch.cat((sparse_logits[:step], tail_logits))
 
     logp_full = torch.log_softmax(full_logits, -1)
     logp_sparse = torch.log_softmax(sparse_logits, -1)
@@ -119,6 +177,8 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         divergence = Divergence(first, f, s, float(full_logits[first, f] - full_logits[first, s]),
                                 float(free_logits[first, s] - free_logits[first, f]))
     decode = llm.tokenizer.decode if llm.tokenizer is not None else (lambda ids: "")
+    contexts = [len(prompt_ids) + i for i in range(1, steps)] or [len(prompt_ids)]
+    attended = [attended_keys(policy, n, llm.cfg.n_layers) for n in contexts]
     decode_steps = dropped[1:] if len(dropped) > 1 else dropped  # step 0 is the (full) prefill
     return EquivalenceReport(
         policy=asdict(policy), prompt_tokens=len(prompt_ids), steps=steps,
@@ -128,8 +188,19 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         dropped_mass_max=float(decode_steps.max()), dropped_mass_mean=float(decode_steps.mean()),
         dropped_mass_by_layer=decode_steps.amax(dim=(0, 2)).tolist(), fallbacks=fallbacks,
         page_recall=float(recall.mean()) if recall.numel() else None,
+        attended_keys=sum(attended) / len(attended), context=sum(contexts) / len(contexts),
         full_text=decode(full_tokens), sparse_text=decode(free_tokens),
     )
+
+
+def attended_keys(policy: CondensateConfig, n: int, n_layers: int) -> float:
+    """Keys one decode step attends to over n cached positions, averaged over layers (before any
+    certificate fallback): anchor, window and top-k, or all n in a dense layer."""
+    a = min(policy.anchor, n)
+    window = min(policy.window, n - a)
+    sparse = a + window + min(policy.budget(n), n - a - window)
+    dense = len(set(policy.dense_layers))
+    return (dense * n + (n_layers - dense) * sparse) / n_layers
 
 
 @torch.inference_mode()

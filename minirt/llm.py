@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import CondensateCache, CondensateConfig, DenseCache
+from .cache import CondensateCache, DenseCache
+from .config import CondensateConfig
 from .config import ModelConfig
 from .model import Transformer
 from .tokenizer import Tokenizer

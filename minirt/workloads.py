@@ -5,6 +5,7 @@ The prompts are fixed before measuring and are not tuned to make sparse and full
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 FILLER = [
     "The river runs slowly past the old mill, and in summer the water is warm enough to swim.",
@@ -70,3 +71,17 @@ def haystack(sentences_between: int = 16) -> str:
         parts += [filler(sentences_between, offset=i * 5), needle.fact]
     parts.append(filler(sentences_between, offset=3))
     return " ".join(parts)
+
+
+PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+# Long texts shipped in prompts/ (see prompts/README.md): Python source and English prose.
+LONG_TEXTS = {"code": ("long_code.txt", "code.txt"), "prose": ("prose.txt", "code.txt")}
+
+
+def long_prompt(tokenizer, kind: str, n_tokens: int) -> list[int]:
+    """The first n_tokens tokens of the long `kind` text (its files joined in order)."""
+    text = "\n\n".join((PROMPTS / name).read_text() for name in LONG_TEXTS[kind])
+    ids = tokenizer.encode(text)
+    if len(ids) < n_tokens:
+        raise ValueError(f"the {kind} text has {len(ids)} tokens, fewer than the {n_tokens} asked for")
+    return ids[:n_tokens]

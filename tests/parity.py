@@ -44,7 +44,7 @@ def max_rel_logit_diff(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> flo
 def forced_logits(llm, ids: list[int], tokens: list[int]) -> torch.Tensor:
     """minirt's next-token logits after the prompt and after each of `tokens` fed in turn
     (teacher forcing, full attention): [len(tokens) + 1, V] in fp32."""
-    from minirt.generate import forced_steps
+    from minirt.generation import forced_steps
 
     cache = llm.new_cache(len(ids) + len(tokens) + 1)
     return torch.stack(list(forced_steps(llm, ids, tokens, cache))).float()

@@ -1,12 +1,14 @@
-"""run.py end to end on the real SmolLM2 checkpoint, and its usage errors."""
+"""run.py end to end on the real SmolLM2 model, as a user runs it (a subprocess). Bad input, case
+by case, is in test_bad_input.py."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
+from minirt import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,46 +17,51 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True, input=stdin)
 
 
-def test_generates_text_from_prompt_file(smollm2):
-    done = run("--model", str(smollm2), "--prompt", "prompts/story.txt", "--max-new-tokens", "12")
+def test_generates_text_from_prompt_file(smollm2, smollm2_llm):
+    done = run("--model", str(smollm2), "--prompt", "prompts/story.txt", "--max-new-tokens", "12", "--attention", "full")
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.strip()) > 10
-    assert "generated 12 (length)" in done.stderr and "tok/s" in done.stderr
+    expected = generate(smollm2_llm, (REPO / "prompts/story.txt").read_text(), 12, attention="full")
+    assert done.stdout == expected.text + "\n"
+    assert f"generated {len(expected.tokens)} ({expected.finish_reason})" in done.stderr and "tok/s" in done.stderr
 
 
-def test_full_attention_and_stdin_prompt(smollm2):
-    done = run("--model", str(smollm2), "--prompt", "-", "--attention", "full", "--max-new-tokens", "5", stdin="Hello, my name is")
+def test_stdin_prompt_sparse(smollm2, smollm2_llm):
+    done = run("--model", str(smollm2), "--prompt", "-", "--max-new-tokens", "5", "--quiet", stdin="Hello, my name is")
     assert done.returncode == 0, done.stderr
-    assert "attention full" in done.stderr
+    assert done.stdout == generate(smollm2_llm, "Hello, my name is", 5).text + "\n"
+    assert "attention sparse A=4 W=128 k=32 (exact)" in done.stderr
+    assert "loaded" not in done.stderr  # --quiet
 
 
 def test_compare_json(smollm2):
     done = run("--model", str(smollm2), "--prompt", "prompts/story.txt", "--attention", "compare", "--json",
-               "--max-new-tokens", "6", "--window", "8", "--k", "4")
+               "--max-new-tokens", "6", "--sparse-window", "8", "--sparse-k", "4")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["steps"] == 6 and 0 <= report["token_match"] <= 1
     assert report["policy"]["window"] == 8 and len(report["dropped_mass_by_layer"]) == 30
+    assert report["attended_keys"] < report["context"]  # 4 + 8 + 4 of ~45 positions
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--text", "hi", "--max-new-tokens", "0"], "must be > 0"),
-    (["--text", "hi", "--attention", "bogus"], "invalid choice"),
-    (["--text", "hi", "--window", "0"], "window must be >= 1"),
-    (["--text", "hi", "--summary-dtype", "fp4"], "invalid choice"),
-    (["--text", "hi", "--temperature", "-1"], "temperature must be >= 0"),
-    (["--text", "hi", "--dense-layers", "a,b"], "comma-separated layer indices"),
-    (["--text", "hi", "--json"], "--json needs --attention compare"),
-    (["--prompt", "no/such/file.txt"], "no such file"),
-    ([], "one of the arguments --prompt --text is required"),
-])
-def test_usage_errors_exit_2(args, message):
-    done = run(*args)
-    assert done.returncode == 2
-    assert "usage:" in done.stderr and message in done.stderr
+def test_compare_table_shows_both_texts(smollm2):
+    done = run("--model", str(smollm2), "--prompt", "prompts/story.txt", "--attention", "compare",
+               "--max-new-tokens", "4", "--window", "8", "--k", "2")  # the old spellings still work
+    assert done.returncode == 0, done.stderr
+    for line in ("token match (free-running)", "keys attended per step (mean)", "--- full attention decoded ---",
+                 "--- sparse attention decoded ---"):
+        assert line in done.stdout
 
 
-def test_runtime_errors_exit_1_with_one_line(smollm2):
-    done = run("--model", str(smollm2), "--text", "hi", "--dense-layers", "99")
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == "error: dense_layers [99] out of range: the model has 30 layers"
+def test_usage_error_is_one_line_and_exit_2():
+    done = run("--text", "hi", "--k", "-1")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == ["run.py: error: --sparse-k must be >= 0 (see run.py --help)"]
+
+
+def test_help_is_fast_shows_defaults_and_needs_no_torch():
+    t0 = time.perf_counter()
+    done = run("--help")
+    assert done.returncode == 0 and time.perf_counter() - t0 < 3.0
+    assert "(default: smollm2-135m)" in done.stdout and "--sparse-k TOP_K, --k TOP_K" in done.stdout
+    code = "import sys; from minirt.cli import build_parser; build_parser().parse_args(['--text', 'x']); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True).stdout.strip() == "False"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from parity import max_logit_diff, minirt_greedy
 
-from minirt import CondensateCache, CondensateConfig
+from minirt import CondensateCache, CondensateConfig, DenseCache
 from minirt.config import ModelConfig
 from minirt.equivalence import compare, needle_retrieval
 from minirt.kernels.reference import ring_positions
@@ -64,6 +64,31 @@ def test_ring_buffer_wraps_and_truncates():
         assert torch.equal(cache.ring_k[:, :, :, slot], cache.k[:, :, :, pos[slot]])
     last = (cache.seq_len - 1) // 4
     assert torch.equal(cache.kmin[:, :, :, last], cache.k[:, :, :, last * 4:cache.seq_len].amin(dim=3))
+
+
+@pytest.mark.parametrize("selection", ["exact", "pages"])
+def test_copy_prefix_equals_own_prefill(selection):
+    """A sparse cache filled from a dense one's prefill holds what its own prefill would: history,
+    ring slots and every page summary."""
+    cfg = tiny_cfg()
+    policy = CondensateConfig(anchor=2, window=5, top_k=3, selection=selection, page_size=4, summary_dtype="fp8")
+    dense, own, copied = DenseCache(cfg, 40), CondensateCache(cfg, policy, 40), CondensateCache(cfg, policy, 40)
+    g = torch.Generator().manual_seed(1)
+    for layer in range(cfg.n_layers):
+        q, k, v = torch.randn(1, 4, 13, 8, generator=g), torch.randn(1, 2, 13, 8, generator=g), torch.randn(1, 2, 13, 8, generator=g)
+        dense.attend(layer, q, k, v)
+        own.attend(layer, q, k, v)
+    dense.advance(13)
+    own.advance(13)
+    copied.copy_prefix(dense)
+    assert copied.seq_len == 13
+    for name in ("k", "v", "ring_k", "ring_v") + (("kmin", "kmax") if selection == "pages" else ()):
+        a, b = getattr(own, name), getattr(copied, name)
+        if name in ("k", "v"):
+            a, b = a[:, :, :, :13], b[:, :, :, :13]
+        if name in ("kmin", "kmax"):
+            a, b = a[:, :, :, :4].float(), b[:, :, :, :4].float()
+        assert torch.equal(a, b), name
 
 
 def test_sparse_after_truncate_matches_fresh_prefill(smollm2_llm):

@@ -97,17 +97,26 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8."""
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8.
+
+    Each push decodes only the tokens since the last emitted piece (plus a few before them, so
+    tokenizers that change a token's text by its neighbours decode it in context): O(1) per token.
+    """
+
+    CONTEXT = 4  # tokens decoded again before the new ones
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.start = 0  # first id of the context decoded with each push
+        self.done = 0  # ids whose text has been emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        before = self.tokenizer.decode(self.ids[self.start:self.done])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if text.endswith("\ufffd") or not text.startswith(before):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        self.done = len(self.ids)
+        self.start = max(0, self.done - self.CONTEXT)
+        return text[len(before):]

