@@ -1,11 +1,14 @@
 """Measure sparse-vs-full equivalence on real checkpoints and write EQUIVALENCE.md + JSON.
 
-    python bench/equivalence.py --model ~/.cache/minirt-models/SmolLM2-135M-Instruct [--steps 200]
+    python bench/equivalence.py [--model smollm2-135m --model qwen2.5-coder-0.5b] [--steps 200]
+        [--lengths 2048,4096,8192 --long-steps 64]
 
 Every number in EQUIVALENCE.md comes from this script; re-run it instead of editing the file.
-Rows: the paper's three prompts at the default policy; policy variants on the retrieval prompt
-(top-k shared per KV group vs per head, page selection, a dense first layer, a growing budget,
-the certificate); the multi-needle haystack; and the random-weight control.
+Rows, per model: the paper's three prompts at the default policy; policy variants on the retrieval
+prompt (top-k shared per KV group vs per head, page selection, a dense first layer, a growing
+budget, the certificate); the multi-needle haystack; the random-weight control; and long context:
+the first N tokens of a long Python source and of long prose (prompts/), full vs exact and page
+selection at the defaults.
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt import LLM, CondensateConfig  # noqa: E402
-from minirt.equivalence import compare, needle_retrieval  # noqa: E402
-from minirt.workloads import PAPER_PROMPTS  # noqa: E402
+from minirt.equivalence import compare, full_reference, needle_retrieval  # noqa: E402
+from minirt.workloads import PAPER_PROMPTS, long_prompt  # noqa: E402
 
 VARIANTS = {
     "default": CondensateConfig(),
@@ -35,6 +38,7 @@ VARIANTS = {
     "certificate eps=0.05": CondensateConfig(max_dropped_mass=0.05),
     "k=0 (anchor+window)": CondensateConfig(top_k=0),
 }
+LONG_VARIANTS = ("default", "selection=pages (16x oversampling)")
 
 
 def randomized(llm: LLM, seed: int = 0) -> LLM:
@@ -51,28 +55,56 @@ def row(model: str, prompt: str, variant: str, r) -> dict:
                                                                    if k not in ("full_text", "sparse_text")}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--out", default="EQUIVALENCE.md")
-    ap.add_argument("--json", default="results/equivalence.json")
-    args = ap.parse_args()
-    llm = LLM.load(args.model, device="cpu", dtype="fp32")
-    name = Path(args.model).name
-    rows, t0 = [], time.time()
+def measure(model: str, args, t0: float) -> dict:
+    llm = LLM.load(model, device=args.device, dtype="fp32")
+    name = llm.path.parent.name if llm.path.suffix == ".gguf" else llm.path.name
+
+    def log(what: str, r: dict) -> None:
+        print(f"{name} {what}: match {r['token_match']:.3f} ({time.time() - t0:.0f}s)", file=sys.stderr)
+
+    rows, long_rows = [], []
     for prompt, text in PAPER_PROMPTS.items():
         ids = llm.tokenizer.encode(text)
+        ref = full_reference(llm, ids, args.steps)
         for variant, policy in (VARIANTS.items() if prompt == "retrieval" else [("default", VARIANTS["default"])]):
-            rows.append(row(name, prompt, variant, compare(llm, ids, args.steps, policy)))
-            print(f"{prompt} {variant}: match {rows[-1]['token_match']:.3f} ({time.time() - t0:.0f}s)", file=sys.stderr)
+            rows.append(row(name, prompt, variant, compare(llm, ids, args.steps, policy, ref)))
+            log(f"{prompt} {variant}", rows[-1])
+    for kind in args.kinds:
+        for n in args.lengths:
+            if n + args.long_steps > llm.cfg.max_seq_len:
+                continue
+            ids = long_prompt(llm.tokenizer, kind, n)
+            t = time.time()
+            ref = full_reference(llm, ids, args.long_steps)
+            for variant in LONG_VARIANTS:
+                long_rows.append(row(name, f"{kind} {n}", variant, compare(llm, ids, args.long_steps, VARIANTS[variant], ref)))
+                log(f"{kind} {n} {variant}", long_rows[-1])
+            long_rows[-1]["seconds"] = time.time() - t
     needles = {v: needle_retrieval(llm, VARIANTS[v] if v != "full" else None) for v in ("full", "default", "k=0 (anchor+window)")}
     control = row(name + " (random weights)", "retrieval", "default",
                   compare(randomized(llm), llm.tokenizer.encode(PAPER_PROMPTS["retrieval"]), args.steps, VARIANTS["default"]))
+    return {"model": name, "rows": rows, "long_rows": long_rows, "needles": needles, "control": control}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", action="append", help="repeatable; default: smollm2-135m and qwen2.5-coder-0.5b")
+    ap.add_argument("--steps", type=int, default=200, help="greedy tokens on the short prompts")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096, 8192])
+    ap.add_argument("--kinds", type=lambda s: s.split(","), default=["code", "prose"])
+    ap.add_argument("--long-steps", type=int, default=64, help="greedy tokens after each long prompt")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="EQUIVALENCE.md")
+    ap.add_argument("--json", default="results/equivalence.json")
+    args = ap.parse_args()
+    args.model = args.model or ["smollm2-135m", "qwen2.5-coder-0.5b"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    t0 = time.time()
+    results = [measure(model, args, t0) for model in args.model]
+    args.minutes = (time.time() - t0) / 60
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "needles": needles, "control": control}, indent=2))
-    Path(args.out).write_text(render(rows, needles, control, args, commit))
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    Path(args.out).write_text(render(results, args, commit))
     print(f"wrote {args.out} and {args.json}", file=sys.stderr)
 
 
@@ -80,7 +112,7 @@ def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def render(rows, needles, control, args, commit: str) -> str:
+def render(results: list[dict], args, commit: str) -> str:
     def policy(p: dict) -> str:
         s = f"A={p['anchor']} W={p['window']} k={p['top_k']}"
         if p["budget_alpha"]:
@@ -90,19 +122,26 @@ def render(rows, needles, control, args, commit: str) -> str:
     head = ("| model | prompt | variant | policy | tokens (prompt+decoded) | token match | first divergence | "
             "teacher-forced argmax agreement | max KL | mean KL | top-5 overlap | max dropped mass | mean dropped mass | "
             "fallbacks | page recall |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    body = "".join(
-        f"| {r['model']} | {r['prompt']} | {r['variant']} | {policy(r['policy'])} | {r['prompt_tokens']}+{r['steps']} | "
-        f"{100 * r['token_match']:.1f}% | {'-' if r['first_divergence'] is None else r['first_divergence']['step']} | "
-        f"{100 * r['teacher_forced_agreement']:.1f}% | {r['kl_max']:.2e} | {r['kl_mean']:.2e} | {r['top5_overlap_mean']:.3f} | "
-        f"{r['dropped_mass_max']:.3f} | {r['dropped_mass_mean']:.4f} | {r['fallbacks']} | {percent(r['page_recall'])} |\n"
-        for r in rows + [control])
-    needle_rows = "".join(f"| {v} | {sum(ok for ok in res.values())}/5 | "
-                          + ", ".join(f"{a}:{'yes' if ok else 'no'}" for a, ok in res.items()) + " |\n"
-                          for v, res in needles.items())
+
+    def table(rows: list[dict]) -> str:
+        return head + "".join(
+            f"| {r['model']} | {r['prompt']} | {r['variant']} | {policy(r['policy'])} | {r['prompt_tokens']}+{r['steps']} | "
+            f"{100 * r['token_match']:.1f}% | {'-' if r['first_divergence'] is None else r['first_divergence']['step']} | "
+            f"{100 * r['teacher_forced_agreement']:.1f}% | {r['kl_max']:.2e} | {r['kl_mean']:.2e} | {r['top5_overlap_mean']:.3f} | "
+            f"{r['dropped_mass_max']:.3f} | {r['dropped_mass_mean']:.4f} | {r['fallbacks']} | {percent(r['page_recall'])} |\n"
+            for r in rows)
+
+    short = table([r for res in results for r in res["rows"] + [res["control"]]])
+    long = table([r for res in results for r in res["long_rows"]])
+    needle_rows = "".join(f"| {res['model']} | {v} | {sum(ok for ok in found.values())}/5 | "
+                          + ", ".join(f"{a}:{'yes' if ok else 'no'}" for a, ok in found.items()) + " |\n"
+                          for res in results for v, found in res["needles"].items())
+    models = " ".join(f"--model {m}" for m in args.model)
     return f"""# Sparse vs full attention: measured equivalence
 
-Generated by `python bench/equivalence.py --model {args.model} --steps {args.steps}` on
-{datetime.date.today()} at commit {commit}, CPU, fp32. Do not edit by hand.
+Generated by `python bench/equivalence.py {models} --steps {args.steps} --lengths
+{",".join(map(str, args.lengths))} --long-steps {args.long_steps}` on {datetime.date.today()} at commit {commit},
+{args.device.upper()}, fp32, in {args.minutes:.0f} minutes. Do not edit by hand.
 
 Definitions (minirt/equivalence.py): *token match* compares free-running greedy decodes position by
 position; *first divergence* is the first step where they differ; *teacher-forced* metrics feed
@@ -113,15 +152,23 @@ triples that the certificate sent to full attention (dropped mass is that of the
 any fallback); *page recall* is the fraction of the exact top-k (same group-max score) that page
 selection found, averaged over decode steps and layers.
 
-{head}{body}
-The last row is the paper's control: the same architecture with random N(0, 0.02) weights. Its
+{short}
+The rows marked *random weights* are the paper's control: the same architecture with random N(0, 0.02) weights. Its
 attention is spread nearly uniformly, so the same policy drops far more mass than on the trained
 weights; learned sparsity is a property of trained models, not of the architecture.
 
+## Long context
+
+The first N tokens of a long Python source (`code`: CPython's argparse.py, then textwrap.py) and of
+long English prose (`prose`: the GPL-3 text, then textwrap.py), then {args.long_steps} greedy tokens;
+the default policy (A=4 W=128 k=32, exact top-k) and page selection. Lengths past a model's
+context are skipped (SmolLM2: 8K).
+
+{long}
 ## Multi-needle retrieval (five facts in a ~1.7K-token haystack, asked one by one)
 
-| attention | retrieved | per needle |
-|---|---|---|
+| model | attention | retrieved | per needle |
+|---|---|---|---|
 {needle_rows}"""
 
 
