@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt.cache import CondensateCache, CondensateConfig  # noqa: E402
 from minirt.config import ModelConfig  # noqa: E402
 from minirt.kernels import triton_attention as tri  # noqa: E402
-from minirt.kernels import update_pages  # noqa: E402
+from minirt.kernels.reference import step_bounds  # noqa: E402
 
 SHAPES = {"32q/4kv x64 (TinyLlama)": (32, 4, 64), "8q/8kv x64 (paper)": (8, 8, 64)}
 POLICY = CondensateConfig()  # the runtime defaults: A=4, W=128, k=32; pages of 32, 16x oversampling
@@ -73,10 +73,8 @@ def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype, summary
     cache = CondensateCache(cfg, policy, capacity=n + 1, device="cuda", dtype=dtype)
     cache.k.normal_()
     cache.v.normal_()
-    cache.seq_len = n
-    if selection == "pages":
-        update_pages(cache.k[0], cache.kmin[0], cache.kmax[0], 0, n, cache.policy.page_size)
-    cache.truncate(n)  # fills the ring from the history
+    cache.hold(n)  # ring and page summaries from the history
+    cache.begin(1)  # the decode step at position n: its bounds, on the device
     return cache
 
 
@@ -120,13 +118,15 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
         q, (k, v) = inp
         return eager_attention_forward(module, q[:, :, None], k, v, None, scaling=D ** -0.5)
     add("transformers-eager-attention", hf, inputs, kv_bytes)
-    add("minirt-dense-triton", lambda inp: tri.decode_attention(inp[0], *inp[1]), inputs, kv_bytes, f"rel err vs SDPA {err:.1e}")
+    bounds = step_bounds(n, 0, n, "cuda")  # the step's lengths, on the device (as the runtime's decode step has them)
+    add("minirt-dense-triton", lambda inp: tri.decode_attention(inp[0], *inp[1], bounds), inputs, kv_bytes,
+        f"rel err vs SDPA {err:.1e}")
 
     for selection, summary in (("exact", "cache"), ("pages", "cache"), ("pages", "fp8")):
         caches = [make_cache(Hq, Hkv, D, n, selection, dtype, summary) for _ in range(min(copies, 2))]
         new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
-        # The runtime's own decode step: append position n (seq_len stays n, so every call
-        # rewrites it), update ring and page summary, select, attend.
+        # The runtime's own decode step for one layer: append position n (the position stays n, so
+        # every call rewrites it), update ring and page summary, select, attend.
         step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
         method = f"minirt-sparse-{selection}" + ("-fp8" if summary == "fp8" else "")
         summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt import LLM, CondensateConfig  # noqa: E402
-from minirt.kernels import update_pages  # noqa: E402
+from minirt.generation import forced_steps, prefill  # noqa: E402
 from minirt.workloads import haystack  # noqa: E402
 
 
@@ -34,19 +34,14 @@ def texts() -> dict[str, str]:
 
 
 @torch.inference_mode()
-def run(llm: LLM, ids: list[int], steps: int, policy: CondensateConfig, base) -> dict:
+def run(llm: LLM, ids: list[int], steps: int, policy: CondensateConfig, base, first: torch.Tensor) -> dict:
     n = len(ids) - steps
     cache = llm.new_cache(len(ids), "sparse", policy, certify=True)
-    cache.k.copy_(base.k)
-    cache.v.copy_(base.v)
-    cache.seq_len = n
-    if policy.selection == "pages":
-        for layer in range(cache.k.shape[0]):
-            update_pages(cache.k[layer], cache.kmin[layer], cache.kmax[layer], 0, n, policy.page_size)
-    cache.truncate(n)  # rebuilds the ring from the history
+    cache.copy_prefix(base)  # history, ring and page summaries of the shared prefill
     recall, dropped = [], []
-    for token in ids[n:]:
-        llm.model(torch.tensor([[token]], device=llm.model.device), cache, last_only=True)
+    for i, _ in enumerate(forced_steps(llm, ids[:n], ids[n:], cache, prefilled=first)):
+        if i == 0:
+            continue  # the prefill's logits: no decode step yet
         recall.append(cache.recall.clone())
         dropped.append(cache.dropped.clone())
     recall, dropped = torch.stack(recall), torch.stack(dropped)  # [steps, layers], [steps, layers, B, H]
@@ -75,9 +70,8 @@ def main() -> None:
         ids = llm.tokenizer.encode(text)[: args.context + args.steps]
         n = len(ids) - args.steps
         t0 = time.time()
-        base = llm.new_cache(len(ids), "sparse", base_policy)
-        with torch.inference_mode():
-            llm.model(torch.tensor([ids[:n]], device=llm.model.device), base, last_only=True)
+        base = llm.new_cache(n, "full")
+        first = prefill(llm, ids[:n], base)
         print(f"{name}: {n} tokens prefilled in {time.time() - t0:.0f} s", flush=True)
         policies = [base_policy] + [replace(base_policy, selection="pages", page_size=P, page_oversample=o, summary_dtype=sd)
                                     for P in map(int, args.page_sizes.split(",")) for o in map(float, args.oversample.split(","))
@@ -87,7 +81,7 @@ def main() -> None:
                    "page_size": policy.page_size if policy.selection == "pages" else None,
                    "oversample": policy.page_oversample if policy.selection == "pages" else None,
                    "summaries": policy.summary_dtype if policy.selection == "pages" else None,
-                   **run(llm, ids, args.steps, policy, base)}
+                   **run(llm, ids, args.steps, policy, base, first)}
             rows.append(row)
             print(row, flush=True)
     header = "| text | context | selection | page size | oversample | summaries | recall of exact top-k (mean / min) | (layer, step) pairs with recall 1 | dropped mass mean / max |"

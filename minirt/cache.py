@@ -6,15 +6,25 @@ first A positions), a ring buffer holding the last W keys/values, and top-k sele
 positions by Q·K; decode attends with an exact softmax over anchor ∪ window ∪ top-k. It can also
 certify each step by the attention mass the sparse set left out, and fall back to full attention
 for heads where that mass exceeds a bound.
+
+Two paths. Prefill (T > 1 tokens) is eager and uses the host's count `seq_len`. A decode step
+(one token) has static shapes: the new token's position lives on the device (`position`), the
+step's lengths are computed there (`bounds`, see kernels.reference), and every kernel reads them
+from memory, so a CUDA graph of the step replays at any length. Which kernels run is fixed when
+the cache is built (the plan); a combination the GPU kernels do not implement is refused then.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from . import kernels
 from .config import CondensateConfig, ModelConfig
+from .kernels import reference
+
+NEG_INF = float("-inf")
 
 
 class CacheFullError(RuntimeError):
@@ -22,13 +32,23 @@ class CacheFullError(RuntimeError):
 
 
 class DenseCache:
+    anchor, window = 0, 0  # a decode step's bounds: (n, 0, n)
+
     def __init__(self, cfg: ModelConfig, capacity: int, batch: int = 1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.capacity = capacity
-        self.seq_len = 0
+        self.seq_len = 0  # positions held, as the host counts them
+        self.ops = kernels.implementation(device)  # the plan: which kernels a decode step runs
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)  # the decode step's token position
+        self.bounds = torch.zeros(3, dtype=torch.int32, device=device)  # the decode step's (n, lo, hi)
+
+    @property
+    def graphable(self) -> bool:
+        """Whether a decode step runs without host syncs (so it can be captured in a CUDA graph)."""
+        return self.ops is not reference and self.k.is_cuda
 
     def _reserve(self, n: int) -> tuple[int, int]:
         start, end = self.seq_len, self.seq_len + n
@@ -36,30 +56,53 @@ class DenseCache:
             raise CacheFullError(f"cache holds {self.capacity} positions; {end} requested")
         return start, end
 
-    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-        start, end = self._reserve(k.shape[2])
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return start, end
+    def begin(self, T: int) -> torch.Tensor:
+        """Positions [T] of the tokens about to be attended. One token: a decode step, whose
+        position and bounds are computed on the device (no host sync)."""
+        if T > 1:
+            start, end = self._reserve(T)
+            return torch.arange(start, end, device=self.k.device)
+        n = self.position + 1
+        lo = n.clamp(max=self.anchor)
+        hi = torch.maximum(lo, n - self.window)
+        self.bounds.copy_(torch.cat((n, lo, hi)))
+        return self.position
+
+    def advance(self, T: int) -> None:
+        """After T tokens were attended: the host's count, and the device's position after a prefill
+        (a decode step moves its position itself: end_step)."""
+        self.seq_len += T
+        if T > 1:
+            self.position.fill_(self.seq_len)
+
+    def end_step(self) -> None:
+        self.position.add_(1)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        _, end = self._store(layer, k, v)
-        return self._full(layer, q, end)
+        """Store k, v [B, Hkv, T, D] and return attention for q [B, Hq, T, D]."""
+        if q.shape[2] > 1:
+            start, end = self.seq_len, self.seq_len + q.shape[2]
+            self._store(layer, k, v, start)
+            return kernels.causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
+        self._store_step(layer, k, v)
+        return self._dense_step(layer, q[:, :, 0])[:, :, None]
 
-    def _full(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor:
-        kh, vh = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        if q.shape[2] == 1:
-            return kernels.decode_attention(q[:, :, 0], kh, vh)[0][:, :, None]
-        return kernels.causal_attention(q, kh, vh)
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        self.k[layer, :, :, start:start + k.shape[2]] = k
+        self.v[layer, :, :, start:start + k.shape[2]] = v
 
-    def advance(self, n: int) -> None:
-        self.seq_len += n
+    def _store_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(2, self.position, k)
+        self.v[layer].index_copy_(2, self.position, v)
+
+    def _dense_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds)[0]
 
     def truncate(self, n: int) -> None:
         """Forget every position from n on (reuse a shared prefix, e.g. one document, many questions)."""
         if not 0 <= n <= self.seq_len:
             raise ValueError(f"cannot truncate a cache of {self.seq_len} positions to {n}")
-        self.seq_len = n
+        self._set_length(n)
         if n:
             self._derive(n - 1, n)
 
@@ -70,9 +113,27 @@ class DenseCache:
         self._reserve(n - self.seq_len)
         self.k[:, :, :, :n] = src.k[:, :, :, :n]
         self.v[:, :, :, :n] = src.v[:, :, :, :n]
-        self.seq_len = n
+        self.hold(n)
+
+    def hold(self, n: int) -> None:
+        """Take the first n positions of the key/value stores, written directly (a copied prefix, or
+        a benchmark's synthetic cache), as held: set the length and rebuild what derives from them."""
+        self._reserve(n - self.seq_len)
+        self._set_length(n)
         if n:
             self._derive(0, n)
+
+    def fork(self) -> "DenseCache":
+        """An independent copy of this cache's state, to continue two ways from one point."""
+        twin = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(twin, name, value.clone())
+        return twin
+
+    def _set_length(self, n: int) -> None:
+        self.seq_len = n
+        self.position.fill_(n)
 
     def _derive(self, start: int, end: int) -> None:
         """Rebuild what is derived from history positions [start, end), the last ones held (nothing here)."""
@@ -87,6 +148,9 @@ class CondensateCache(DenseCache):
         if bad:
             raise ValueError(f"dense_layers {bad} out of range: the model has {cfg.n_layers} layers")
         self.policy = policy
+        self.anchor, self.window = policy.anchor, policy.window
+        self.certify = certify or policy.max_dropped_mass is not None
+        self._check_plan(capacity)
         ring = (cfg.n_layers, batch, cfg.n_kv_heads, policy.window, cfg.head_dim)
         self.ring_k = torch.zeros(ring, device=device, dtype=dtype)
         self.ring_v = torch.zeros(ring, device=device, dtype=dtype)
@@ -97,22 +161,45 @@ class CondensateCache(DenseCache):
             summary = torch.float8_e4m3fn if policy.summary_dtype == "fp8" else dtype
             self.kmin = torch.empty(pages, device=device, dtype=summary)
             self.kmax = torch.empty(pages, device=device, dtype=summary)
-        # Certificate: per decode step, the attention mass each head's sparse set left out.
-        self.certify = certify or policy.max_dropped_mass is not None
-        self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads)
-        # With page selection and the certificate on: per layer, the fraction of the exact top-k
-        # (by the same group-max score) that the page path found, for the last decode step.
-        self.recall = torch.full((cfg.n_layers,), float("nan"))
-        self.fallbacks = 0  # (layer, head, step) triples that fell back to full attention
+        # Certificate, on the device: per decode step, the attention mass each head's sparse set
+        # left out; with page selection, per layer the fraction of the exact top-k (same group-max
+        # score) it found; and how many (layer, head, step) triples fell back to full attention.
+        self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads, device=device)
+        self.recall = torch.full((cfg.n_layers,), float("nan"), device=device)
+        self.fallback_count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _check_plan(self, capacity: int) -> None:
+        """Refuse, now, what the Triton decode step does not implement (never a silent slow path)."""
+        p = self.policy
+        if self.ops is reference:
+            return
+        k_top = min(p.top_k, capacity)
+        fits = (self.ops.can_page_select(capacity, k_top, p.page_size, p.page_oversample) if p.selection == "pages"
+                else self.certify or self.ops.can_exact_select(capacity, k_top))
+        problems = [
+            (p.scope == "head", "scope='head' (one top-k per query head) has no GPU kernel; use scope='group'"),
+            (p.budget_alpha > 0, "a top-k that grows with the context (budget_alpha) has no GPU kernel"),
+            (k_top > 0 and not fits, f"top_k={p.top_k} with {p.selection} selection is past the selection "
+                                     "kernel's limits"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(f"{message} (or run the PyTorch reference: MINIRT_KERNELS=reference, no CUDA graph)")
+
+    @property
+    def fallbacks(self) -> int:
+        return int(self.fallback_count)
 
     def _pages(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (None, None) if self.kmin is None else (self.kmin[layer], self.kmax[layer])
 
-    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-        start, end = self._reserve(k.shape[2])
-        kernels.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
-                          k, v, start, self.policy.page_size)
-        return start, end
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        reference.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
+                            k, v, start, self.policy.page_size)
+
+    def _store_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.ops.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
+                           k, v, self.bounds, self.policy.page_size)
 
     def _derive(self, start: int, end: int) -> None:
         # The ring holds the last W positions; pages touching [start, end) are summarised again
@@ -124,50 +211,61 @@ class CondensateCache(DenseCache):
             for layer in range(self.k.shape[0]):
                 kernels.update_pages(self.k[layer], *self._pages(layer), start // P * P, end, P)
 
-    @staticmethod
-    def _recall(scores: torch.Tensor, chosen: torch.Tensor, lo: int, hi: int, k_top: int) -> float:
-        exact = kernels.topk_positions(scores.amax(dim=2), lo, hi, k_top)  # [B, Hkv, k]
-        if exact.shape[-1] == 0:
-            return 1.0
-        hits = (exact[..., :, None] == chosen[..., None, :]).any(-1)  # chosen outside [lo, hi) never hit
-        return float(hits.float().mean())
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        _, end = self._store(layer, k, v)
-        if q.shape[2] > 1 or layer in self.policy.dense_layers:
+        if q.shape[2] > 1:  # prefill: full attention
             self.dropped[layer] = 0.0
-            return self._full(layer, q, end)  # prefill and dense layers: full attention
-        return self._sparse(layer, q[:, :, 0], end)[:, :, None]
+            return super().attend(layer, q, k, v)
+        self._store_step(layer, k, v)
+        if layer in self.policy.dense_layers:
+            self.dropped[layer] = 0.0
+            return self._dense_step(layer, q[:, :, 0])[:, :, None]
+        return self._sparse_step(layer, q[:, :, 0])[:, :, None]
 
-    def _sparse(self, layer: int, q: torch.Tensor, n: int) -> torch.Tensor:
+    def _top_k(self) -> int:
+        p = self.policy  # a growing budget runs on the reference only (_check_plan), where n is at hand
+        return min(p.budget(int(self.bounds[0])) if p.budget_alpha > 0 else p.top_k, self.capacity)
+
+    def _in_range(self, scores: torch.Tensor, k_top: int) -> torch.Tensor:
+        """The k_top best positions in [lo, hi) of scores [..., capacity], -1 where fewer: static shapes."""
+        j = torch.arange(scores.shape[-1], device=scores.device)
+        s = scores.masked_fill((j < self.bounds[1]) | (j >= self.bounds[2]), NEG_INF)
+        best, idx = s.topk(min(k_top, s.shape[-1]), dim=-1)
+        return reference.padded(torch.where(best > NEG_INF, idx, -1), k_top)
+
+    def _sparse_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         p = self.policy
         B, Hq, D = q.shape
-        kh, vh = self.k[layer, :, :, :n], self.v[layer, :, :, :n]
-        anchor = min(p.anchor, n)
-        lo, hi = anchor, max(anchor, n - p.window)  # top-k candidates: neither anchor nor window
-        scores = kernels.group_scores(q, kh) if self.certify else None  # per head, for the certificate
-        k_top = p.budget(n)
-        if p.selection == "pages":
-            idx = kernels.page_select(q, self.k[layer], *self._pages(layer), lo, hi, k_top,
-                                      p.page_size, p.page_oversample, p.scope)
+        ks, vs = self.k[layer], self.v[layer]
+        k_top = self._top_k()
+        scores = None
+        if self.certify or p.scope == "head":  # per head, every live key: the certificate's exact mass
+            j = torch.arange(ks.shape[2], device=q.device)
+            scores = kernels.group_scores(q, ks).masked_fill(j >= self.bounds[0], NEG_INF)
+        if k_top == 0:  # anchor and window only
+            idx = torch.empty(B, ks.shape[1], 0, dtype=torch.int64, device=q.device)
+        elif p.selection == "pages":
+            idx = self.ops.page_select(q, ks, *self._pages(layer), self.bounds, k_top, p.page_size,
+                                       p.page_oversample, p.scope)
         elif p.scope == "head":
-            idx = kernels.topk_positions(scores if scores is not None else kernels.group_scores(q, kh), lo, hi, k_top)
+            idx = self._in_range(scores, k_top)
         elif scores is not None:  # the certificate already scored every key: no second pass over them
-            idx = kernels.topk_positions(scores.amax(dim=2), lo, hi, k_top)
+            idx = self._in_range(scores.amax(dim=2), k_top)
         else:
-            idx = kernels.exact_select(q, kh, lo, hi, k_top)
-        out, lse = kernels.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], kh, vh, idx, n, p.anchor)
+            idx = self.ops.exact_select(q, ks, self.bounds, k_top)
+        out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor)
         if not self.certify:
             return out
         if p.selection == "pages" and p.scope == "group":
-            self.recall[layer] = self._recall(scores, idx, lo, hi, k_top)
+            exact = self._in_range(scores.amax(dim=2), k_top)
+            valid = exact >= 0
+            hits = ((exact[..., :, None] == idx[..., None, :]).any(-1) & valid).sum()
+            self.recall[layer] = torch.where(valid.any(), hits / valid.sum().clamp(min=1), 1.0)
         lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
         dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
-        self.dropped[layer] = dropped.cpu()
-        if p.max_dropped_mass is not None:
+        self.dropped[layer] = dropped
+        if p.max_dropped_mass is not None:  # computed every step: a static graph has no branches
             fall = dropped > p.max_dropped_mass
-            if fall.any():
-                self.fallbacks += int(fall.sum())
-                full = kernels.decode_attention(q, kh, vh)[0]
-                out = torch.where(fall[..., None], full, out)
+            self.fallback_count += fall.sum()
+            full = self.ops.decode_attention(q, ks, vs, self.bounds)[0]
+            out = torch.where(fall[..., None], full, out)
         return out

@@ -12,7 +12,6 @@ The prompt is prefilled once: prefill is full attention in either mode.
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -111,7 +110,7 @@ def _teacher_forced(llm: LLM, ids: list[int], cache, first: torch.Tensor, forced
         dropped.append(cache.dropped[:, 0].clone())  # [layers, heads]
         recall.append(cache.recall.clone())
         if fork is None and int(step_logits.argmax()) != forced[step]:
-            fork = (step, copy.deepcopy(cache))
+            fork = (step, cache.fork())
     recall = torch.stack(recall[1:]) if len(recall) > 1 else torch.full((1,), float("nan"))  # step 0 is prefill
     return torch.stack(logits), torch.stack(dropped), cache.fallbacks, recall, fork
 
@@ -220,7 +219,7 @@ def needle_retrieval(llm: LLM, policy: CondensateConfig | None, sentences_betwee
     while all(p[shared] == prompts[0][shared] for p in prompts):
         shared += 1
     cache = llm.new_cache(max(map(len, prompts)) + max_answer_tokens, "full" if policy is None else "sparse", policy)
-    llm.model(torch.tensor([prompts[0][:shared]], device=llm.model.device), cache)
+    prefill(llm, prompts[0][:shared], cache)
     found = {}
     for needle, ids in zip(NEEDLES, prompts):
         cache.truncate(shared)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .cache import CondensateCache, DenseCache
 from .config import CondensateConfig
 from .config import ModelConfig
@@ -58,7 +59,9 @@ class LLM:
             tokenizer = Tokenizer.from_folder(path)
         else:
             tokenizer = None
-        return cls(load_model(source, dev, dt, progress=progress), tokenizer, path)
+        model = load_model(source, dev, dt, progress=progress)
+        model.use_kernels(kernels.layer_implementation(dev))
+        return cls(model, tokenizer, path)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -80,6 +83,8 @@ class LLM:
     def new_cache(self, capacity: int, attention: str = "full", policy: CondensateConfig | None = None,
                   certify: bool = False, batch: int = 1) -> DenseCache:
         args = dict(capacity=capacity, batch=batch, device=self.model.device, dtype=self.model.dtype)
+        if self.model.rotary is not None:  # the decode step reads cos/sin from a table
+            self.model.rotary.reserve(capacity, self.model.device, self.model.dtype)
         if attention == "full":
             return DenseCache(self.cfg, **args)
         if attention == "sparse":

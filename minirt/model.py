@@ -6,6 +6,7 @@ condensate sparse) through the kernels in minirt.kernels. The model code never c
 """
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kernels import reference
 from .rope import Rotary
 
 ACTIVATIONS = {
@@ -26,27 +28,25 @@ ACTIVATIONS = {
 class AttentionCache(Protocol):
     """What a layer needs from a KV cache (DenseCache and CondensateCache implement it)."""
 
-    seq_len: int
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k, v [B, Hkv, T, D] at positions seq_len.. and return attention for q [B, Hq, T, D]."""
+    def begin(self, T: int) -> torch.Tensor:
+        """Positions [T] (on the device) of the T tokens about to be attended."""
         ...
 
-    def advance(self, n: int) -> None:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v [B, Hkv, T, D] at those positions and return attention for q [B, Hq, T, D]."""
         ...
 
 
 class RMSNorm(nn.Module):
+    kernels: ModuleType = reference  # rms_norm, rope_qkv_, silu_mul: set by Transformer.use_kernels
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as the reference implementation does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -56,6 +56,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
+    kernels: ModuleType = reference
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -64,31 +66,41 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, qkv_out, bias=cfg.qkv_bias)  # fused: one matmul per step
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: AttentionCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None, cache: AttentionCache) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.wqkv(x)
+        if rope is not None:  # (cos table, sin table, positions): q and k rotated in place, in one pass
+            self.kernels.rope_qkv_(qkv, *rope, self.n_heads + self.n_kv_heads, self.head_dim)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
         out = cache.attend(self.layer, q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
 
 
 class MLP(nn.Module):
+    kernels: ModuleType = reference
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.activation]
-        self.gated = cfg.gated_mlp
-        self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
-        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias) if cfg.gated_mlp else None
+        self.activation = cfg.activation
+        if cfg.gated_mlp:  # gate and up fused: one matmul per step
+            self.gate_up = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=cfg.mlp_bias)
+        else:
+            self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
-        return self.down(h)
+        act = ACTIVATIONS[self.activation]
+        if not hasattr(self, "gate_up"):
+            return self.down(act(self.up(x)))
+        gate_up = self.gate_up(x)
+        if self.activation == "silu":
+            return self.down(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down(act(gate) * up)
 
 
 class Block(nn.Module):
@@ -119,6 +131,12 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    def use_kernels(self, kernels: ModuleType) -> None:
+        """Which implementation of rms_norm, rope_qkv_ and silu_mul the layers run (decided once)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.kernels = kernels
+
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
@@ -128,18 +146,16 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     def forward(self, tokens: torch.Tensor, cache: AttentionCache, last_only: bool = False) -> torch.Tensor:
-        """Logits for tokens [B, T] continuing what `cache` holds; [B, 1, V] if last_only."""
-        T = tokens.shape[1]
-        positions = torch.arange(cache.seq_len, cache.seq_len + T, device=tokens.device)
+        """Logits for tokens [B, T] continuing what `cache` holds; [B, 1, V] if last_only. The
+        caller advances the cache (generation.py: prefill and the decode step); positions stay on
+        the device, so a one-token call has static shapes."""
+        positions = cache.begin(tokens.shape[1])
         x = self.embed(tokens)
-        if self.pos_embed is not None:
-            if positions[-1] >= self.cfg.max_seq_len:
-                raise ValueError(f"position {int(positions[-1])} is past the model's {self.cfg.max_seq_len} learned positions")
+        if self.pos_embed is not None:  # positions past the table are refused by the caller, on the host
             x = x + self.pos_embed(positions)
-        rope = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None
+        rope = (*self.rotary.tables[(positions.device, x.dtype)], positions) if self.rotary is not None else None
         for block in self.layers:
             x = block(x, rope, cache)
-        cache.advance(T)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

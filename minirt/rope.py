@@ -34,24 +34,23 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary:
+    """cos/sin tables precomputed per device and dtype for a cache's capacity; the rotation itself
+    is kernels.rope_qkv_ (on q and k together, in place)."""
+
     # Not an nn.Module buffer on purpose: model.to(bf16) must not round the frequencies.
     def __init__(self, cfg: ModelConfig):
         self.inv_freq = inverse_frequencies(cfg)
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, dtype) -> cos, sin [positions, rot]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape [T, rotary_dim], computed in fp32 then cast (as transformers does)."""
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first rotary_dim dims of x [B, H, T, head_dim] (rotate-half layout)."""
-        rot = cos.shape[-1]
-        x_rot, x_pass = x[..., :rot], x[..., rot:]
-        half = rot // 2
-        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-        out = x_rot * cos + rotated * sin
-        return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+    def reserve(self, n: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Precompute cos/sin for positions [0, n) on device (a cache reserves its capacity)."""
+        positions = torch.arange(n, device=device)
+        have = self.tables.get((positions.device, dtype))
+        if have is None or have[0].shape[0] < n:
+            self.tables[(positions.device, dtype)] = self.cos_sin(positions, dtype)

@@ -21,14 +21,18 @@ def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[torch.Tensor], li
 
 @torch.inference_mode()
 def minirt_greedy(llm, ids: list[int], steps: int, cache=None) -> tuple[list[torch.Tensor], list[int]]:
+    """minirt through its prefill and decode step: logits over the prompt, then `steps` steps."""
+    from minirt.generation import DecodeStep, prefill
+
     cache = cache if cache is not None else llm.new_cache(len(ids) + steps + 1)
-    device = llm.model.device
-    logits = [llm.model(torch.tensor([ids], device=device), cache)[0]]
+    logits = [prefill(llm, ids, cache, last_only=False)]
+    step = DecodeStep(llm, cache)
+    step.choose(logits[0][-1:])
     tokens = []
     for _ in range(steps):
-        token = int(logits[-1][-1].argmax())
-        tokens.append(token)
-        logits.append(llm.model(torch.tensor([[token]], device=device), cache)[0])
+        tokens.append(int(step.next[0]))
+        step()
+        logits.append(step.logits.clone())
     return logits, tokens
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minirt import Sampling, generate, stream_tokens
-from minirt.generation import PromptTooLongError, sample
+from minirt.generation import PromptTooLongError, sample_tokens
 
 
 def test_greedy_full_matches_transformers_generate(smollm2_llm, smollm2_ref):
@@ -50,12 +50,25 @@ def test_seeded_sampling_is_reproducible(smollm2_llm):
 
 
 def test_top_k_and_top_p_restrict_support():
-    logits = torch.tensor([4.0, 3.0, 2.0, -1.0, -2.0])
+    logits = torch.tensor([4.0, 3.0, 2.0, -1.0, -2.0]).expand(2000, 5)
     g = torch.Generator().manual_seed(0)
-    assert {sample(logits, Sampling(1.0, top_k=2), g) for _ in range(200)} == {0, 1}
+
+    def support(s: Sampling) -> set[int]:
+        return set(sample_tokens(logits, s, g).tolist())
+
+    assert support(Sampling(1.0, top_k=2)) == {0, 1}
     # p = softmax: [0.66, 0.24, 0.09, ...]: top_p 0.8 keeps the first two
-    assert {sample(logits, Sampling(1.0, top_p=0.8), g) for _ in range(200)} == {0, 1}
-    assert {sample(logits, Sampling(1.0, top_p=0.5), g) for _ in range(50)} == {0}
+    assert support(Sampling(1.0, top_p=0.8)) == {0, 1}
+    assert support(Sampling(1.0, top_p=0.5)) == {0}
+
+
+def test_sampling_draws_the_softmax_distribution():
+    """The exponential race picks token i with probability softmax(logits / T)_i."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    g = torch.Generator().manual_seed(1)
+    draws = sample_tokens(logits.expand(40_000, 4), Sampling(temperature=0.7), g)
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, torch.softmax(logits / 0.7, -1), atol=0.01)
 
 
 def test_token_id_prompt_and_iterator(smollm2_llm):

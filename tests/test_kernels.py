@@ -123,10 +123,11 @@ def test_exact_select(Hkv, G, D, n, lo, hi, k_top, dtype):
     g = torch.Generator().manual_seed(n + k_top)
     q = torch.randn(1, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
     k, _ = make_cache(1, Hkv, n, D, dtype, g)
-    got = tri.exact_select(q, k, lo, hi, k_top)
-    want = ref.exact_select(q.double(), k.double(), lo, hi, k_top)
-    assert got.shape == want.shape == (1, Hkv, min(k_top, hi - lo))
-    assert all(len(set(r)) == len(r) == got.shape[-1] for r in valid_sorted(got, lo, hi))
+    bounds = ref.step_bounds(n, lo, hi, DEVICE)
+    got = tri.exact_select(q, k, bounds, k_top)
+    want = ref.exact_select(q.double(), k.double(), bounds, k_top)
+    assert got.shape == want.shape == (1, Hkv, k_top)  # static: -1 past the min(k_top, hi - lo) found
+    assert all(len(set(r)) == len(r) == min(k_top, hi - lo) for r in valid_sorted(got, lo, hi))
     if dtype == torch.float32:
         assert valid_sorted(got, lo, hi) == valid_sorted(want, lo, hi)
     else:
@@ -151,7 +152,7 @@ def test_page_select(n, P, lo, hi, k_top, oversample, G, D, summary):
     k[0, 1, hi - 1, 3] = 600.0
     kmin, kmax = (torch.empty(B, Hkv, -(-n // P), D, device=DEVICE, dtype=summary) for _ in range(2))
     ref.update_pages(k, kmin, kmax, 0, n, P)
-    args = (q, k, kmin, kmax, lo, hi, k_top, P, oversample)
+    args = (q, k, kmin, kmax, ref.step_bounds(n, lo, hi, DEVICE), k_top, P, oversample)
     got = tri.page_select(*args)
     want = ref.page_select(*args, "group")
     assert got.shape == want.shape
@@ -159,21 +160,24 @@ def test_page_select(n, P, lo, hi, k_top, oversample, G, D, summary):
     assert ((got == -1) | ((got >= lo) & (got < hi))).all()  # never a position outside [lo, hi)
 
 
-def test_selection_past_kernel_limits_uses_the_reference(monkeypatch):
-    """A top-k larger than the ranking program holds goes to the reference, with its result."""
-    from minirt import kernels
+@pytest.mark.parametrize("policy, message", [
+    (dict(top_k=100), "top_k=100 with exact selection is past the selection kernel's limits"),
+    (dict(top_k=100, selection="pages", page_size=8), "top_k=100 with pages selection is past"),
+    (dict(scope="head"), "scope='head' (one top-k per query head) has no GPU kernel"),
+    (dict(budget_alpha=1.0), "a top-k that grows with the context (budget_alpha) has no GPU kernel"),
+])
+def test_plan_refuses_what_the_kernels_do_not_implement(monkeypatch, policy, message):
+    """Decided once, when the cache is built: never a silent fallback to the reference."""
+    from minirt import CondensateCache, CondensateConfig
+    from minirt.config import ModelConfig
 
     monkeypatch.setenv("MINIRT_KERNELS", "triton")
-    g = torch.Generator().manual_seed(9)
-    q = torch.randn(1, 4, 64, generator=g).to(DEVICE)
-    k = torch.randn(1, 2, 5000, 64, generator=g).to(DEVICE)
-    kmin, kmax = (torch.empty(1, 2, 5000 // 8, 64, device=DEVICE) for _ in range(2))
-    ref.update_pages(k, kmin, kmax, 0, 5000, 8)
-    assert tri.can_exact_select(4, 4900, 64) and not tri.can_exact_select(4, 4900, 100)
-    assert torch.equal(kernels.exact_select(q, k, 4, 4900, 100), ref.exact_select(q, k, 4, 4900, 100))
-    page_args = (q, k, kmin, kmax, 4, 4900, 100, 8, 16.0)
-    assert not tri.can_page_select(*page_args[4:])
-    assert torch.equal(kernels.page_select(*page_args, "group"), ref.page_select(*page_args, "group"))
+    cfg = ModelConfig(family="llama", vocab_size=8, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16,
+                      ffn_dim=8, max_seq_len=8192, rotary_dim=16)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CondensateCache(cfg, CondensateConfig(**policy), capacity=5000)
+    monkeypatch.setenv("MINIRT_KERNELS", "reference")
+    CondensateCache(cfg, CondensateConfig(**policy), capacity=5000)  # the reference runs them all
 
 
 @pytest.mark.parametrize("pages", [None, "cache", "fp8"])
@@ -242,3 +246,27 @@ def test_sparse_attention_many_gathered(n, dtype):
     got, lse = tri.sparse_attention(q, ring_k, ring_v, k, v, idx, n, 4)
     want, want_lse = ref.sparse_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(), idx, n, 4)
     assert rel_err(got, want) <= TOL[dtype] and rel_err(lse, want_lse) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_kernels(dtype):
+    """RMSNorm, RoPE on the fused qkv (partial rotary, GQA, several tokens at their positions) and
+    silu(gate) * up, against their references."""
+    from minirt.kernels import triton_layers as lay
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 5, 96, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(96, generator=g).to(dtype).to(DEVICE)
+    torch.testing.assert_close(lay.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), rtol=TOL[dtype], atol=TOL[dtype])
+    Hq, Hkv, D, rot, T = 4, 2, 32, 16, 3  # rotary on half of each head
+    qkv = torch.randn(2, T, (Hq + 2 * Hkv) * D, generator=g).to(dtype).to(DEVICE)
+    angles = torch.arange(50)[:, None] * torch.rand(rot // 2, generator=g)[None]
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    positions = torch.tensor([7, 30, 49], device=DEVICE)
+    got, want = qkv.clone(), qkv.clone()
+    lay.rope_qkv_(got, cos, sin, positions, Hq + Hkv, D)
+    ref.rope_qkv_(want, cos, sin, positions, Hq + Hkv, D)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+    assert torch.equal(got[..., (Hq + Hkv) * D:], qkv[..., (Hq + Hkv) * D:])  # v untouched
+    gate_up = torch.randn(4, 2, 2 * 1500, generator=g).to(dtype).to(DEVICE)  # F not a multiple of the block
+    torch.testing.assert_close(lay.silu_mul(gate_up), ref.silu_mul(gate_up), rtol=TOL[dtype], atol=TOL[dtype])

@@ -44,9 +44,12 @@ def test_ring_buffer_wraps_and_truncates():
     g = torch.Generator().manual_seed(0)
     for step in range(23):
         T = 3 if step == 0 else 1  # a short prefill, then decode steps
+        cache.begin(T)
         for layer in range(cfg.n_layers):
             k, v = (torch.randn(1, 2, T, 8, generator=g) for _ in range(2))
             cache.attend(layer, torch.randn(1, 4, T, 8, generator=g), k, v)
+        if T == 1:
+            cache.end_step()
         cache.advance(T)
 
         pos = ring_positions(cache.seq_len, 5)

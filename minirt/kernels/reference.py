@@ -1,7 +1,13 @@
 """Plain-PyTorch references for every attention kernel; the CPU path and the oracle for tests.
 
 Shapes: B batch, Hq query heads, Hkv key/value heads, G = Hq / Hkv (GQA group), D head dim,
-n cached positions. Queries of one decode step are [B, Hq, D]; cached keys/values [B, Hkv, n, D].
+n cached positions. Queries of one decode step are [B, Hq, D]; cached keys/values
+[B, Hkv, capacity, D], of which the first n are live.
+
+A decode step's lengths travel as `bounds`, an int32 tensor (n, lo, hi) on the device: n cached
+positions (the new one included), and [lo, hi) the positions top-k may choose from (lo = the
+anchor size, hi = where the window starts). Kernels read them from memory, so one compiled
+kernel and one launch grid serve every length (and a CUDA graph can replay the step).
 """
 from __future__ import annotations
 
@@ -13,16 +19,69 @@ import torch.nn.functional as F
 NEG_INF = float("-inf")
 
 
+def step_bounds(n: int, lo: int, hi: int, device: torch.device | str) -> torch.Tensor:
+    return torch.tensor([n, lo, hi], dtype=torch.int32, device=device)
+
+
+def sparse_bounds(n: int, anchor: int, window: int) -> tuple[int, int, int]:
+    """(n, lo, hi) for n cached positions: top-k candidates are neither anchor nor window."""
+    a = min(anchor, n)
+    return n, a, max(a, n - window)
+
+
+def as_bounds(bounds, n_default: int | None, device, anchor: int = 0, window: int = 0) -> torch.Tensor:
+    """bounds as given (a tensor), from an int n (with anchor/window), or all n_default positions."""
+    if isinstance(bounds, torch.Tensor):
+        return bounds
+    n = n_default if bounds is None else int(bounds)
+    return step_bounds(*sparse_bounds(n, anchor, window), device) if window else step_bounds(n, 0, n, device)
+
+
+def _ints(bounds: torch.Tensor) -> tuple[int, int, int]:
+    n, lo, hi = bounds.tolist()
+    return n, lo, hi
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32 and cast back before the weight, as the reference implementation does."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+              n_rot_heads: int, head_dim: int) -> None:
+    """Rotate in place the first rot = cos.shape[-1] dims of the first n_rot_heads heads (q, then
+    k) of the fused projection qkv [B, T, *], at positions [T] of the tables cos/sin [positions,
+    rot] (rotate-half layout, as transformers)."""
+    B, T, _ = qkv.shape
+    x = qkv[..., : n_rot_heads * head_dim].view(B, T, n_rot_heads, head_dim)
+    c, s = cos[positions][None, :, None], sin[positions][None, :, None]
+    rot = c.shape[-1]
+    xr = x[..., :rot]
+    rotated = torch.cat((-xr[..., rot // 2:], xr[..., : rot // 2]), dim=-1)
+    x[..., :rot] = xr * c + rotated * s
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused gate|up projection [..., 2F] -> [..., F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of the last T positions (q [B, Hq, T, D]) over all n cached ones (SDPA)."""
+    from torch.nn.attention.bias import causal_lower_right
+
     T, n = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if T == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if T == n:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - T, n, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    # a later chunk of a prompt: query i sees keys up to n - T + i (causal, aligned bottom-right);
+    # the fused kernels take that mask only with as many key heads as query heads
+    if gqa:
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, n))
 
 
 def group_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -33,9 +92,12 @@ def group_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhgd,bhnd->bhgn", qg, k.float()) / math.sqrt(D)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense decode attention. Returns out [B, Hq, D] and the log-sum-exp of the logits [B, Hq]."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense decode attention over the first n positions (n from bounds; all if None). Returns out
+    [B, Hq, D] and the log-sum-exp of the logits [B, Hq]."""
     B, Hq, D = q.shape
+    n = _ints(as_bounds(bounds, k.shape[2], "cpu"))[0]
+    k, v = k[:, :, :n], v[:, :, :n]
     s = group_scores(q, k)
     lse = torch.logsumexp(s, dim=-1)
     out = torch.einsum("bhgn,bhnd->bhgd", torch.exp(s - lse[..., None]), v.float())
@@ -50,11 +112,12 @@ def ring_positions(n: int, window: int, device: torch.device | str = "cpu") -> t
 
 
 def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     idx: torch.Tensor, n: int, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax over window ∪ anchor ∪ gathered positions, of n cached positions.
+                     idx: torch.Tensor, bounds, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over window ∪ anchor ∪ gathered positions, of n cached positions (bounds:
+    the step's (n, lo, hi) tensor, or n itself).
 
     window: ring_k/ring_v [B, Hkv, W, D] slots (slot = position % W) holding positions >= n - W;
-    anchor: positions [0, min(anchor, n)) of k/v [B, Hkv, n, D];
+    anchor: positions [0, min(anchor, n)) of k/v [B, Hkv, capacity, D];
     gathered: idx, one list of positions per KV group [B, Hkv, K] or per query head
     [B, Hkv, G, K]; entries outside [min(anchor, n), n - W), such as -1 padding, are ignored, so
     the three sets are disjoint.
@@ -63,8 +126,8 @@ def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
     B, Hq, D = q.shape
     Hkv, W = k.shape[1], ring_k.shape[2]
     G = Hq // Hkv
-    a = min(anchor, n)
-    lo, hi = a, max(a, n - W)
+    n, lo, hi = _ints(as_bounds(bounds, None, "cpu", anchor, W))
+    a = lo
     pos = idx
     if pos.dim() == 3:
         pos = pos[:, :, None]  # one list shared by the group's heads
@@ -111,10 +174,17 @@ def topk_positions(scores: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tens
     return topk_indices(scores[..., lo:hi], take) + lo
 
 
-def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
-    """The min(k_top, hi - lo) positions in [lo, hi) of k [B, Hkv, >=hi, D] with the largest
-    group-max score q·k / sqrt(D): [B, Hkv, k] (exact top-k, one list per KV group)."""
-    return topk_positions(group_max_scores(q, k[:, :, :hi]), lo, hi, k_top)
+def padded(positions: torch.Tensor, k: int) -> torch.Tensor:
+    """positions [..., <=k] padded with -1 to k entries (a static shape for the kernels)."""
+    return F.pad(positions, (0, k - positions.shape[-1]), value=-1)
+
+
+def exact_select(q: torch.Tensor, k: torch.Tensor, bounds, k_top: int) -> torch.Tensor:
+    """The min(k_top, hi - lo) positions in [lo, hi) (from bounds) of k [B, Hkv, capacity, D] with
+    the largest group-max score q·k / sqrt(D), padded with -1: [B, Hkv, k_top] (exact top-k, one
+    list per KV group)."""
+    _, lo, hi = _ints(bounds)
+    return padded(topk_positions(group_max_scores(q, k[:, :, :hi]), lo, hi, k_top), k_top)
 
 
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -146,28 +216,34 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: 
     return bound
 
 
+def pages_scored(k_top: int, page_size: int, oversample: float) -> int:
+    """How many pages page selection scores exactly: ceil(k_top * oversample / page_size)."""
+    return math.ceil(k_top * oversample / page_size)
+
+
 def page_plan(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -> tuple[int, int, int]:
-    """Pages [p_lo, p_hi) that overlap positions [lo, hi), and how many of them page selection
-    scores exactly: ceil(k_top * oversample / page_size), at most all of them."""
+    """Pages [p_lo, p_hi) that overlap positions [lo, hi), and how many of them are scored exactly
+    (pages_scored, at most all of them)."""
     p_lo, p_hi = lo // page_size, (hi - 1) // page_size + 1
-    return p_lo, p_hi, min(p_hi - p_lo, math.ceil(k_top * oversample / page_size))
+    return p_lo, p_hi, min(p_hi - p_lo, pages_scored(k_top, page_size, oversample))
 
 
-def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
+def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bounds,
                 k_top: int, page_size: int, oversample: float, scope: str) -> torch.Tensor:
     """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
     Rank pages by their upper bound (page_bounds), score exactly only the tokens of the best
     pages (page_plan), keep the top k_top of those. k [B, Hkv, cap, D] is the key store,
     kmin/kmax [B, Hkv, pages, D] its page summaries.
-    Returns positions [B, Hkv, <=k_top] for scope "group" or [B, Hkv, G, <=k_top] for "head";
-    -1 where fewer than k_top tokens of the chosen pages lie in [lo, hi).
+    Returns positions [B, Hkv, k_top] for scope "group" or [B, Hkv, G, k_top] for "head";
+    -1 where fewer than k_top tokens of the chosen pages lie in [lo, hi) (from bounds).
     """
     B, Hq, _ = q.shape
     Hkv = k.shape[1]
+    _, lo, hi = _ints(bounds)
     if k_top <= 0 or hi <= lo:
         lead = (B, Hkv) if scope == "group" else (B, Hkv, Hq // Hkv)
-        return torch.empty((*lead, 0), dtype=torch.long, device=q.device)
+        return torch.full((*lead, k_top), -1, dtype=torch.long, device=q.device)
     P = page_size
     p_lo, p_hi, n_sel = page_plan(lo, hi, k_top, P, oversample)
     bounds = page_bounds(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
@@ -180,7 +256,7 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
         pos = pos[:, :, None].expand_as(s)
     s = s.masked_fill((pos < lo) | (pos >= hi), NEG_INF)
     best = topk_indices(s, min(k_top, s.shape[-1]))
-    return torch.where(s.gather(-1, best) > NEG_INF, pos.gather(-1, best), -1)
+    return padded(torch.where(s.gather(-1, best) > NEG_INF, pos.gather(-1, best), -1), k_top)
 
 
 def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, end: int, page_size: int) -> None:
@@ -225,9 +301,11 @@ def fill_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: to
 
 def append_kv(k_store: torch.Tensor, v_store: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
               kmin: torch.Tensor | None, kmax: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
-              start: int, page_size: int) -> None:
-    """Write k/v [B, Hkv, T, D] at positions start.. of the stores, the ring (slot = position % W)
-    and, if kmin/kmax are given, the page summaries."""
+              start, page_size: int) -> None:
+    """Write k/v [B, Hkv, T, D] at positions start.. (an int, or a step's bounds: one key at n - 1)
+    of the stores, the ring (slot = position % W) and, if kmin/kmax are given, the page summaries."""
+    if isinstance(start, torch.Tensor):
+        start = _ints(start)[0] - 1
     end = start + k.shape[2]
     k_store[:, :, start:end] = k
     v_store[:, :, start:end] = v

@@ -33,9 +33,9 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE,
+    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS,
     sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
-    n_keys, W, n_ctx, lo, hi, keys_per_split, scale, Hkv,
+    W, n_gather, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     DIRECT: tl.constexpr,
@@ -43,6 +43,13 @@ def _attn_partial(
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
+    # the step's lengths come from memory (see reference.step_bounds): the grid is sized for the
+    # cache's capacity and each program finds its share of the live keys, so nothing recompiles
+    n_ctx = tl.load(BOUNDS)
+    lo = tl.load(BOUNDS + 1)
+    hi = tl.load(BOUNDS + 2)
+    n_keys = W + lo + n_gather if SPARSE else n_ctx
+    keys_per_split = tl.cdiv(tl.cdiv(n_keys, n_splits), BLOCK_N) * BLOCK_N
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     g = tl.arange(0, G_PAD)
@@ -122,6 +129,16 @@ def _attn_reduce(OP, LP, OUT, LSE, n_splits, G: tl.constexpr, G_PAD: tl.constexp
     tl.store(LSE + pid, mx_safe + tl.log(total))
 
 
+LAUNCHES: list | None = None  # when a list, every launch appends (kernel, grid, scalar args, constexprs)
+
+
+def _launch(kernel, grid: tuple, *args, **meta) -> None:
+    if LAUNCHES is not None:
+        scalars = tuple(a for a in args if not isinstance(a, torch.Tensor))
+        LAUNCHES.append((kernel.fn.__name__, grid, scalars, tuple(sorted(meta.items()))))
+    kernel[grid](*args, **meta)
+
+
 def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(x))
 
@@ -149,17 +166,15 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
                       triton.cdiv(cfg["programs_per_sm"] * sms, programs), 256))
 
 
-def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = None):
+def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None):
+    """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds."""
     cfg = {**DECODE, **(config or {})}
-    block_n = cfg["block_n"]
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride()
     G_PAD, D_PAD = _pow2(G), _pow2(D)
-    S = _splits(n_keys, B * Hkv, cfg, q.device)
-    per_split = triton.cdiv(triton.cdiv(n_keys, S), block_n) * block_n
-    S = triton.cdiv(n_keys, per_split) if n_keys else 1
+    S = _splits(max_keys, B * Hkv, cfg, q.device)
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
     direct = S == 1
@@ -169,42 +184,44 @@ def _attention(q, k, v, n_keys, sparse=None, out=None, config: dict | None = Non
         lp = torch.empty(B * Hkv * S, G_PAD, device=q.device, dtype=torch.float32)
     if sparse is None:
         ring_k = ring_v = idx = k  # unused
-        W = n_ctx = lo = hi = 0
+        W = n_gather = 0
     else:
-        ring_k, ring_v, idx, n_ctx, lo, hi = sparse
+        ring_k, ring_v, idx = sparse
         assert ring_v.stride() == ring_k.stride() and ring_k.stride(-1) == 1 and idx.stride(-1) == 1
-        W = ring_k.shape[2]
-    _attn_partial[(B * Hkv, S)](
-        q, k, v, ring_k, ring_v, idx, op, lp, out, lse,
+        W, n_gather = ring_k.shape[2], idx.shape[2]
+    _launch(_attn_partial, (B * Hkv, S),
+        q, k, v, ring_k, ring_v, idx, op, lp, out, lse, bounds,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
-        n_keys, W, n_ctx, lo, hi, per_split, 1.0 / math.sqrt(D), Hkv,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=block_n, SPARSE=sparse is not None, **_precision(q),
+        W, n_gather, 1.0 / math.sqrt(D), Hkv,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None, **_precision(q),
         DIRECT=direct, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
-        _attn_reduce[(B * Hq,)](op, lp, out, lse, S, G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1))
+        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, S, G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1))
     return out, lse
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None, out: torch.Tensor | None = None,
                      config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense decode attention over k/v [B, Hkv, n, D]; see reference.decode_attention."""
-    return _attention(q, k, v, k.shape[2], None, out, config)
+    """Dense decode attention over the first n positions of k/v [B, Hkv, capacity, D], n from
+    bounds (all of them if None); see reference.decode_attention."""
+    bounds = reference.as_bounds(bounds, k.shape[2], q.device)
+    return _attention(q, k, v, bounds, k.shape[2], None, out, config)
 
 
-def sparse_attention(q, ring_k, ring_v, k, v, idx, n: int, anchor: int,
+def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int,
                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Window ∪ anchor ∪ gathered positions idx [B, Hkv, K]; see reference.sparse_attention."""
-    a = min(anchor, n)
-    hi = max(a, n - ring_k.shape[2])
-    sparse = (ring_k, ring_v, idx.contiguous(), n, a, hi)
-    return _attention(q, k, v, ring_k.shape[2] + a + idx.shape[2], sparse, out, SPARSE)
+    bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
+    return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + idx.shape[2], (ring_k, ring_v, idx.contiguous()),
+                      out, SPARSE)
 
 
-@triton.jit(do_not_specialize=["pos"])  # Triton would make pos == 1 a compile-time constant
-def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, pos, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
+@triton.jit
+def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, BOUNDS, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
             D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
     pid = tl.program_id(0)
+    pos = tl.load(BOUNDS) - 1  # the new key is the last of the step's n
     b = pid // Hkv
     h = pid % Hkv
     d = tl.arange(0, D_PAD)
@@ -255,13 +272,15 @@ def _fp8_outward(x, UP: tl.constexpr):
     return tl.where((tl.abs(r) > FP8_MAX) | (r != r), nan, r.to(tl.float8e4nv))
 
 
-def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start: int, page_size: int) -> None:
-    """One-token append (k/v [B, Hkv, 1, D]) in one launch; see reference.append_kv."""
+def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start, page_size: int) -> None:
+    """One-token append (k/v [B, Hkv, 1, D]) in one launch at position start (an int, or the
+    step's bounds: position n - 1); see reference.append_kv."""
     B, Hkv, T, D = k.shape
     assert T == 1 and k.stride(-1) == v.stride(-1) == 1 and k_store.stride() == v_store.stride() and ring_k.stride() == ring_v.stride()
     pages = kmin is not None
-    _append[(B * Hkv,)](
-        k, v, k_store, v_store, ring_k, ring_v, kmin if pages else k, kmax if pages else k, start, ring_k.shape[2], page_size,
+    bounds = start if isinstance(start, torch.Tensor) else reference.step_bounds(start + 1, 0, 0, k.device)
+    _launch(_append, (B * Hkv,),
+        k, v, k_store, v_store, ring_k, ring_v, kmin if pages else k, kmax if pages else k, bounds, ring_k.shape[2], page_size,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_store.stride()[:3], *ring_k.stride()[:3], *(kmin.stride()[:3] if pages else (0, 0, 0)),
         Hkv, D=D, D_PAD=_pow2(D), PAGES=pages,
     )
@@ -328,15 +347,26 @@ def _token_keys(Q, K, b, h, pages, lo, hi, P, sqb, sqh, skb, skh, skn, scale,
 
 @triton.jit
 def _scan(
-    Q, K, K2, V0, V1, sqb, sqh, skb, skh, skn, n, lo, scale, Hkv, n0, n1,
+    Q, K, K2, V0, V1, BOUNDS, sqb, sqh, skb, skh, skn, P, scale, Hkv, n0, n1,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     R: tl.constexpr, FAN: tl.constexpr, BOUND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Selection pass 1, bandwidth-bound, no top-k: each program scans one run of FAN pages of one
-    KV head (row) and writes V0 = each page's max score (exact q·k over R positions [lo, n) of K,
-    or with BOUND the Quest bound of page summaries K/K2, R = 1) and V1 = the run's max."""
+    KV head (row) and writes V0 = each page's max score (exact q·k over R = P positions [lo, hi)
+    of K, or with BOUND the Quest bound of the summaries K/K2 of pages [lo // P, cdiv(hi, P)),
+    R = 1) and V1 = the run's max. The grid covers the capacity; runs past the live range only
+    mark themselves empty."""
     row = tl.program_id(0)
     run = tl.program_id(1)
+    lo = tl.load(BOUNDS + 1)
+    hi = tl.load(BOUNDS + 2)
+    if BOUND:
+        n, lo = tl.cdiv(hi, P), lo // P
+    else:
+        n = hi
+    if run * FAN * R >= n:
+        tl.store(V1 + row * n1 + run, float("-inf"))
+        return
     best = tl.full([BLOCK_N // R], float("-inf"), tl.float32)
     for j0 in range(run * FAN * R, (run + 1) * FAN * R, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
@@ -351,7 +381,7 @@ def _scan(
 
 @triton.jit
 def _pick(
-    Q, K, V0, V1, SCR, OUT, sqb, sqh, skb, skh, skn, n0, n1, lo, hi, P, n_pages, scale, Hkv, k_out,
+    Q, K, V0, V1, SCR, OUT, BOUNDS, sqb, sqh, skb, skh, skn, n0, n1, P, n_pages, scale, Hkv, k_out,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
     FAN: tl.constexpr, S_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -362,6 +392,8 @@ def _pick(
     row = tl.program_id(0)
     b = row // Hkv
     h = row % Hkv
+    lo = tl.load(BOUNDS + 1)
+    hi = tl.load(BOUNDS + 2)
     i1 = tl.arange(0, N1_PAD)
     v1 = tl.load(V1 + row * n1 + i1, mask=i1 < n1, other=float("-inf"))
     runs = _index(tl.topk(_keys(v1, i1), S_PAD))
@@ -399,25 +431,23 @@ def _fits(n0: int, n_pages: int, page_size: int) -> bool:
             and _pow2(n_pages, 2) * _pow2(page_size, 1) <= _MAX_TOKENS)
 
 
-def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: int, n_pages: int, take: int,
+def _select_topk(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor, page_size: int, n_pages: int, take: int,
                  kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> torch.Tensor:
-    """Positions [B, Hkv, take]: the best `take` of the tokens of the n_pages best pages, pages
-    ranked by exact max (kmin/kmax None) or by their Quest bound from kmin/kmax."""
+    """Positions [B, Hkv, take] (-1 where fewer are valid): the best `take` of the tokens of the
+    n_pages best pages in [lo, hi) (from bounds), pages ranked by exact max (kmin/kmax None) or by
+    their Quest bound from kmin/kmax. Grids and buffers are sized for k's capacity."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     rows, P, fan = B * Hkv, page_size, SELECT["fan"]
     assert k.stride(-1) == 1 and (kmin is None or (kmin.stride() == kmax.stride() and kmax.stride(-1) == 1))
-    n0 = triton.cdiv(hi, P)  # pages up to the last one overlapping [lo, hi)
-    if kmin is None:  # pass 1 over positions [lo, hi), maxima per page of P
-        R, scan_k, scan_k2, scan_n, scan_lo = P, k, k, hi, lo
-    else:  # pass 1 over the bounds of pages [lo // P, n0)
-        R, scan_k, scan_k2, scan_n, scan_lo = 1, kmax, kmin, n0, lo // P
+    n0 = triton.cdiv(k.shape[2], P)  # every page the capacity holds
+    R, scan_k, scan_k2 = (P, k, k) if kmin is None else (1, kmax, kmin)
     n1 = triton.cdiv(n0, fan)
     consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
     v0 = torch.empty(rows, n0, device=q.device, dtype=torch.float32)
     v1 = torch.empty(rows, n1, device=q.device, dtype=torch.float32)
-    _scan[(rows, n1)](
-        q, scan_k, scan_k2, v0, v1, q.stride(0), q.stride(1), *scan_k.stride()[:3], scan_n, scan_lo,
+    _launch(_scan, (rows, n1),
+        q, scan_k, scan_k2, v0, v1, bounds, q.stride(0), q.stride(1), *scan_k.stride()[:3], P,
         1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan,
         BOUND=kmin is not None, **consts, num_warps=SELECT["scan_warps"],
     )
@@ -427,35 +457,35 @@ def _select_topk(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, page_size: 
     chunk = min(S_PAD, max(1, tokens // P_PAD))
     scratch = torch.empty(rows, S_PAD * P_PAD if S_PAD > chunk else 1, device=q.device, dtype=torch.int64)
     out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
-    _pick[(rows,)](
-        q, k, v0, v1, scratch, out, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, lo, hi, P, n_pages,
+    _launch(_pick, (rows,),
+        q, k, v0, v1, scratch, out, bounds, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, P, n_pages,
         1.0 / math.sqrt(D), Hkv, take, N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, P_PAD=P_PAD,
         CHUNK=chunk, K_PAD=K_PAD, **consts, num_warps=SELECT["pick_warps"],
     )
     return out
 
 
-def can_exact_select(lo: int, hi: int, k_top: int) -> bool:
-    take = min(k_top, hi - lo)
-    return take > 0 and can_page_select(lo, hi, take, EXACT_PAGE, EXACT_PAGE)
+def can_exact_select(capacity: int, k_top: int) -> bool:
+    return k_top > 0 and _fits(triton.cdiv(capacity, EXACT_PAGE), k_top, EXACT_PAGE)
 
 
-def exact_select(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, k_top: int) -> torch.Tensor:
-    """Exact group-max top-k over positions [lo, hi); see reference.exact_select. The top k
-    positions lie in the k pages with the largest maxima, so only those pages (k of them:
-    oversampling by the page size) are scored twice."""
-    take = min(k_top, hi - lo)
-    _, _, n_pages = reference.page_plan(lo, hi, take, EXACT_PAGE, EXACT_PAGE)
-    return _select_topk(q, k, lo, hi, EXACT_PAGE, n_pages, take)
+def exact_select(q: torch.Tensor, k: torch.Tensor, bounds, k_top: int) -> torch.Tensor:
+    """Exact group-max top-k over positions [lo, hi) of k [B, Hkv, capacity, D]; see
+    reference.exact_select. The top k positions lie in the k pages with the largest maxima, so
+    only those pages (oversampling by the page size) are scored twice."""
+    bounds = reference.as_bounds(bounds, k.shape[2], q.device)
+    return _select_topk(q, k, bounds, EXACT_PAGE, k_top, k_top)
 
 
-def can_page_select(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -> bool:
-    _, p_hi, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
-    return k_top > 0 and hi > lo and _fits(p_hi, n_sel, page_size)
+def can_page_select(capacity: int, k_top: int, page_size: int, oversample: float) -> bool:
+    n_sel = reference.pages_scored(k_top, page_size, oversample)
+    return k_top > 0 and _fits(triton.cdiv(capacity, page_size), n_sel, page_size)
 
 
-def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int,
-                k_top: int, page_size: int, oversample: float) -> torch.Tensor:
-    """Quest-style selection, scope "group"; see reference.page_select."""
-    _, _, n_sel = reference.page_plan(lo, hi, k_top, page_size, oversample)
-    return _select_topk(q, k, lo, hi, page_size, n_sel, min(k_top, n_sel * page_size), kmin, kmax)
+def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bounds,
+                k_top: int, page_size: int, oversample: float, scope: str = "group") -> torch.Tensor:
+    """Quest-style selection, one list per KV group; see reference.page_select."""
+    assert scope == "group", "the kernel keeps one list per KV group"
+    bounds = reference.as_bounds(bounds, k.shape[2], q.device)
+    n_sel = reference.pages_scored(k_top, page_size, oversample)
+    return _select_topk(q, k, bounds, page_size, n_sel, k_top, kmin, kmax)

@@ -3,7 +3,7 @@
 Each entry maps a minirt parameter (with `{i}` for the layer) to the HF tensors it is built from
 and how they combine:
   copy      one tensor as is
-  cat       q, k, v projections stacked along the output dim into minirt's fused wqkv
+  cat       projections stacked along the output dim: q|k|v into the fused wqkv, gate|up into gate_up
   conv1d    GPT-2's Conv1D stores [in, out]; transpose to nn.Linear's [out, in]
   neox_qkv  GPT-NeoX's fused QKV is interleaved per head ([heads, 3, head_dim]); regroup to q|k|v
   llama_qkv like cat, after undoing the q/k row permutation llama.cpp writes into Llama GGUF files
@@ -33,10 +33,10 @@ _LLAMA: dict[str, Spec] = {
     "layers.{i}.attn.wo.weight": ("copy", ("model.layers.{i}.self_attn.o_proj.weight",)),
     "layers.{i}.attn.wo.bias": ("copy", ("model.layers.{i}.self_attn.o_proj.bias",)),
     **{
-        f"layers.{{i}}.mlp.{ours}.{p}": ("copy", (f"model.layers.{{i}}.mlp.{theirs}_proj.{p}",))
-        for ours, theirs in (("gate", "gate"), ("up", "up"), ("down", "down"))
+        f"layers.{{i}}.mlp.gate_up.{p}": ("cat", tuple(f"model.layers.{{i}}.mlp.{x}_proj.{p}" for x in ("gate", "up")))
         for p in ("weight", "bias")
     },
+    **{f"layers.{{i}}.mlp.down.{p}": ("copy", (f"model.layers.{{i}}.mlp.down_proj.{p}",)) for p in ("weight", "bias")},
 }
 
 _GPT2: dict[str, Spec] = {
@@ -92,7 +92,8 @@ def _gguf_map(qkv: str) -> dict[str, Spec]:
             f"layers.{{i}}.attn_norm.{p}": ("copy", (f"{blk}attn_norm.{p}",)),
             f"layers.{{i}}.mlp_norm.{p}": ("copy", (f"{blk}ffn_norm.{p}",)),
             f"layers.{{i}}.attn.wo.{p}": ("copy", (f"{blk}attn_output.{p}",)),
-            **{f"layers.{{i}}.mlp.{x}.{p}": ("copy", (f"{blk}ffn_{x}.{p}",)) for x in ("gate", "up", "down")},
+            **{f"layers.{{i}}.mlp.{x}.{p}": ("copy", (f"{blk}ffn_{x}.{p}",)) for x in ("up", "down")},
+            f"layers.{{i}}.mlp.gate_up.{p}": ("cat", (f"{blk}ffn_gate.{p}", f"{blk}ffn_up.{p}")),
             f"layers.{{i}}.attn.wqkv.{p}": (
                 ("copy", (f"{blk}attn_qkv.{p}",)) if qkv == "fused" else (qkv, tuple(f"{blk}attn_{x}.{p}" for x in "qkv"))),
         }

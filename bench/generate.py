@@ -1,0 +1,214 @@
+"""End-to-end decode speed on one GPU: what a user of generate() sees, beside transformers.
+
+    python bench/generate.py [--contexts 1024,32768,131072,1048576] [--new-tokens 128] [--out results/generate]
+
+A TinyLlama-shaped model (22 layers, 32q/4kv heads of 64, dim 2048, ffn 5632, vocab 32000) in bf16
+with random weights (speed does not depend on the values; no trained TinyLlama is reachable here),
+batch 1. Rows: minirt full attention, minirt sparse (exact and page selection, the defaults
+otherwise), transformers generate() with its dynamic cache, and with a static cache +
+torch.compile (transformers compiles its decoding forward itself when asked for a static cache).
+minirt rows call generate() (prefill, then the CUDA-graph decode step); at
+contexts past --synthetic-from the cache is filled with random keys/values instead of a prefill
+(labelled), and the same decode step is timed. Each generate() row is the second of two identical
+calls: the first compiles the Triton kernels for that cache size (a one-time cost per size). Columns: tok/s, ms/token, bytes read per token
+(weights + the KV bytes the method reads, see bench/attention.py), achieved GB/s and % of the
+H100's measured 2.96 TB/s, prefill seconds, peak GPU memory. Writes JSON, Markdown and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.attention import sparse_bytes  # noqa: E402
+from minirt import CondensateConfig, Transformer, generate, kernels  # noqa: E402
+from minirt.config import ModelConfig  # noqa: E402
+from minirt.generation import DecodeStep  # noqa: E402
+from minirt.llm import LLM  # noqa: E402
+
+HBM = 2.96e12  # bytes/s, measured on the H100 (device notes)
+TINYLLAMA = ModelConfig(family="llama", vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                        head_dim=64, ffn_dim=5632, max_seq_len=2048, rotary_dim=64, rope_theta=10000.0)
+SYSTEMS = {
+    "minirt full": ("full", None),
+    "minirt sparse (exact)": ("sparse", CondensateConfig()),
+    "minirt sparse (pages)": ("sparse", CondensateConfig(selection="pages")),
+}
+
+
+def model_bytes(cfg: ModelConfig) -> int:
+    """Weights one decode step reads: every matrix, the head, one embedding row (bf16)."""
+    per_layer = cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim \
+        + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
+    return 2 * (cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim + 2 * cfg.dim)
+
+
+def kv_bytes(cfg: ModelConfig, n: int, attention: str, policy: CondensateConfig | None) -> int:
+    full = 2 * cfg.n_kv_heads * n * cfg.head_dim * 2
+    if attention == "full":
+        return cfg.n_layers * full
+    return cfg.n_layers * sparse_bytes(n, cfg.n_kv_heads, cfg.head_dim, 2, policy.selection, 1)
+
+
+def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool) -> dict:
+    attention, policy = SYSTEMS[name]
+    torch.cuda.reset_peak_memory_stats()
+    if not synthetic:
+        prompt = torch.randint(3, llm.cfg.vocab_size, (n,)).tolist()
+        for _ in range(2):  # the first call compiles the kernels for this cache size; the second is timed
+            torch.cuda.reset_peak_memory_stats()
+            out = generate(llm, prompt, new, attention=attention, policy=policy, allow_long_context=True)
+        assert len(out.tokens) == new, out.finish_reason
+        seconds, prefill = out.decode_s / out.decode_steps, out.prefill_s
+    else:  # the cache filled with random keys/values, then the same decode step generate() runs
+        cache = llm.new_cache(n + new, attention, policy)
+        cache.k.normal_()
+        cache.v.normal_()
+        cache.hold(n)  # as if n positions had been prefilled: their ring and page summaries too
+        step = DecodeStep(llm, cache)
+        step.choose(torch.randn(1, llm.cfg.vocab_size, device="cuda"))
+        for _ in range(3):  # eager first step (Triton compiles), capture, one replay
+            step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(new - 3):
+            step()
+        end.record()
+        end.synchronize()
+        seconds, prefill = start.elapsed_time(end) / 1e3 / (new - 3), float("nan")
+    read = model_bytes(llm.cfg) + kv_bytes(llm.cfg, n, attention, policy)
+    return row(name + (" (synthetic cache)" if synthetic else ""), n, seconds, read, prefill)
+
+
+def row(system: str, n: int, seconds: float, read: int, prefill: float) -> dict:
+    return {"system": system, "context": n, "tok_s": 1 / seconds, "ms_token": 1e3 * seconds, "bytes_token": read,
+            "gb_s": read / seconds / 1e9, "pct_hbm": 100 * read / seconds / HBM, "prefill_s": prefill,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def transformers_row(n: int, new: int, compiled: bool) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = TINYLLAMA
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+                      num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                      max_position_embeddings=n + new, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if compiled:  # transformers compiles its decoding forward itself when the cache is static
+        kwargs["cache_implementation"] = "static"
+    prompt = torch.randint(3, c.vocab_size, (1, n), device="cuda")
+    with torch.inference_mode():
+        if compiled:  # compile (and capture) on a first call; the second is timed
+            model.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        model.generate(prompt, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+    assert out.shape[1] == n + new
+    seconds = (total - prefill) / (new - 1)
+    name = "transformers generate (static cache + torch.compile)" if compiled else "transformers generate (dynamic cache)"
+    result = row(name, n, seconds, model_bytes(c) + kv_bytes(c, n, "full", None), prefill)
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"Device: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, transformers "
+             f"{meta['transformers']}; TinyLlama-shaped bf16, random weights, batch 1, {meta['new_tokens']} new tokens.",
+             "", "| system | context | tok/s | ms/token | MB read/token | GB/s | % of 2.96 TB/s | prefill s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['context']:,} | {r['tok_s']:.1f} | {r['ms_token']:.3f} | "
+                     f"{r['bytes_token'] / 1e6:.0f} | {r['gb_s']:.0f} | {r['pct_hbm']:.1f}% | "
+                     f"{r['prefill_s']:.2f} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for system in dict.fromkeys(r["system"].replace(" (synthetic cache)", "") for r in rows):
+        pts = sorted((r["context"], r["tok_s"]) for r in rows if r["system"].replace(" (synthetic cache)", "") == system)
+        ax.plot(*zip(*pts), marker="o", label=system)
+    contexts = sorted({r["context"] for r in rows})
+    limit = [HBM / (model_bytes(TINYLLAMA) + kv_bytes(TINYLLAMA, n, "full", None)) for n in contexts]
+    ax.plot(contexts, limit, "k--", label="bandwidth limit, full attention (2.96 TB/s)")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tok/s (batch 1)",
+           title="TinyLlama-shaped bf16 on an H100: decode speed against context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 32768, 131072, 1048576])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--synthetic-from", type=int, default=1 << 20, help="contexts from here: random cache, no prefill")
+    ap.add_argument("--transformers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 32768, 131072])
+    ap.add_argument("--compiled", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 32768])
+    ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=list(SYSTEMS))
+    ap.add_argument("--merge", help="a result JSON of an earlier run whose rows join this one's table and plot")
+    ap.add_argument("--out", default="results/generate")
+    args = ap.parse_args()
+    import transformers
+    import triton
+
+    torch.manual_seed(0)
+    rows = []
+    if args.systems:
+        cfg = replace(TINYLLAMA, max_seq_len=max(args.contexts) + args.new_tokens)
+        with torch.device("cuda"):
+            model = Transformer(cfg).to(torch.bfloat16).eval()
+        model.use_kernels(kernels.layer_implementation("cuda"))
+        llm = LLM(model, None, Path("tinyllama-shaped-random"))
+        for n in args.contexts:
+            for name in args.systems:
+                rows.append(minirt_row(llm, name, n, args.new_tokens, n >= args.synthetic_from))
+                print(rows[-1], flush=True)
+        del llm, model
+        torch.cuda.empty_cache()
+    for compiled, contexts in ((False, args.transformers), (True, args.compiled)):
+        for n in contexts:
+            try:
+                rows.append(transformers_row(n, args.new_tokens, compiled))
+            except torch.OutOfMemoryError as e:
+                print(f"transformers at {n} (compiled={compiled}): out of memory ({e})", flush=True)
+                continue
+            print(rows[-1], flush=True)
+    if args.merge:
+        rows = json.loads(Path(args.merge).read_text())["rows"] + rows
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "argv": sys.argv}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+    plot(rows, out.with_suffix(".png"))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

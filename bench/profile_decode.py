@@ -1,0 +1,59 @@
+"""Where a whole decode step's time goes: per-kernel GPU time of the CUDA-graph-replayed step of the
+TinyLlama-shaped model (bench/generate.py), by kernel name.
+
+    python bench/profile_decode.py [--context 1024] [--attention full|exact|pages]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.generate import SYSTEMS, TINYLLAMA  # noqa: E402
+from minirt import Transformer, kernels  # noqa: E402
+from minirt.generation import DecodeStep  # noqa: E402
+from minirt.llm import LLM  # noqa: E402
+
+NAMES = {"full": "minirt full", "exact": "minirt sparse (exact)", "pages": "minirt sparse (pages)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--attention", default="full", choices=list(NAMES))
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    cfg = replace(TINYLLAMA, max_seq_len=args.context + args.steps + 8)
+    with torch.device("cuda"):
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    model.use_kernels(kernels.layer_implementation("cuda"))
+    llm = LLM(model, None, Path("tinyllama-shaped-random"))
+    attention, policy = SYSTEMS[NAMES[args.attention]]
+    cache = llm.new_cache(args.context + args.steps + 8, attention, policy)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.hold(args.context)
+    step = DecodeStep(llm, cache)
+    step.choose(torch.randn(1, cfg.vocab_size, device="cuda"))
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) / args.steps
+    print(f"{NAMES[args.attention]}, context {args.context}: {total:.0f} us of kernels per step in "
+          f"{sum(e.count for e in events) / args.steps:.0f} launches")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
+        print(f"{e.count / args.steps:6.1f} x {e.device_time_total / args.steps:8.1f} us  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()

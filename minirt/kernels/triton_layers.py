@@ -1,0 +1,86 @@
+"""Triton kernels for the layer math around attention (references: kernels/reference.py).
+
+At batch 1 a decode step is a few hundred small launches; RMSNorm, RoPE and the gated MLP's
+activation written as PyTorch ops are most of them (an RMSNorm is seven kernels, a RoPE on q and k
+a dozen). Each is one launch here.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm(X, W, Y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    mask = i < N
+    x = tl.load(X + row * N + i, mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+    y = (x * r).to(Y.dtype.element_ty)  # normalised in fp32, cast back before the weight (as the reference)
+    w = tl.load(W + i, mask=mask)
+    tl.store(Y + row * N + i, (w.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x; see reference.rms_norm."""
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    assert x2.is_contiguous() and weight.is_contiguous()
+    y = torch.empty_like(x2)
+    _rms_norm[(x2.shape[0],)](x2, weight, y, N, eps, BLOCK=triton.next_power_of_2(N))
+    return y.view(x.shape)
+
+
+@triton.jit
+def _rope(QKV, COS, SIN, POS, row_stride, n_rot_heads, D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    t = tl.program_id(0)  # token (row of qkv)
+    h = tl.program_id(1)  # a q or k head
+    i = tl.arange(0, HALF_PAD)
+    mask = i < HALF
+    p = tl.load(POS + t).to(tl.int64)
+    base = QKV + t * row_stride + h * D
+    x1 = tl.load(base + i, mask=mask).to(tl.float32)
+    x2 = tl.load(base + HALF + i, mask=mask).to(tl.float32)
+    cos1 = tl.load(COS + p * 2 * HALF + i, mask=mask).to(tl.float32)
+    cos2 = tl.load(COS + p * 2 * HALF + HALF + i, mask=mask).to(tl.float32)
+    sin1 = tl.load(SIN + p * 2 * HALF + i, mask=mask).to(tl.float32)
+    sin2 = tl.load(SIN + p * 2 * HALF + HALF + i, mask=mask).to(tl.float32)
+    tl.store(base + i, (x1 * cos1 - x2 * sin1).to(QKV.dtype.element_ty), mask=mask)
+    tl.store(base + HALF + i, (x2 * cos2 + x1 * sin2).to(QKV.dtype.element_ty), mask=mask)
+
+
+def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+              n_rot_heads: int, head_dim: int) -> None:
+    """Rotate, in place, the first n_rot_heads heads (q then k) of the fused projection qkv [B, T, *]
+    at positions [T], with the tables cos/sin [positions, rot]; see reference.rope_qkv_."""
+    B, T, width = qkv.shape
+    rot = cos.shape[-1]
+    assert qkv.is_contiguous() and cos.is_contiguous() and B * T == positions.numel() * B
+    rows = qkv.view(B * T, width)
+    pos = positions.repeat(B) if B > 1 else positions
+    _rope[(B * T, n_rot_heads)](rows, cos, sin, pos, width, n_rot_heads, D=head_dim, HALF=rot // 2,
+                                 HALF_PAD=triton.next_power_of_2(rot // 2))
+
+
+@triton.jit
+def _silu_mul(GU, Y, F, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < F
+    g = tl.load(GU + row * 2 * F + col, mask=mask).to(tl.float32)
+    u = tl.load(GU + row * 2 * F + F + col, mask=mask).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty)  # rounded as the reference's F.silu is
+    tl.store(Y + row * F + col, (silu.to(tl.float32) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused projection [..., 2F] -> [..., F]; see reference.silu_mul."""
+    F = gate_up.shape[-1] // 2
+    x = gate_up.reshape(-1, 2 * F)
+    assert x.is_contiguous()
+    y = torch.empty(x.shape[0], F, device=x.device, dtype=x.dtype)
+    BLOCK = 1024
+    _silu_mul[(x.shape[0], triton.cdiv(F, BLOCK))](x, y, F, BLOCK=BLOCK)
+    return y.view(*gate_up.shape[:-1], F)
