@@ -1,4 +1,5 @@
-"""Append a benchmark result (the Markdown table a bench script wrote) to BENCHMARKS.md.
+"""Add a benchmark result (the Markdown table a bench script wrote) to BENCHMARKS.md, newest first:
+the file opens with the current numbers and superseded runs follow below.
 
     python bench/record.py RESULT.md --json RESULT.json --command "..." --commit SHA --title "..." [--note "..."]
     python bench/record.py LOG.txt --device "..." --command "..." --commit SHA --title "..."   (a plain log)
@@ -15,6 +16,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HEADER = ("# Benchmarks\n\nGPU results, added by `bench/record.py` from the files the benchmark scripts wrote, newest "
+          "first. Never edit numbers by hand.\n")
 
 
 def body(text: str) -> str:
@@ -41,18 +44,17 @@ def main() -> None:
         kept = ROOT / "bench" / "results" / f"{date}-{args.commit}-{Path(args.json).name}"
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.json, kept)
-        lines += [f"- device: {meta['device']}", f"- software: torch {meta['torch']}, dtype {meta['dtype']}",
-                  f"- raw results: `{kept.relative_to(ROOT)}`"]
+        software = ", ".join(f"{key} {meta[key]}" for key in ("torch", "triton", "transformers", "dtype") if key in meta)
+        lines += [f"- device: {meta['device']}", f"- software: {software}", f"- raw results: `{kept.relative_to(ROOT)}`"]
     else:
         lines.append(f"- device: {args.device}")
     lines += [f"- commit: {args.commit}", f"- command: `{args.command}`"] + ([f"- note: {args.note}"] if args.note else [])
     section = "\n".join(lines) + "\n\n" + body(Path(args.table).read_text())
     bench = ROOT / "BENCHMARKS.md"
-    if not bench.exists():
-        bench.write_text("# Benchmarks\n\nGPU results, appended by `bench/record.py` from the files the benchmark "
-                         "scripts wrote. Never edit numbers by hand.\n")
-    with bench.open("a") as f:
-        f.write(section)
+    text = bench.read_text() if bench.exists() else HEADER
+    start = text.find("\n## ")  # the newest section goes first, under the header
+    start = len(text) if start < 0 else start
+    bench.write_text(text[:start].rstrip("\n") + "\n" + section + text[start:])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ def pulled(name: str) -> Path:
     return pull(name, progress=False)
 
 
+def cpu_fp32(path: Path):
+    from minirt import LLM
+
+    return LLM.load(path, device="cpu", dtype="fp32")
+
+
 def hf_from_gguf(path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -33,9 +39,7 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2):
-    from minirt import LLM
-
-    return LLM.load(smollm2, device="cpu", dtype="fp32")
+    return cpu_fp32(smollm2)
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +55,7 @@ def qwen() -> Path:
 
 @pytest.fixture(scope="session")
 def qwen_llm(qwen):
-    from minirt import LLM
-
-    return LLM.load(qwen, device="cpu", dtype="fp32")
+    return cpu_fp32(qwen)
 
 
 TINY = dict(vocab_size=96, max_position_embeddings=128, initializer_range=0.2)

