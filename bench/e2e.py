@@ -8,7 +8,8 @@
    logits' scale, and how many steps pick the same argmax (half-precision near-ties may flip). Then
    a sparse decode (Triton kernels) must stay finite.
 2. Throughput: a TinyLlama-shaped model (random weights: speed does not depend on them), bf16,
-   512-token prompt, 128 greedy tokens: transformers generate() vs minirt full and sparse, eager.
+   512-token prompt, 128 greedy tokens: transformers generate() vs minirt's generate() (its CUDA-graph
+   decode step), full and sparse. bench/generate.py measures decode speed against context.
 Writes JSON + Markdown.
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ def throughput(tmp: Path) -> list[dict]:
           lambda n: ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False).shape[1] - len(prompt))
     llm = LLM.load(folder, device="cuda", dtype="bf16")
     for attention in ("full", "sparse"):
-        timed(f"minirt {attention} (bf16, eager)",
+        timed(f"minirt {attention} (bf16, generate(): CUDA-graph step)",
               lambda n, a=attention: len(generate(llm, prompt, n, attention=a).tokens))
     return rows
 

@@ -50,7 +50,8 @@ class DenseCache:
         """Whether a decode step runs without host syncs (so it can be captured in a CUDA graph)."""
         return self.ops is not reference and self.k.is_cuda
 
-    def _reserve(self, n: int) -> tuple[int, int]:
+    def reserve(self, n: int) -> tuple[int, int]:
+        """Positions [start, end) for n more tokens; CacheFullError past the capacity."""
         start, end = self.seq_len, self.seq_len + n
         if end > self.capacity:
             raise CacheFullError(f"cache holds {self.capacity} positions; {end} requested")
@@ -60,7 +61,7 @@ class DenseCache:
         """Positions [T] of the tokens about to be attended. One token: a decode step, whose
         position and bounds are computed on the device (no host sync)."""
         if T > 1:
-            start, end = self._reserve(T)
+            start, end = self.reserve(T)
             return torch.arange(start, end, device=self.k.device)
         n = self.position + 1
         lo = n.clamp(max=self.anchor)
@@ -110,7 +111,7 @@ class DenseCache:
         """Hold what `src` holds (prefill once, decode several ways): its keys/values and length,
         and whatever this cache derives from them."""
         n = src.seq_len
-        self._reserve(n - self.seq_len)
+        self.reserve(n - self.seq_len)
         self.k[:, :, :, :n] = src.k[:, :, :, :n]
         self.v[:, :, :, :n] = src.v[:, :, :, :n]
         self.hold(n)
@@ -118,7 +119,7 @@ class DenseCache:
     def hold(self, n: int) -> None:
         """Take the first n positions of the key/value stores, written directly (a copied prefix, or
         a benchmark's synthetic cache), as held: set the length and rebuild what derives from them."""
-        self._reserve(n - self.seq_len)
+        self.reserve(n - self.seq_len)
         self._set_length(n)
         if n:
             self._derive(0, n)

@@ -108,13 +108,9 @@ def prefill(llm: LLM, prompt_ids: list[int], cache: DenseCache, progress: bool =
                                       file=sys.stderr, disable=None if progress else True) as bar:
         for start in range(0, len(prompt_ids), size):
             chunk = prompt_ids[start:start + size]
-            tokens = torch.tensor([chunk], device=llm.model.device)
-            if len(chunk) == 1:  # one token: the decode step's path (positions on the device)
-                cache.begin(1)
-                logits = llm.model(tokens, cache, last_only=last_only)
+            logits = llm.model(torch.tensor([chunk], device=llm.model.device), cache, last_only=last_only)
+            if len(chunk) == 1:  # one token took the decode step's path, whose position moves on the device
                 cache.end_step()
-            else:
-                logits = llm.model(tokens, cache, last_only=last_only)
             cache.advance(len(chunk))
             out.append(logits[0])
             bar.update(len(chunk))
@@ -161,7 +157,6 @@ class DecodeStep:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            self.cache.begin(1)
             logits = self.llm.model(self.token, self.cache, last_only=True)[:, -1]
             self.choose(logits)
             if self.dropped is not None:
@@ -178,7 +173,7 @@ class DecodeStep:
         self.graph = graph
 
     def __call__(self) -> None:
-        self.cache._reserve(1)
+        self.cache.reserve(1)
         _check_positions(self.llm, self.cache.seq_len + 1)
         if not self.use_graph:
             self._run()

@@ -153,7 +153,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if self.pos_embed is not None:  # positions past the table are refused by the caller, on the host
             x = x + self.pos_embed(positions)
-        rope = (*self.rotary.tables[(positions.device, x.dtype)], positions) if self.rotary is not None else None
+        rope = (*self.rotary.table(positions.device, x.dtype), positions) if self.rotary is not None else None
         for block in self.layers:
             x = block(x, rope, cache)
         if last_only:

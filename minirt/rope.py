@@ -54,3 +54,8 @@ class Rotary:
         have = self.tables.get((positions.device, dtype))
         if have is None or have[0].shape[0] < n:
             self.tables[(positions.device, dtype)] = self.cos_sin(positions, dtype)
+
+    def table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if (device, dtype) not in self.tables:
+            raise RuntimeError("no RoPE table for this device and dtype: make caches with LLM.new_cache, which reserves it")
+        return self.tables[(device, dtype)]
