@@ -168,6 +168,9 @@ class CondensateCache(DenseCache):
         self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads, device=device)
         self.recall = torch.full((cfg.n_layers,), float("nan"), device=device)
         self.fallback_count = torch.zeros((), dtype=torch.int64, device=device)
+        # With page selection, scope group, on the reference path: an upper bound on each head's
+        # dropped mass from the page bounds selection computed (kernels.reference.dropped_mass_bound).
+        self.dropped_bound = torch.full((cfg.n_layers, batch, cfg.n_heads), float("nan"), device=device)
 
     def _check_plan(self, capacity: int) -> None:
         """Refuse, now, what the Triton decode step does not implement (never a silent slow path)."""
@@ -261,6 +264,9 @@ class CondensateCache(DenseCache):
             valid = exact >= 0
             hits = ((exact[..., :, None] == idx[..., None, :]).any(-1) & valid).sum()
             self.recall[layer] = torch.where(valid.any(), hits / valid.sum().clamp(min=1), 1.0)
+        if p.selection == "pages" and p.scope == "group" and self.ops is reference:
+            self.dropped_bound[layer] = reference.dropped_mass_bound(
+                q, ks, *self._pages(layer), self.bounds, idx, lse, k_top, p.page_size, p.page_oversample)
         lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
         dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
         self.dropped[layer] = dropped

@@ -206,14 +206,18 @@ def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, first: 
     q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hkv, P], the max over the group's query heads,
     so a page is kept if any head of the group might want it; pages before `first` get -inf.
     """
+    bound = head_page_bounds(q, kmin, kmax).amax(dim=2)
+    bound[..., :first] = NEG_INF
+    return bound
+
+
+def head_page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """page_bounds for each query head: [B, Hkv, G, P] (+inf where an fp8 summary overflowed)."""
     B, Hq, D = q.shape
     Hkv = kmin.shape[1]
     qg = q.view(B, Hkv, Hq // Hkv, D).float()
-    bound = qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)
-    bound = bound.amax(dim=2) / math.sqrt(D)
-    bound = torch.where(bound.isnan(), math.inf, bound)  # an fp8 summary past its range (round_outward)
-    bound[..., :first] = NEG_INF
-    return bound
+    bound = (qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)) / math.sqrt(D)
+    return torch.where(bound.isnan(), math.inf, bound)  # an fp8 summary past its range (round_outward)
 
 
 def pages_scored(k_top: int, page_size: int, oversample: float) -> int:
@@ -257,6 +261,34 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     s = s.masked_fill((pos < lo) | (pos >= hi), NEG_INF)
     best = topk_indices(s, min(k_top, s.shape[-1]))
     return padded(torch.where(s.gather(-1, best) > NEG_INF, pos.gather(-1, best), -1), k_top)
+
+
+def dropped_mass_bound(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bounds,
+                       idx: torch.Tensor, lse: torch.Tensor, k_top: int, page_size: int, oversample: float) -> torch.Tensor:
+    """An upper bound [B, Hq] on each query head's attention mass outside the set page selection
+    attended (idx [B, Hkv, K], lse [B, Hq] its log-sum-exp), from what selection computed anyway:
+    the candidate tokens of the pages it scored count exactly, every other page p counts
+    n_p * exp(ub_p) with ub_p the head's Quest bound. With U that sum and Z_S = exp(lse),
+    dropped <= U / (Z_S + U); fp8 summaries rounded outward keep ub_p a bound."""
+    B, Hq, _ = q.shape
+    Hkv, P = k.shape[1], page_size
+    _, lo, hi = _ints(bounds)
+    if hi <= lo:  # no candidates: anchor and window hold every position
+        return torch.zeros(B, Hq, device=q.device)
+    p_lo, p_hi, n_sel = page_plan(lo, hi, k_top, P, oversample)
+    start = torch.arange(p_hi, device=q.device) * P
+    count = (torch.clamp(start + P, max=hi) - torch.clamp(start, min=lo)).clamp(min=0)  # candidates per page
+    ub = head_page_bounds(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi])  # [B, Hkv, G, p_hi]
+    group = ub.amax(dim=2)
+    group[..., :p_lo] = NEG_INF
+    scored = topk_indices(group, n_sel)  # the pages page_select scored exactly: [B, Hkv, S]
+    unscored = torch.ones(B, Hkv, p_hi, dtype=torch.bool, device=q.device).scatter(-1, scored, False) & (count > 0)
+    bounded = torch.where(unscored[:, :, None], count.log() + ub, NEG_INF)  # [B, Hkv, G, p_hi]
+    pos, keys = page_tokens(k, scored, P)
+    left_out = (pos >= lo) & (pos < hi) & ~(pos[..., :, None] == idx[..., None, :]).any(-1)
+    exact = group_scores(q, keys).masked_fill(~left_out[:, :, None], NEG_INF)  # [B, Hkv, G, S * P]
+    log_u = torch.logsumexp(torch.cat((bounded, exact), dim=-1), dim=-1).reshape(B, Hq)
+    return torch.sigmoid(log_u - lse)  # U / (Z_S + U)
 
 
 def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, end: int, page_size: int) -> None:
