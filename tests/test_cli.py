@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from minirt import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +68,20 @@ def test_help_is_fast_shows_defaults_and_needs_no_torch():
     assert "(default: smollm2-135m)" in done.stdout and "--sparse-k TOP_K, --k TOP_K" in done.stdout
     code = "import sys; from minirt.cli import build_parser; build_parser().parse_args(['--text', 'x']); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("args, code, line", [
+    (["--prompt", "{tmp}/bin.txt"], 2, "run.py: error: --prompt {tmp}/bin.txt: not UTF-8 text (byte 0xff at offset 0) (see run.py --help)"),
+    (["--prompt", "{tmp}"], 2, "run.py: error: --prompt {tmp}: is a folder, not a file (see run.py --help)"),
+    (["--prompt", "{tmp}/empty.txt"], 2, "run.py: error: --prompt {tmp}/empty.txt: the prompt is empty (see run.py --help)"),
+    (["--text", "hi", "--device", "gpu"], 2, "run.py: error: argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu' (see run.py --help)"),
+    (["--text", "hi", "--model", "./my-ckpt"], 1, "error: ./my-ckpt: no such file or folder"),
+])
+def test_first_contact_errors_in_a_subprocess(tmp_path, args, code, line):
+    """The first-contact findings, as a user meets them: one line, the right exit code, nothing on stdout."""
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "empty.txt").write_text("\n")
+    done = run(*(a.format(tmp=tmp_path) for a in args))
+    assert done.returncode == code and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == line.format(tmp=tmp_path)
+    assert "Traceback" not in done.stderr
