@@ -48,7 +48,7 @@ class Generation:
     decode_s: float  # the remaining decode steps
     decode_steps: int
     fallbacks: int = 0  # certificate fallbacks to full attention (sparse mode)
-    max_dropped_mass: list[float] = field(default_factory=list)  # per step, over layers and heads
+    max_dropped_mass: list[float] = field(default_factory=list)  # per decode step, over layers and heads
 
     @property
     def tokens_per_s(self) -> float:
@@ -292,5 +292,5 @@ def generate(model: LLM | str, prompt: str | Sequence[int], max_new_tokens: int 
     return Generation(
         text=text, tokens=out, prompt_tokens=len(ids), finish_reason=reason,
         prefill_s=t_first - t0, decode_s=t_end - t_first, decode_steps=steps - 1,
-        fallbacks=getattr(cache, "fallbacks", 0), max_dropped_mass=step.dropped_per_step(),
+        fallbacks=getattr(cache, "fallbacks", 0), max_dropped_mass=step.dropped_per_step()[: steps - 1],
     )

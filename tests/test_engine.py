@@ -59,6 +59,13 @@ def test_every_path_gives_the_same_tokens(smollm2_llm, name):
     assert out.tokens == streamed == forced
 
 
+def test_certificate_is_read_once_per_decode_step(smollm2_llm):
+    """generate() reports the largest dropped mass of each decode step it used, from the device."""
+    out = generate(smollm2_llm, "The old lighthouse keeper counted the ships", 12, policy=POLICIES["certified"])
+    assert len(out.max_dropped_mass) == out.decode_steps == len(out.tokens) - 1
+    assert all(0 <= m <= 1 for m in out.max_dropped_mass) and max(out.max_dropped_mass) > 0
+
+
 def test_sampled_generation_is_seeded_through_the_step(smollm2_llm):
     s = Sampling(temperature=0.8, top_p=0.9, seed=3)
     a, b = (generate(smollm2_llm, "Once upon a time", 12, sampling=s).tokens for _ in range(2))

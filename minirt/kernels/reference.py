@@ -232,11 +232,23 @@ def page_plan(lo: int, hi: int, k_top: int, page_size: int, oversample: float) -
     return p_lo, p_hi, min(p_hi - p_lo, pages_scored(k_top, page_size, oversample))
 
 
+def rank_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int, hi: int, k_top: int,
+               page_size: int, oversample: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's Quest bound of the pages up to hi [B, Hkv, G, p_hi], and the pages page
+    selection scores exactly [B, Hkv, S]: those overlapping [lo, hi) with the largest bound over
+    the group's heads (page_plan says how many)."""
+    p_lo, p_hi, n_sel = page_plan(lo, hi, k_top, page_size, oversample)
+    heads = head_page_bounds(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi])
+    group = heads.amax(dim=2)
+    group[..., :p_lo] = NEG_INF
+    return heads, topk_indices(group, n_sel)
+
+
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bounds,
                 k_top: int, page_size: int, oversample: float, scope: str) -> torch.Tensor:
     """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
-    Rank pages by their upper bound (page_bounds), score exactly only the tokens of the best
+    Rank pages by their upper bound (rank_pages), score exactly only the tokens of the best
     pages (page_plan), keep the top k_top of those. k [B, Hkv, cap, D] is the key store,
     kmin/kmax [B, Hkv, pages, D] its page summaries.
     Returns positions [B, Hkv, k_top] for scope "group" or [B, Hkv, G, k_top] for "head";
@@ -249,9 +261,7 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
         lead = (B, Hkv) if scope == "group" else (B, Hkv, Hq // Hkv)
         return torch.full((*lead, k_top), -1, dtype=torch.long, device=q.device)
     P = page_size
-    p_lo, p_hi, n_sel = page_plan(lo, hi, k_top, P, oversample)
-    bounds = page_bounds(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi], p_lo)  # pages before p_lo: -inf
-    pages = topk_indices(bounds, n_sel)  # [B, Hkv, S]
+    _, pages = rank_pages(q, kmin, kmax, lo, hi, k_top, P, oversample)
     pos, keys = page_tokens(k, pages, P)
     s = group_scores(q, keys)
     if scope == "group":
@@ -275,13 +285,10 @@ def dropped_mass_bound(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kma
     _, lo, hi = _ints(bounds)
     if hi <= lo:  # no candidates: anchor and window hold every position
         return torch.zeros(B, Hq, device=q.device)
-    p_lo, p_hi, n_sel = page_plan(lo, hi, k_top, P, oversample)
+    ub, scored = rank_pages(q, kmin, kmax, lo, hi, k_top, P, oversample)  # scored: the pages page_select scored
+    p_hi = ub.shape[-1]
     start = torch.arange(p_hi, device=q.device) * P
     count = (torch.clamp(start + P, max=hi) - torch.clamp(start, min=lo)).clamp(min=0)  # candidates per page
-    ub = head_page_bounds(q, kmin[:, :, :p_hi], kmax[:, :, :p_hi])  # [B, Hkv, G, p_hi]
-    group = ub.amax(dim=2)
-    group[..., :p_lo] = NEG_INF
-    scored = topk_indices(group, n_sel)  # the pages page_select scored exactly: [B, Hkv, S]
     unscored = torch.ones(B, Hkv, p_hi, dtype=torch.bool, device=q.device).scatter(-1, scored, False) & (count > 0)
     bounded = torch.where(unscored[:, :, None], count.log() + ub, NEG_INF)  # [B, Hkv, G, p_hi]
     pos, keys = page_tokens(k, scored, P)
