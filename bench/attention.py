@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt.cache import CondensateCache, CondensateConfig  # noqa: E402
 from minirt.config import ModelConfig  # noqa: E402
 from minirt.kernels import triton_attention as tri  # noqa: E402
+from minirt.kernels import reference  # noqa: E402
 from minirt.kernels.reference import step_bounds  # noqa: E402
 
 SHAPES = {"32q/4kv x64 (TinyLlama)": (32, 4, 64), "8q/8kv x64 (paper)": (8, 8, 64)}
 POLICY = CondensateConfig()  # the runtime defaults: A=4, W=128, k=32; pages of 32, 16x oversampling
+WHOLE_K = 512  # whole-page selection's budget: 16 pages of 32, the keys "pages" scores at 16x oversampling
 L2_BYTES = 50 * 2**20
 
 
@@ -56,20 +58,22 @@ def graphed(fn, inputs: list):
     return graphs
 
 
-def sparse_bytes(n: int, Hkv: int, D: int, el: int, selection: str, summary_el: int) -> int:
-    A, W, k, P = POLICY.anchor, POLICY.window, POLICY.top_k, POLICY.page_size
+def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int) -> int:
+    A, W, k, P = policy.anchor, policy.window, policy.top_k, policy.page_size
+    if policy.whole_pages:  # page min/max, then the chosen pages' keys and values
+        k = min(math.ceil(n / P), reference.whole_pages(k, P)) * P
+        return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * math.ceil(n / P) * D * summary_el
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
-    if selection == "exact":
+    if policy.selection == "exact":
         return attend + Hkv * n * D * el  # every key scored once (the top-k candidates are a few KB)
     pages = math.ceil(n / P)
-    chosen = min(pages, math.ceil(k * POLICY.page_oversample / P)) * P
+    chosen = min(pages, math.ceil(k * policy.page_oversample / P)) * P
     return attend + 2 * Hkv * pages * D * summary_el + Hkv * chosen * D * el  # page min/max, then the chosen pages' keys
 
 
-def make_cache(Hq: int, Hkv: int, D: int, n: int, selection: str, dtype, summary: str = "cache") -> CondensateCache:
+def make_cache(Hq: int, Hkv: int, D: int, n: int, policy: CondensateConfig, dtype) -> CondensateCache:
     cfg = ModelConfig(family="llama", vocab_size=2, dim=Hq * D, n_layers=1, n_heads=Hq, n_kv_heads=Hkv,
                       head_dim=D, ffn_dim=1, max_seq_len=n + 1, rotary_dim=D)
-    policy = replace(POLICY, selection=selection, summary_dtype=summary)
     cache = CondensateCache(cfg, policy, capacity=n + 1, device="cuda", dtype=dtype)
     cache.k.normal_()
     cache.v.normal_()
@@ -122,15 +126,18 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
     add("minirt-dense-triton", lambda inp: tri.decode_attention(inp[0], *inp[1], bounds), inputs, kv_bytes,
         f"rel err vs SDPA {err:.1e}")
 
-    for selection, summary in (("exact", "cache"), ("pages", "cache"), ("pages", "fp8")):
-        caches = [make_cache(Hq, Hkv, D, n, selection, dtype, summary) for _ in range(min(copies, 2))]
+    variants = {"exact": replace(POLICY, summary_dtype="cache"),
+                "pages": replace(POLICY, selection="pages", summary_dtype="cache"),
+                "pages-fp8": replace(POLICY, selection="pages", summary_dtype="fp8"),
+                f"whole-pages-fp8-k{WHOLE_K}": replace(POLICY, selection="whole-pages", top_k=WHOLE_K, summary_dtype="fp8")}
+    for variant, policy in variants.items():
+        caches = [make_cache(Hq, Hkv, D, n, policy, dtype) for _ in range(min(copies, 2))]
         new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
         # The runtime's own decode step for one layer: append position n (the position stays n, so
         # every call rewrites it), update ring and page summary, select, attend.
         step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
-        method = f"minirt-sparse-{selection}" + ("-fp8" if summary == "fp8" else "")
         summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()
-        add(method, step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, selection, summary_el))
+        add(f"minirt-sparse-{variant}", step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, policy, summary_el))
         del caches
     for r in rows:
         flash = next(f["ms"] for f in rows if f["method"] == "sdpa-flash" and f["mode"] == r["mode"])

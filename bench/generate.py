@@ -40,6 +40,7 @@ SYSTEMS = {
     "minirt full": ("full", None),
     "minirt sparse (exact)": ("sparse", CondensateConfig()),
     "minirt sparse (pages)": ("sparse", CondensateConfig(selection="pages")),
+    "minirt sparse (whole pages, k=512)": ("sparse", CondensateConfig(selection="whole-pages", top_k=512)),
 }
 
 
@@ -54,7 +55,7 @@ def kv_bytes(cfg: ModelConfig, n: int, attention: str, policy: CondensateConfig 
     full = 2 * cfg.n_kv_heads * n * cfg.head_dim * 2
     if attention == "full":
         return cfg.n_layers * full
-    return cfg.n_layers * sparse_bytes(n, cfg.n_kv_heads, cfg.head_dim, 2, policy.selection, 1)
+    return cfg.n_layers * sparse_bytes(n, cfg.n_kv_heads, cfg.head_dim, 2, policy, 1)
 
 
 def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool) -> dict:

@@ -19,7 +19,8 @@ from minirt import Transformer, kernels  # noqa: E402
 from minirt.generation import DecodeStep  # noqa: E402
 from minirt.llm import LLM  # noqa: E402
 
-NAMES = {"full": "minirt full", "exact": "minirt sparse (exact)", "pages": "minirt sparse (pages)"}
+NAMES = {"full": "minirt full", "exact": "minirt sparse (exact)", "pages": "minirt sparse (pages)",
+         "whole-pages": "minirt sparse (whole pages, k=512)"}
 
 
 def main() -> None:

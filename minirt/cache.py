@@ -93,8 +93,7 @@ class DenseCache:
         self.v[layer, :, :, start:start + k.shape[2]] = v
 
     def _store_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(2, self.position, k)
-        self.v[layer].index_copy_(2, self.position, v)
+        self.ops.append_kv(self.k[layer], self.v[layer], None, None, None, None, k, v, self.bounds, 0)
 
     def _dense_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds)[0]
@@ -156,7 +155,7 @@ class CondensateCache(DenseCache):
         self.ring_k = torch.zeros(ring, device=device, dtype=dtype)
         self.ring_v = torch.zeros(ring, device=device, dtype=dtype)
         self.kmin = self.kmax = None
-        if policy.selection == "pages":
+        if policy.paged:
             pages = (cfg.n_layers, batch, cfg.n_kv_heads, math.ceil(capacity / policy.page_size), cfg.head_dim)
             # fp8 summaries are rounded outward (kernels.reference.round_outward): still bounds
             summary = torch.float8_e4m3fn if policy.summary_dtype == "fp8" else dtype
@@ -178,7 +177,7 @@ class CondensateCache(DenseCache):
         if self.ops is reference:
             return
         k_top = min(p.top_k, capacity)
-        fits = (self.ops.can_page_select(capacity, k_top, p.page_size, p.page_oversample) if p.selection == "pages"
+        fits = (self.ops.can_page_select(capacity, k_top, p.page_size, p.page_oversample, p.whole_pages) if p.paged
                 else self.certify or self.ops.can_exact_select(capacity, k_top))
         problems = [
             (p.scope == "head", "scope='head' (one top-k per query head) has no GPU kernel; use scope='group'"),
@@ -247,9 +246,9 @@ class CondensateCache(DenseCache):
             scores = kernels.group_scores(q, ks).masked_fill(j >= self.bounds[0], NEG_INF)
         if k_top == 0:  # anchor and window only
             idx = torch.empty(B, ks.shape[1], 0, dtype=torch.int64, device=q.device)
-        elif p.selection == "pages":
+        elif p.paged:
             idx = self.ops.page_select(q, ks, *self._pages(layer), self.bounds, k_top, p.page_size,
-                                       p.page_oversample, p.scope)
+                                       p.page_oversample, p.scope, p.whole_pages)
         elif p.scope == "head":
             idx = self._in_range(scores, k_top)
         elif scores is not None:  # the certificate already scored every key: no second pass over them
@@ -259,14 +258,15 @@ class CondensateCache(DenseCache):
         out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor)
         if not self.certify:
             return out
-        if p.selection == "pages" and p.scope == "group":
+        if p.paged and p.scope == "group":
             exact = self._in_range(scores.amax(dim=2), k_top)
             valid = exact >= 0
             hits = ((exact[..., :, None] == idx[..., None, :]).any(-1) & valid).sum()
             self.recall[layer] = torch.where(valid.any(), hits / valid.sum().clamp(min=1), 1.0)
-        if p.selection == "pages" and p.scope == "group" and self.ops is reference:
+        if p.paged and p.scope == "group" and self.ops is reference:  # whole pages: every token of the pages counted
             self.dropped_bound[layer] = reference.dropped_mass_bound(
-                q, ks, *self._pages(layer), self.bounds, idx, lse, k_top, p.page_size, p.page_oversample)
+                q, ks, *self._pages(layer), self.bounds, idx, lse, k_top, p.page_size,
+                1.0 if p.whole_pages else p.page_oversample)
         lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
         dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
         self.dropped[layer] = dropped

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CondensateConfig, Sampling
+from .config import SELECTIONS, CondensateConfig, Sampling
 
 DEFAULT_MODEL = "smollm2-135m"
 # Policy and sampling fields -> the flag that sets them, so errors name what the user typed.
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-exponent", type=float, default=d.budget_exponent, help="C in alpha * n^C")
     s.add_argument("--dense-layers", type=_layers, default=d.dense_layers, help="layers attending to everything, e.g. 0,1")
     s.add_argument("--scope", choices=["group", "head"], default=d.scope, help="one top-k per KV group or per head")
-    s.add_argument("--selection", choices=["exact", "pages"], default=d.selection,
-                   help="top-k by scoring every key, or by page bounds first (Quest)")
+    s.add_argument("--selection", choices=list(SELECTIONS), default=d.selection,
+                   help="top-k by scoring every key; by page bounds first (Quest), then the best pages' keys; "
+                        "or the best pages attended whole")
     s.add_argument("--page-size", type=int, default=d.page_size, help="keys per page (--selection pages)")
     s.add_argument("--summary-dtype", choices=["cache", "fp8"], default=d.summary_dtype,
                    help="page min/max summaries: fp8 rounded outward (half the bytes), or the cache dtype")

@@ -182,6 +182,9 @@ def _llama_like(hf: dict[str, Any]) -> ModelConfig:
 _BUILDERS = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like}
 
 
+SELECTIONS = ("exact", "pages", "whole-pages")
+
+
 @dataclass(frozen=True)
 class CondensateConfig:
     anchor: int = 4  # first positions always attended (the attention sink)
@@ -191,9 +194,11 @@ class CondensateConfig:
     budget_exponent: float = 0.5
     dense_layers: tuple[int, ...] = ()  # layers that always attend to everything
     scope: str = "group"  # top-k shared by a KV group's query heads, or chosen per "head"
-    selection: str = "exact"  # "exact": score every key; "pages": Quest-style page bounds first
+    # "exact": score every key; "pages": rank pages by their Quest bound, then score the best pages'
+    # keys; "whole-pages": attend the ceil(top_k / page_size) best pages whole (no token scoring)
+    selection: str = "exact"
     page_size: int = 32
-    page_oversample: float = 16.0  # pages scored exactly = ceil(k * oversample / page_size)
+    page_oversample: float = 16.0  # "pages": pages scored exactly = ceil(k * oversample / page_size)
     summary_dtype: str = "fp8"  # page min/max as fp8 rounded outward (half the bytes to scan), or "cache" dtype
     max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
 
@@ -205,7 +210,9 @@ class CondensateConfig:
             (self.budget_alpha >= 0, "budget_alpha must be >= 0"),
             (0 <= self.budget_exponent <= 1, "budget_exponent must be in [0, 1]"),
             (self.scope in ("group", "head"), "scope must be 'group' or 'head'"),
-            (self.selection in ("exact", "pages"), "selection must be 'exact' or 'pages'"),
+            (self.selection in SELECTIONS, "selection must be 'exact', 'pages' or 'whole-pages'"),
+            (self.selection != "whole-pages" or self.scope == "group",
+             "whole-pages selection keeps one page list per KV group (scope='group')"),
             (self.page_size >= 1, "page_size must be >= 1"),
             (self.page_oversample >= 1, "page_oversample must be >= 1"),
             (self.summary_dtype in ("cache", "fp8"), "summary_dtype must be 'cache' or 'fp8'"),
@@ -215,6 +222,15 @@ class CondensateConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def paged(self) -> bool:
+        """Whether selection ranks pages by their min/max summaries (which the cache then keeps)."""
+        return self.selection != "exact"
+
+    @property
+    def whole_pages(self) -> bool:
+        return self.selection == "whole-pages"
 
     def budget(self, n: int) -> int:
         """Top-k size at context length n (grows as alpha * n^C when alpha > 0)."""

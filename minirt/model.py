@@ -38,7 +38,7 @@ class AttentionCache(Protocol):
 
 
 class RMSNorm(nn.Module):
-    kernels: ModuleType = reference  # rms_norm, rope_qkv_, silu_mul: set by Transformer.use_kernels
+    kernels: ModuleType = reference  # (add_)rms_norm, rope_qkv_, silu_mul: set by Transformer.use_kernels
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -48,11 +48,24 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm): the residual add fused into the norm's launch."""
+        if delta is None:
+            return x, self(x)
+        return self.kernels.add_rms_norm(x, delta, self.weight, self.eps)
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+
+class LayerNorm(nn.LayerNorm):
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if delta is not None:
+            x = x + delta
+        return x, self(x)
+
+
+def make_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps)
-    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+    return LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
 
 class Attention(nn.Module):
@@ -112,12 +125,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope, cache: AttentionCache) -> torch.Tensor:
-        attn = self.attn(self.attn_norm(x), rope, cache)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, rope,
+                cache: AttentionCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream x and the previous block's not yet added output delta -> the same
+        pair after this block (each add happens inside the norm that reads its result)."""
+        x, h = self.attn_norm.add_norm(x, delta)
+        attn = self.attn(h, rope, cache)
         if self.parallel:
-            return x + attn + self.mlp(self.mlp_norm(x))
-        x = x + attn
-        return x + self.mlp(self.mlp_norm(x))
+            return x + attn + self.mlp(self.mlp_norm(x)), None
+        x, h = self.mlp_norm.add_norm(x, attn)
+        return x, self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -132,7 +149,7 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def use_kernels(self, kernels: ModuleType) -> None:
-        """Which implementation of rms_norm, rope_qkv_ and silu_mul the layers run (decided once)."""
+        """Which implementation of (add_)rms_norm, rope_qkv_ and silu_mul the layers run (decided once)."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.kernels = kernels
@@ -154,10 +171,11 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:  # positions past the table are refused by the caller, on the host
             x = x + self.pos_embed(positions)
         rope = (*self.rotary.table(positions.device, x.dtype), positions) if self.rotary is not None else None
+        delta = None
         for block in self.layers:
-            x = block(x, rope, cache)
+            x, delta = block(x, delta, rope, cache)
         if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+            x, delta = x[:, -1:], None if delta is None else delta[:, -1:]
+        _, x = self.norm.add_norm(x, delta)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)

@@ -143,8 +143,10 @@ def test_exact_select(Hkv, G, D, n, lo, hi, k_top, dtype):
     (3000, 24, 100, 2900, 40, 8.0, 8, 64),  # a page size that is not a power of two; tokens in chunks
 ])
 @pytest.mark.parametrize("summary", [torch.float32, torch.float8_e4m3fn])
-def test_page_select(n, P, lo, hi, k_top, oversample, G, D, summary):
-    """fp8 summaries with one key past fp8's range: its page has no bound and is always ranked first."""
+@pytest.mark.parametrize("whole", [False, True])
+def test_page_select(n, P, lo, hi, k_top, oversample, G, D, summary, whole):
+    """fp8 summaries with one key past fp8's range: its page has no bound and is always ranked first.
+    whole: the chosen pages' positions, all of them (no token scoring)."""
     g = torch.Generator().manual_seed(n + P)
     B, Hkv = 1, 2
     q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
@@ -153,10 +155,15 @@ def test_page_select(n, P, lo, hi, k_top, oversample, G, D, summary):
     kmin, kmax = (torch.empty(B, Hkv, -(-n // P), D, device=DEVICE, dtype=summary) for _ in range(2))
     ref.update_pages(k, kmin, kmax, 0, n, P)
     args = (q, k, kmin, kmax, ref.step_bounds(n, lo, hi, DEVICE), k_top, P, oversample)
-    got = tri.page_select(*args)
-    want = ref.page_select(*args, "group")
-    assert got.shape == want.shape
+    got = tri.page_select(*args, "group", whole)
+    want = ref.page_select(*args, "group", whole)
+    assert got.shape == want.shape == (B, Hkv, -(-k_top // P) * P if whole else k_top)
     assert valid_sorted(got, lo, hi) == valid_sorted(want, lo, hi)
+    if whole:  # whole pages, each at most once
+        pages = [{p // P for p in r} for r in valid_sorted(got, lo, hi)]
+        assert all(sorted(r) == sorted({p for pg in {x // P for x in r} for p in range(pg * P, pg * P + P)
+                                        if lo <= p < hi}) for r in valid_sorted(got, lo, hi))
+        assert all(len(s) <= -(-k_top // P) for s in pages)
     assert ((got == -1) | ((got >= lo) & (got < hi))).all()  # never a position outside [lo, hi)
 
 
@@ -180,11 +187,13 @@ def test_plan_refuses_what_the_kernels_do_not_implement(monkeypatch, policy, mes
     CondensateCache(cfg, CondensateConfig(**policy), capacity=5000)  # the reference runs them all
 
 
-@pytest.mark.parametrize("pages", [None, "cache", "fp8"])
+@pytest.mark.parametrize("pages", [None, "cache", "fp8", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_append_kv(pages, dtype):
     """The fused one-token append writes history, ring slot and page summary like the reference
-    (fp8 summaries: the same outward-rounded bits, and NaN where a key passed fp8's range)."""
+    (fp8 summaries: the same outward-rounded bits, and NaN where a key passed fp8's range);
+    "dense": the history alone (DenseCache's step, no ring)."""
+    pages_name = pages
     B, Hkv, cap, D, W, P, steps = 2, 3, 40, 80, 8, 4, 23
     g = torch.Generator().manual_seed(2)
     new = [torch.randn(2, B, 1, Hkv, D, generator=g).to(dtype).to(DEVICE).transpose(2, 3) for _ in range(steps)]
@@ -195,13 +204,16 @@ def test_append_kv(pages, dtype):
         def poisoned(*shape, dtype=dtype):
             return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
         store, ring = [poisoned(B, Hkv, cap, D) for _ in range(2)], [poisoned(B, Hkv, W, D) for _ in range(2)]
+        if pages == "dense":
+            ring, pages = [], None
         summaries = [poisoned(B, Hkv, cap // P, D, dtype=summary) for _ in range(2)] if pages else [None, None]
         for pos, (k, v) in enumerate(new):  # k/v strided like the model's [B, Hkv, 1, D] views
-            impl.append_kv(*store, *ring, *summaries, k, v, pos, P)
+            impl.append_kv(*store, *(ring or [None, None]), *summaries, k, v, pos, P)
         written = [t[:, :, :steps] for t in store] + ring  # positions 0..22; every ring slot
         if pages:
             written += [t[:, :, :6].float() for t in summaries]  # pages 0..5 hold positions 0..22
         states[impl.__name__] = written
+    assert len(states["minirt.kernels.reference"]) == {None: 4, "cache": 6, "fp8": 6, "dense": 2}[pages_name]
     for i, (a, b) in enumerate(zip(*states.values())):
         if i < 4 or pages != "fp8":
             assert not torch.isnan(a).any()
@@ -250,7 +262,7 @@ def test_sparse_attention_many_gathered(n, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_kernels(dtype):
-    """RMSNorm, RoPE on the fused qkv (partial rotary, GQA, several tokens at their positions) and
+    """RMSNorm (alone and with the residual add), RoPE on the fused qkv (partial rotary, GQA, several tokens at their positions) and
     silu(gate) * up, against their references."""
     from minirt.kernels import triton_layers as lay
 
@@ -258,6 +270,13 @@ def test_layer_kernels(dtype):
     x = torch.randn(3, 5, 96, generator=g).to(dtype).to(DEVICE)
     w = torch.randn(96, generator=g).to(dtype).to(DEVICE)
     torch.testing.assert_close(lay.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), rtol=TOL[dtype], atol=TOL[dtype])
+    delta = torch.randn(3, 5, 96, generator=g).to(dtype).to(DEVICE)
+    (got_x, got_y), (want_x, want_y) = lay.add_rms_norm(x, delta, w, 1e-5), ref.add_rms_norm(x, delta, w, 1e-5)
+    if DEVICE == "cuda":  # the residual stream, rounded as the reference rounds it
+        assert torch.equal(got_x, want_x)
+    else:  # the interpreter rounds fp32 -> bf16 toward zero (Triton 3.6), not to nearest
+        torch.testing.assert_close(got_x, want_x, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(got_y, want_y, rtol=TOL[dtype], atol=TOL[dtype])
     Hq, Hkv, D, rot, T = 4, 2, 32, 16, 3  # rotary on half of each head
     qkv = torch.randn(2, T, (Hq + 2 * Hkv) * D, generator=g).to(dtype).to(DEVICE)
     angles = torch.arange(50)[:, None] * torch.rand(rot // 2, generator=g)[None]

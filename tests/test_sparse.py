@@ -18,7 +18,7 @@ STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small v
 
 @pytest.mark.parametrize("scope, selection, summary", [("group", "exact", "cache"), ("head", "exact", "cache"),
                                                       ("group", "pages", "cache"), ("head", "pages", "cache"),
-                                                      ("group", "pages", "fp8")])
+                                                      ("group", "pages", "fp8"), ("group", "whole-pages", "fp8")])
 def test_k_covering_the_context_equals_full(smollm2_llm, scope, selection, summary):
     """With k >= context length the sparse set is everything: same tokens, logits equal to rounding.
     W=8 makes the ring buffer wrap ~10 times over the 60 steps."""
@@ -193,14 +193,15 @@ def test_qwen_long_context(qwen_llm, n):
     assert plain.dropped_mass_max > 0.5 and plain.attended_keys < 0.2 * plain.context
 
 
-@pytest.mark.parametrize("summary", ["cache", "fp8"])
-def test_page_bound_never_below_the_exact_dropped_mass(smollm2_llm, summary):
+@pytest.mark.parametrize("summary, selection", [("cache", "pages"), ("fp8", "pages"), ("fp8", "whole-pages")])
+def test_page_bound_never_below_the_exact_dropped_mass(smollm2_llm, summary, selection):
     """Issue #11's bound, on real weights at a real length: over 10 decode steps after 1.5K tokens
     of Python source, in every layer and head, the bound from the page summaries is never below the
     exact dropped mass. (How loose it is is printed: with min/max summaries it is near 1.)"""
     llm = smollm2_llm
     ids = long_prompt(llm.tokenizer, "code", 1500)
-    policy = CondensateConfig(window=64, top_k=16, selection="pages", page_size=16, page_oversample=4, summary_dtype=summary)
+    policy = CondensateConfig(window=64, top_k=16 if selection == "pages" else 64, selection=selection, page_size=16,
+                              page_oversample=4, summary_dtype=summary)
     ref = full_reference(llm, ids, 10)
     cache = llm.new_cache(len(ids) + 10, "sparse", policy, certify=True)
     cache.copy_prefix(ref.prompt_cache)
@@ -213,5 +214,5 @@ def test_page_bound_never_below_the_exact_dropped_mass(smollm2_llm, summary):
     assert not bound.isnan().any()
     assert (bound >= exact - 1e-5).all(), float((exact - bound).max())
     assert exact.max() > 0.1 and (bound <= 1).all()
-    print(f"{summary}: exact dropped mass mean {exact.mean():.3f} (max {exact.max():.3f}), bound mean "
+    print(f"{summary} {selection}: exact dropped mass mean {exact.mean():.3f} (max {exact.max():.3f}), bound mean "
           f"{bound.mean():.3f}, below 0.5 for {100 * (bound < 0.5).float().mean():.1f}% of (step, layer, head)")

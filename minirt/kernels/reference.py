@@ -49,6 +49,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream x + delta (rounded to x's dtype) and its RMSNorm."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
               n_rot_heads: int, head_dim: int) -> None:
     """Rotate in place the first rot = cos.shape[-1] dims of the first n_rot_heads heads (q, then
@@ -244,8 +250,13 @@ def rank_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int,
     return heads, topk_indices(group, n_sel)
 
 
+def whole_pages(k_top: int, page_size: int) -> int:
+    """How many pages whole-page selection attends for a budget of k_top keys."""
+    return math.ceil(k_top / page_size)
+
+
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bounds,
-                k_top: int, page_size: int, oversample: float, scope: str) -> torch.Tensor:
+                k_top: int, page_size: int, oversample: float, scope: str, whole: bool = False) -> torch.Tensor:
     """Approximate top-k in [lo, hi) without scoring every key (Quest-style).
 
     Rank pages by their upper bound (rank_pages), score exactly only the tokens of the best
@@ -253,16 +264,22 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     kmin/kmax [B, Hkv, pages, D] its page summaries.
     Returns positions [B, Hkv, k_top] for scope "group" or [B, Hkv, G, k_top] for "head";
     -1 where fewer than k_top tokens of the chosen pages lie in [lo, hi) (from bounds).
+    whole: no token scoring; every position of the whole_pages(k_top) best pages, [B, Hkv,
+    whole_pages * page_size] (scope "group"), -1 outside [lo, hi).
     """
     B, Hq, _ = q.shape
     Hkv = k.shape[1]
+    P = page_size
     _, lo, hi = _ints(bounds)
+    width = whole_pages(k_top, P) * P if whole else k_top
     if k_top <= 0 or hi <= lo:
         lead = (B, Hkv) if scope == "group" else (B, Hkv, Hq // Hkv)
-        return torch.full((*lead, k_top), -1, dtype=torch.long, device=q.device)
-    P = page_size
-    _, pages = rank_pages(q, kmin, kmax, lo, hi, k_top, P, oversample)
+        return torch.full((*lead, width), -1, dtype=torch.long, device=q.device)
+    _, pages = rank_pages(q, kmin, kmax, lo, hi, k_top, P, 1.0 if whole else oversample)
     pos, keys = page_tokens(k, pages, P)
+    if whole:
+        assert scope == "group", "whole-page selection keeps one page list per KV group"
+        return padded(torch.where((pos >= lo) & (pos < hi), pos, -1), width)
     s = group_scores(q, keys)
     if scope == "group":
         s = s.amax(dim=2)
@@ -338,16 +355,17 @@ def fill_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: to
     ring_v[..., slots, :] = v[..., first - start:, :]
 
 
-def append_kv(k_store: torch.Tensor, v_store: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+def append_kv(k_store: torch.Tensor, v_store: torch.Tensor, ring_k: torch.Tensor | None, ring_v: torch.Tensor | None,
               kmin: torch.Tensor | None, kmax: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
               start, page_size: int) -> None:
     """Write k/v [B, Hkv, T, D] at positions start.. (an int, or a step's bounds: one key at n - 1)
-    of the stores, the ring (slot = position % W) and, if kmin/kmax are given, the page summaries."""
+    of the stores and, if given, the ring (slot = position % W) and the page summaries kmin/kmax."""
     if isinstance(start, torch.Tensor):
         start = _ints(start)[0] - 1
     end = start + k.shape[2]
     k_store[:, :, start:end] = k
     v_store[:, :, start:end] = v
-    fill_ring(ring_k, ring_v, k, v, start)
+    if ring_k is not None:
+        fill_ring(ring_k, ring_v, k, v, start)
     if kmin is not None:
         update_pages(k_store, kmin, kmax, start, end, page_size)

@@ -219,7 +219,7 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int,
 
 @triton.jit
 def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, BOUNDS, W, P, snb, snh, svb, svh, skb, skh, skn, srb, srh, srn, spb, sph, spn, Hkv,
-            D: tl.constexpr, D_PAD: tl.constexpr, PAGES: tl.constexpr):
+            D: tl.constexpr, D_PAD: tl.constexpr, RING: tl.constexpr, PAGES: tl.constexpr):
     pid = tl.program_id(0)
     pos = tl.load(BOUNDS) - 1  # the new key is the last of the step's n
     b = pid // Hkv
@@ -231,9 +231,10 @@ def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, BOUNDS, W, P, snb, snh, svb, svh, 
     hist = b * skb + h * skh + pos.to(tl.int64) * skn + d
     tl.store(K + hist, kn, mask=dmask)
     tl.store(V + hist, vn, mask=dmask)
-    ring = b * srb + h * srh + (pos % W) * srn + d
-    tl.store(RK + ring, kn, mask=dmask)
-    tl.store(RV + ring, vn, mask=dmask)
+    if RING:
+        ring = b * srb + h * srh + (pos % W) * srn + d
+        tl.store(RK + ring, kn, mask=dmask)
+        tl.store(RV + ring, vn, mask=dmask)
     if PAGES:
         page = b * spb + h * sph + (pos // P) * spn + d
         first = pos % P == 0  # a new page starts with this key as its min and max
@@ -276,13 +277,14 @@ def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start, page_si
     """One-token append (k/v [B, Hkv, 1, D]) in one launch at position start (an int, or the
     step's bounds: position n - 1); see reference.append_kv."""
     B, Hkv, T, D = k.shape
+    ring, pages = ring_k is not None, kmin is not None
+    ring_k, ring_v = (ring_k, ring_v) if ring else (k_store, v_store)
     assert T == 1 and k.stride(-1) == v.stride(-1) == 1 and k_store.stride() == v_store.stride() and ring_k.stride() == ring_v.stride()
-    pages = kmin is not None
     bounds = start if isinstance(start, torch.Tensor) else reference.step_bounds(start + 1, 0, 0, k.device)
     _launch(_append, (B * Hkv,),
         k, v, k_store, v_store, ring_k, ring_v, kmin if pages else k, kmax if pages else k, bounds, ring_k.shape[2], page_size,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_store.stride()[:3], *ring_k.stride()[:3], *(kmin.stride()[:3] if pages else (0, 0, 0)),
-        Hkv, D=D, D_PAD=_pow2(D), PAGES=pages,
+        Hkv, D=D, D_PAD=_pow2(D), RING=ring, PAGES=pages,
     )
 
 
@@ -384,11 +386,12 @@ def _pick(
     Q, K, V0, V1, SCR, OUT, BOUNDS, sqb, sqh, skb, skh, skn, n0, n1, P, n_pages, scale, Hkv, k_out,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
     FAN: tl.constexpr, S_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    WHOLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Selection pass 2, one program per KV head. The n_pages best pages (by V0) lie in the
     n_pages best runs (by V1), so only those runs' pages are ranked; then the chosen pages'
-    tokens are scored exactly and the k_out best positions written (-1 where fewer are valid)."""
+    tokens are scored exactly and the k_out best positions written (-1 where fewer are valid),
+    or with WHOLE every position of the chosen pages (k_out = n_pages * P; -1 outside [lo, hi))."""
     row = tl.program_id(0)
     b = row // Hkv
     h = row % Hkv
@@ -401,6 +404,13 @@ def _pick(
     v0 = tl.load(V0 + row * n0 + e, mask=(runs[:, None] >= 0) & (e < n0), other=float("-inf"))
     r = tl.arange(0, S_PAD)
     pages = tl.where(r < n_pages, _index(tl.topk(tl.reshape(_keys(v0, e), [S_PAD * FAN]), S_PAD)), -1)
+    if WHOLE:
+        t = tl.arange(0, P_PAD)
+        pos = pages[:, None].to(tl.int64) * P + t[None, :]
+        ok = (pages[:, None] >= 0) & (pos >= lo) & (pos < hi)
+        tl.store(OUT + row * k_out + r[:, None] * P + t[None, :], tl.where(ok, pos, -1),
+                 mask=(r[:, None] < n_pages) & (t[None, :] < P))
+        return
     if S_PAD <= CHUNK:  # every chosen token fits one tile
         best = tl.topk(_token_keys(Q, K, b, h, pages, lo, hi, P, sqb, sqh, skb, skh, skn, scale, G, G_PAD, D, D_PAD,
                                    S_PAD, P_PAD, PRECISION, UPCAST), K_PAD)
@@ -432,10 +442,11 @@ def _fits(n0: int, n_pages: int, page_size: int) -> bool:
 
 
 def _select_topk(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor, page_size: int, n_pages: int, take: int,
-                 kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> torch.Tensor:
+                 kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None, whole: bool = False) -> torch.Tensor:
     """Positions [B, Hkv, take] (-1 where fewer are valid): the best `take` of the tokens of the
     n_pages best pages in [lo, hi) (from bounds), pages ranked by exact max (kmin/kmax None) or by
-    their Quest bound from kmin/kmax. Grids and buffers are sized for k's capacity."""
+    their Quest bound from kmin/kmax; whole: all of those pages' tokens (take = n_pages *
+    page_size). Grids and buffers are sized for k's capacity."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     rows, P, fan = B * Hkv, page_size, SELECT["fan"]
@@ -455,12 +466,12 @@ def _select_topk(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor, page_si
     S_PAD, P_PAD, K_PAD = _pow2(n_pages, 2), _pow2(P, 1), _pow2(take, 2)
     tokens = SELECT["token_block"] * 128 // (_pow2(D) * k.element_size())  # token_block is for 64 fp16 dims
     chunk = min(S_PAD, max(1, tokens // P_PAD))
-    scratch = torch.empty(rows, S_PAD * P_PAD if S_PAD > chunk else 1, device=q.device, dtype=torch.int64)
+    scratch = torch.empty(rows, S_PAD * P_PAD if S_PAD > chunk and not whole else 1, device=q.device, dtype=torch.int64)
     out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
     _launch(_pick, (rows,),
         q, k, v0, v1, scratch, out, bounds, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, P, n_pages,
         1.0 / math.sqrt(D), Hkv, take, N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, P_PAD=P_PAD,
-        CHUNK=chunk, K_PAD=K_PAD, **consts, num_warps=SELECT["pick_warps"],
+        CHUNK=chunk, K_PAD=K_PAD, WHOLE=whole, **consts, num_warps=SELECT["pick_warps"],
     )
     return out
 
@@ -477,15 +488,19 @@ def exact_select(q: torch.Tensor, k: torch.Tensor, bounds, k_top: int) -> torch.
     return _select_topk(q, k, bounds, EXACT_PAGE, k_top, k_top)
 
 
-def can_page_select(capacity: int, k_top: int, page_size: int, oversample: float) -> bool:
-    n_sel = reference.pages_scored(k_top, page_size, oversample)
+def _pages_taken(k_top: int, page_size: int, oversample: float, whole: bool) -> int:
+    return reference.whole_pages(k_top, page_size) if whole else reference.pages_scored(k_top, page_size, oversample)
+
+
+def can_page_select(capacity: int, k_top: int, page_size: int, oversample: float, whole: bool = False) -> bool:
+    n_sel = _pages_taken(k_top, page_size, oversample, whole)
     return k_top > 0 and _fits(triton.cdiv(capacity, page_size), n_sel, page_size)
 
 
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bounds,
-                k_top: int, page_size: int, oversample: float, scope: str = "group") -> torch.Tensor:
+                k_top: int, page_size: int, oversample: float, scope: str = "group", whole: bool = False) -> torch.Tensor:
     """Quest-style selection, one list per KV group; see reference.page_select."""
     assert scope == "group", "the kernel keeps one list per KV group"
     bounds = reference.as_bounds(bounds, k.shape[2], q.device)
-    n_sel = reference.pages_scored(k_top, page_size, oversample)
-    return _select_topk(q, k, bounds, page_size, n_sel, k_top, kmin, kmax)
+    n_sel = _pages_taken(k_top, page_size, oversample, whole)
+    return _select_topk(q, k, bounds, page_size, n_sel, n_sel * page_size if whole else k_top, kmin, kmax, whole)

@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is a few hundred small launches; RMSNorm, RoPE and the gated MLP's
 activation written as PyTorch ops are most of them (an RMSNorm is seven kernels, a RoPE on q and k
-a dozen). Each is one launch here.
+a dozen). Each is one launch here, and the residual add rides along with the norm that follows it.
 """
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm(X, W, Y, N, eps, BLOCK: tl.constexpr):
+def _rms_norm(X, DELTA, XOUT, W, Y, N, eps, BLOCK: tl.constexpr, ADD: tl.constexpr):
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     mask = i < N
-    x = tl.load(X + row * N + i, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * N + i, mask=mask, other=0.0)
+    if ADD:  # the residual add, rounded to the stream's dtype before the norm reads it (as the reference)
+        x = (x.to(tl.float32) + tl.load(DELTA + row * N + i, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(XOUT + row * N + i, x, mask=mask)
+    x = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
     y = (x * r).to(Y.dtype.element_ty)  # normalised in fp32, cast back before the weight (as the reference)
     w = tl.load(W + i, mask=mask)
@@ -29,8 +33,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = x.reshape(-1, N)
     assert x2.is_contiguous() and weight.is_contiguous()
     y = torch.empty_like(x2)
-    _rms_norm[(x2.shape[0],)](x2, weight, y, N, eps, BLOCK=triton.next_power_of_2(N))
+    _rms_norm[(x2.shape[0],)](x2, x2, x2, weight, y, N, eps, BLOCK=triton.next_power_of_2(N), ADD=False)
     return y.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + delta and its RMSNorm in one launch (one fewer per norm in a decode step); see
+    reference.add_rms_norm."""
+    N = x.shape[-1]
+    x2, d2 = x.reshape(-1, N).contiguous(), delta.reshape(-1, N).contiguous()
+    assert weight.is_contiguous()
+    out, y = torch.empty_like(x2), torch.empty_like(x2)
+    _rms_norm[(x2.shape[0],)](x2, d2, out, weight, y, N, eps, BLOCK=triton.next_power_of_2(N), ADD=True)
+    return out.view(x.shape), y.view(x.shape)
 
 
 @triton.jit
