@@ -60,9 +60,10 @@ def graphed(fn, inputs: list):
 
 def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int) -> int:
     A, W, k, P = policy.anchor, policy.window, policy.top_k, policy.page_size
-    if policy.whole_pages:  # page min/max, then the chosen pages' keys and values
+    if policy.whole_pages:  # page min/max, then the chosen pages' keys and values (and the tail's fp32 sums)
         k = min(math.ceil(n / P), reference.whole_pages(k, P)) * P
-        return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * math.ceil(n / P) * D * summary_el
+        tail = 2 * Hkv * math.ceil(n / P) * D * 4 if policy.tail else 0
+        return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * math.ceil(n / P) * D * summary_el + tail
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
     if policy.selection == "exact":
         return attend + Hkv * n * D * el  # every key scored once (the top-k candidates are a few KB)

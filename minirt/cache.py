@@ -161,6 +161,11 @@ class CondensateCache(DenseCache):
             summary = torch.float8_e4m3fn if policy.summary_dtype == "fp8" else dtype
             self.kmin = torch.empty(pages, device=device, dtype=summary)
             self.kmax = torch.empty(pages, device=device, dtype=summary)
+        # the tail estimate's page summaries: fp32 key and value sums (mean = sum / page size)
+        self.ksum = self.vsum = None
+        if policy.tail:
+            self.ksum = torch.zeros(pages, device=device)
+            self.vsum = torch.zeros(pages, device=device)
         # Certificate, on the device: per decode step, the attention mass each head's sparse set
         # left out; with page selection, per layer the fraction of the exact top-k (same group-max
         # score) it found; and how many (layer, head, step) triples fell back to full attention.
@@ -182,6 +187,7 @@ class CondensateCache(DenseCache):
         problems = [
             (p.scope == "head", "scope='head' (one top-k per query head) has no GPU kernel; use scope='group'"),
             (p.budget_alpha > 0, "a top-k that grows with the context (budget_alpha) has no GPU kernel"),
+            (p.tail, "the tail estimate (tail=True) has no GPU kernel yet"),
             (k_top > 0 and not fits, f"top_k={p.top_k} with {p.selection} selection is past the selection "
                                      "kernel's limits"),
         ]
@@ -199,10 +205,19 @@ class CondensateCache(DenseCache):
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         reference.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
                             k, v, start, self.policy.page_size)
+        self._update_sums(layer, start, start + k.shape[2])
 
     def _store_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.ops.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
                            k, v, self.bounds, self.policy.page_size)
+        if self.ksum is not None:  # the reference path only (_check_plan): the position is read on the host
+            position = int(self.bounds[0]) - 1
+            self._update_sums(layer, position, position + 1)
+
+    def _update_sums(self, layer: int, start: int, end: int) -> None:
+        if self.ksum is not None:
+            reference.update_page_sums(self.k[layer], self.v[layer], self.ksum[layer], self.vsum[layer], start, end,
+                                       self.policy.page_size)
 
     def _derive(self, start: int, end: int) -> None:
         # The ring holds the last W positions; pages touching [start, end) are summarised again
@@ -213,6 +228,7 @@ class CondensateCache(DenseCache):
             P = self.policy.page_size
             for layer in range(self.k.shape[0]):
                 kernels.update_pages(self.k[layer], *self._pages(layer), start // P * P, end, P)
+                self._update_sums(layer, start // P * P, end)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[2] > 1:  # prefill: full attention
@@ -255,7 +271,9 @@ class CondensateCache(DenseCache):
             idx = self._in_range(scores.amax(dim=2), k_top)
         else:
             idx = self.ops.exact_select(q, ks, self.bounds, k_top)
-        out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor)
+        tail = None if self.ksum is None else (self.ksum[layer], self.vsum[layer], p.page_size)
+        out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor,
+                                             tail=tail)
         if not self.certify:
             return out
         if p.paged and p.scope == "group":

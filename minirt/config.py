@@ -201,6 +201,9 @@ class CondensateConfig:
     page_oversample: float = 16.0  # "pages": pages scored exactly = ceil(k * oversample / page_size)
     summary_dtype: str = "fp8"  # page min/max as fp8 rounded outward (half the bytes to scan), or "cache" dtype
     max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
+    # whole-pages: each unselected page inside the candidate range stands in as one pseudo-key (its
+    # mean key, weighted by its key count) with its mean value: the rest is estimated, not dropped
+    tail: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -213,6 +216,7 @@ class CondensateConfig:
             (self.selection in SELECTIONS, "selection must be 'exact', 'pages' or 'whole-pages'"),
             (self.selection != "whole-pages" or self.scope == "group",
              "whole-pages selection keeps one page list per KV group (scope='group')"),
+            (not self.tail or self.selection == "whole-pages", "the tail estimate needs selection='whole-pages'"),
             (self.page_size >= 1, "page_size must be >= 1"),
             (self.page_oversample >= 1, "page_oversample must be >= 1"),
             (self.summary_dtype in ("cache", "fp8"), "summary_dtype must be 'cache' or 'fp8'"),

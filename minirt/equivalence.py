@@ -194,10 +194,14 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
 
 def attended_keys(policy: CondensateConfig, n: int, n_layers: int) -> float:
     """Keys one decode step attends to over n cached positions, averaged over layers (before any
-    certificate fallback): anchor, window and top-k, or all n in a dense layer."""
+    certificate fallback): anchor, window and top-k (whole pages: every key of the chosen pages),
+    or all n in a dense layer. A tail estimate's pseudo-keys are not counted."""
+    from .kernels.reference import whole_pages
+
     a = min(policy.anchor, n)
     window = min(policy.window, n - a)
-    sparse = a + window + min(policy.budget(n), n - a - window)
+    k = whole_pages(policy.top_k, policy.page_size) * policy.page_size if policy.whole_pages else policy.budget(n)
+    sparse = a + window + min(k, n - a - window)
     dense = len(set(policy.dense_layers))
     return (dense * n + (n_layers - dense) * sparse) / n_layers
 

@@ -101,6 +101,49 @@ def test_page_bound_is_an_upper_bound(summary):
     assert torch.isinf(bound[0, 1, 1]) == (summary != torch.float32)
 
 
+def test_tail_estimate_of_one_key_pages_is_full_attention():
+    """With pages of one key, each unattended page's pseudo-key is that key itself (log 1 = 0), so
+    window ∪ anchor ∪ chosen pages ∪ tail is full attention; the returned log-sum-exp is the
+    exactly attended keys' alone."""
+    g = torch.Generator().manual_seed(12)
+    B, Hkv, G, D, n, W, anchor = 2, 2, 3, 16, 50, 8, 3
+    q, k, v = torch.randn(B, Hkv * G, D, generator=g), torch.randn(B, Hkv, n, D, generator=g), torch.randn(B, Hkv, n, D, generator=g)
+    ring_k, ring_v = torch.zeros(B, Hkv, W, D), torch.zeros(B, Hkv, W, D)
+    ref.fill_ring(ring_k, ring_v, k, v, 0)
+    ksum, vsum = torch.empty(B, Hkv, n, D), torch.empty(B, Hkv, n, D)
+    ref.update_page_sums(k, v, ksum, vsum, 0, n, 1)
+    idx = torch.tensor([5, 17, 30, -1]).expand(B, Hkv, 4)
+    want, want_lse = ref.decode_attention(q, k, v)
+    got, lse = ref.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor, tail=(ksum, vsum, 1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _, exact_lse = ref.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor)
+    torch.testing.assert_close(lse, exact_lse)
+    assert (lse < want_lse - 0.1).all()  # the tail's keys are estimated, not counted as attended
+
+
+def test_tail_estimate_is_mean_key_and_value_per_page():
+    """Pages of 4: each page wholly inside [lo, hi) and not chosen adds exactly one pseudo-key,
+    mean key with logit + log 4 and mean value; chosen pages and the partial pages at the edges
+    add none."""
+    g = torch.Generator().manual_seed(13)
+    B, Hkv, G, D, n, W, anchor, P = 1, 1, 2, 8, 30, 4, 3, 4  # candidates [3, 26): pages 1..5 are whole
+    q, k, v = torch.randn(B, Hkv * G, D, generator=g), torch.randn(B, Hkv, n, D, generator=g), torch.randn(B, Hkv, n, D, generator=g)
+    ring_k, ring_v = torch.zeros(B, Hkv, W, D), torch.zeros(B, Hkv, W, D)
+    ref.fill_ring(ring_k, ring_v, k, v, 0)
+    ksum, vsum = torch.empty(B, Hkv, 8, D), torch.empty(B, Hkv, 8, D)
+    ref.update_page_sums(k, v, ksum, vsum, 0, n, P)
+    idx = torch.tensor([[[8, 9, 10, 11]]])  # page 2
+    got, _ = ref.sparse_attention(q, ring_k, ring_v, k, v, idx, n, anchor, tail=(ksum, vsum, P))
+    keys = torch.cat((k[0, 0, :3], k[0, 0, 8:12], k[0, 0, 26:]))
+    values = torch.cat((v[0, 0, :3], v[0, 0, 8:12], v[0, 0, 26:]))
+    logits = q[0] @ keys.T / D ** 0.5
+    for p in (1, 3, 4, 5):
+        mean_k, mean_v = k[0, 0, p * P:(p + 1) * P].mean(0), v[0, 0, p * P:(p + 1) * P].mean(0)
+        logits = torch.cat((logits, q[0] @ mean_k[:, None] / D ** 0.5 + torch.log(torch.tensor(4.0))), dim=1)
+        values = torch.cat((values, mean_v[None]))
+    torch.testing.assert_close(got[0], torch.softmax(logits, -1) @ values, rtol=1e-5, atol=1e-6)
+
+
 def valid_sorted(pos: torch.Tensor, lo: int, hi: int) -> list[list[int]]:
     """Per row, the sorted positions that lie in [lo, hi) (entries outside are ignored downstream)."""
     rows = pos.reshape(-1, pos.shape[-1]).cpu()

@@ -33,6 +33,21 @@ def test_k_covering_the_context_equals_full(smollm2_llm, scope, selection, summa
     assert float(cache.dropped.max()) <= 1e-5
 
 
+def test_tail_estimate_with_one_key_pages_equals_full(smollm2_llm):
+    """Whole pages of one key with the tail estimate: every key outside the chosen pages, window and
+    anchor is its own pseudo-key, so decoding is full attention (the page sums kept through prefill
+    and decode steps)."""
+    ids = smollm2_llm.tokenizer.encode(STORY)
+    full_logits, full_tokens = minirt_greedy(smollm2_llm, ids, 30)
+    policy = CondensateConfig(anchor=2, window=4, top_k=3, selection="whole-pages", page_size=1, tail=True,
+                              summary_dtype="cache")
+    cache = smollm2_llm.new_cache(len(ids) + 31, "sparse", policy, certify=True)
+    logits, tokens = minirt_greedy(smollm2_llm, ids, 30, cache=cache)
+    assert tokens == full_tokens
+    assert max_logit_diff(full_logits, logits) <= 1e-4
+    assert float(cache.dropped.max()) > 0.01  # the tail's keys count as left out of the exact set
+
+
 def tiny_cfg() -> ModelConfig:
     return ModelConfig(family="llama", vocab_size=10, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                        ffn_dim=32, max_seq_len=64, rotary_dim=8)

@@ -118,7 +118,7 @@ def ring_positions(n: int, window: int, device: torch.device | str = "cpu") -> t
 
 
 def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     idx: torch.Tensor, bounds, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     idx: torch.Tensor, bounds, anchor: int, tail=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over window ∪ anchor ∪ gathered positions, of n cached positions (bounds:
     the step's (n, lo, hi) tensor, or n itself).
 
@@ -128,6 +128,12 @@ def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
     [B, Hkv, G, K]; entries outside [min(anchor, n), n - W), such as -1 padding, are ignored, so
     the three sets are disjoint.
     Returns out [B, Hq, D] and the log-sum-exp of the attended logits [B, Hq].
+
+    tail: (ksum, vsum, page_size), per-page key/value sums [B, Hkv, pages, D] (fp32), with idx
+    holding whole pages (one list per group): every page wholly inside [lo, hi) that idx does not
+    hold adds one pseudo-key, its mean key with logit + log(page_size), and its mean value, so the
+    keys left out are estimated rather than dropped. The returned log-sum-exp stays that of the
+    exactly attended keys (what the certificate compares with full attention).
     """
     B, Hq, D = q.shape
     Hkv, W = k.shape[1], ring_k.shape[2]
@@ -151,13 +157,34 @@ def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         s = qg @ keys[:, :, 0].float().transpose(-1, -2)
         s = s.masked_fill(~valid, NEG_INF) / math.sqrt(D)
         lse = torch.logsumexp(s, dim=-1)
-        out = torch.exp(s - lse[..., None]) @ values[:, :, 0].float()
+        values = values[:, :, 0].float()
+        if tail is not None:
+            tail_s, tail_v = _tail_keys(qg, idx, lo, hi, *tail)
+            s, values = torch.cat((s, tail_s), dim=-1), torch.cat((values, tail_v), dim=2)
+        out = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)) @ values
     else:  # per-head lists
         s = (qg[..., None, :] @ keys.float().transpose(-1, -2))[..., 0, :]
         s = s.masked_fill(~valid, NEG_INF) / math.sqrt(D)
         lse = torch.logsumexp(s, dim=-1)
         out = (torch.exp(s - lse[..., None])[..., None, :] @ values.float())[..., 0, :]
     return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
+
+
+def tail_pages(lo: int, hi: int, page_size: int) -> torch.Tensor:
+    """Pages wholly inside candidate positions [lo, hi): the ones a tail estimate can stand for."""
+    return torch.arange(-(-lo // page_size), max(-(-lo // page_size), hi // page_size))
+
+
+def _tail_keys(qg: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, ksum: torch.Tensor, vsum: torch.Tensor,
+               page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, Hkv, G, pages] and values [B, Hkv, pages, D] of the tail's pseudo-keys (see
+    sparse_attention): one per page inside [lo, hi) that idx [B, Hkv, K] does not attend."""
+    P, D = page_size, qg.shape[-1]
+    pages = tail_pages(lo, hi, P).to(qg.device)
+    chosen = torch.where(idx >= 0, idx // P, -1)
+    left = ~(pages[:, None] == chosen[..., None, :]).any(-1)  # [B, Hkv, pages]
+    s = qg @ (ksum[:, :, pages] / P).transpose(-1, -2) / math.sqrt(D) + math.log(P)
+    return s.masked_fill(~left[:, :, None], NEG_INF), vsum[:, :, pages] / P
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -326,6 +353,18 @@ def update_pages(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start:
     keys = keys.unflatten(2, (p1 - p0, P))
     kmin[:, :, p0:p1] = round_outward(keys.amin(dim=3).float(), False, kmin.dtype)
     kmax[:, :, p0:p1] = round_outward(keys.amax(dim=3).float(), True, kmax.dtype)
+
+
+def update_page_sums(k: torch.Tensor, v: torch.Tensor, ksum: torch.Tensor, vsum: torch.Tensor, start: int, end: int,
+                     page_size: int) -> None:
+    """Recompute the fp32 key and value sums of the pages that positions [start, end) touch (a
+    partly filled last page sums the positions it holds)."""
+    P = page_size
+    p0, p1 = start // P, (end - 1) // P + 1
+    for store, sums in ((k, ksum), (v, vsum)):
+        x = store[:, :, p0 * P:end].float()
+        x = F.pad(x, (0, 0, 0, p1 * P - end))  # zeros past the end
+        sums[:, :, p0:p1] = x.unflatten(2, (p1 - p0, P)).sum(dim=3)
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

@@ -209,9 +209,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=N
     return _attention(q, k, v, bounds, k.shape[2], None, out, config)
 
 
-def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int,
-                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window ∪ anchor ∪ gathered positions idx [B, Hkv, K]; see reference.sparse_attention."""
+def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: torch.Tensor | None = None,
+                     tail=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window ∪ anchor ∪ gathered positions idx [B, Hkv, K]; see reference.sparse_attention. The
+    tail estimate has no kernel yet (a cache's plan refuses it on this path)."""
+    assert tail is None
     bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
     return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + idx.shape[2], (ring_k, ring_v, idx.contiguous()),
                       out, SPARSE)
