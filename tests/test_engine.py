@@ -14,6 +14,7 @@ POLICIES = {
     "full": None,
     "exact": CondensateConfig(anchor=2, window=8, top_k=4),
     "pages-fp8": CondensateConfig(anchor=2, window=8, top_k=4, selection="pages", page_size=4),
+    "whole-pages-fp8": CondensateConfig(anchor=2, window=8, top_k=8, selection="whole-pages", page_size=4),
     "certified": CondensateConfig(anchor=2, window=8, top_k=4, max_dropped_mass=0.05),
 }
 
