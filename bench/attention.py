@@ -60,14 +60,14 @@ def graphed(fn, inputs: list):
 
 def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int) -> int:
     A, W, k, P = policy.anchor, policy.window, policy.top_k, policy.page_size
+    pages = math.ceil(n / P)
     if policy.whole_pages:  # page min/max, then the chosen pages' keys and values (and the tail's fp32 sums)
-        k = min(math.ceil(n / P), reference.whole_pages(k, P)) * P
-        tail = 2 * Hkv * math.ceil(n / P) * D * 4 if policy.tail else 0
-        return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * math.ceil(n / P) * D * summary_el + tail
+        k = min(pages, reference.whole_pages(k, P)) * P
+        tail = 2 * Hkv * pages * D * 4 if policy.tail else 0
+        return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * pages * D * summary_el + tail
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
     if policy.selection == "exact":
         return attend + Hkv * n * D * el  # every key scored once (the top-k candidates are a few KB)
-    pages = math.ceil(n / P)
     chosen = min(pages, math.ceil(k * policy.page_oversample / P)) * P
     return attend + 2 * Hkv * pages * D * summary_el + Hkv * chosen * D * el  # page min/max, then the chosen pages' keys
 

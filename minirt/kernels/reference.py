@@ -157,11 +157,12 @@ def sparse_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         s = qg @ keys[:, :, 0].float().transpose(-1, -2)
         s = s.masked_fill(~valid, NEG_INF) / math.sqrt(D)
         lse = torch.logsumexp(s, dim=-1)
-        values = values[:, :, 0].float()
-        if tail is not None:
+        values, norm = values[:, :, 0].float(), lse[..., None]
+        if tail is not None:  # the softmax normalises over the pseudo-keys too; lse stays the exact set's
             tail_s, tail_v = _tail_keys(qg, idx, lo, hi, *tail)
             s, values = torch.cat((s, tail_s), dim=-1), torch.cat((values, tail_v), dim=2)
-        out = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)) @ values
+            norm = torch.logsumexp(s, dim=-1, keepdim=True)
+        out = torch.exp(s - norm) @ values
     else:  # per-head lists
         s = (qg[..., None, :] @ keys.float().transpose(-1, -2))[..., 0, :]
         s = s.masked_fill(~valid, NEG_INF) / math.sqrt(D)
@@ -280,6 +281,11 @@ def rank_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lo: int,
 def whole_pages(k_top: int, page_size: int) -> int:
     """How many pages whole-page selection attends for a budget of k_top keys."""
     return math.ceil(k_top / page_size)
+
+
+def pages_taken(k_top: int, page_size: int, oversample: float, whole: bool) -> int:
+    """How many pages page selection takes by their bound: attended whole, or scored exactly."""
+    return whole_pages(k_top, page_size) if whole else pages_scored(k_top, page_size, oversample)
 
 
 def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bounds,

@@ -490,12 +490,8 @@ def exact_select(q: torch.Tensor, k: torch.Tensor, bounds, k_top: int) -> torch.
     return _select_topk(q, k, bounds, EXACT_PAGE, k_top, k_top)
 
 
-def _pages_taken(k_top: int, page_size: int, oversample: float, whole: bool) -> int:
-    return reference.whole_pages(k_top, page_size) if whole else reference.pages_scored(k_top, page_size, oversample)
-
-
 def can_page_select(capacity: int, k_top: int, page_size: int, oversample: float, whole: bool = False) -> bool:
-    n_sel = _pages_taken(k_top, page_size, oversample, whole)
+    n_sel = reference.pages_taken(k_top, page_size, oversample, whole)
     return k_top > 0 and _fits(triton.cdiv(capacity, page_size), n_sel, page_size)
 
 
@@ -504,5 +500,5 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     """Quest-style selection, one list per KV group; see reference.page_select."""
     assert scope == "group", "the kernel keeps one list per KV group"
     bounds = reference.as_bounds(bounds, k.shape[2], q.device)
-    n_sel = _pages_taken(k_top, page_size, oversample, whole)
+    n_sel = reference.pages_taken(k_top, page_size, oversample, whole)
     return _select_topk(q, k, bounds, page_size, n_sel, n_sel * page_size if whole else k_top, kmin, kmax, whole)
