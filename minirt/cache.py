@@ -172,6 +172,8 @@ class CondensateCache(DenseCache):
         self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads, device=device)
         self.recall = torch.full((cfg.n_layers,), float("nan"), device=device)
         self.fallback_count = torch.zeros((), dtype=torch.int64, device=device)
+        # distant keys (top-k or certified) each KV group attended at each layer's last step
+        self.selected = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, device=device)
         # With page selection, scope group, on the reference path: an upper bound on each head's
         # dropped mass from the page bounds selection computed (kernels.reference.dropped_mass_bound).
         self.dropped_bound = torch.full((cfg.n_layers, batch, cfg.n_heads), float("nan"), device=device)
@@ -260,8 +262,11 @@ class CondensateCache(DenseCache):
         if self.certify or p.scope == "head":  # per head, every live key: the certificate's exact mass
             j = torch.arange(ks.shape[2], device=q.device)
             scores = kernels.group_scores(q, ks).masked_fill(j >= self.bounds[0], NEG_INF)
+            lse_all = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
         if k_top == 0:  # anchor and window only
             idx = torch.empty(B, ks.shape[1], 0, dtype=torch.int64, device=q.device)
+        elif p.certified:  # as few keys as keep every head of the group within max_dropped_mass
+            idx = reference.certified_select(scores, lse_all, self.bounds, p.max_dropped_mass, k_top)
         elif p.paged:
             idx = self.ops.page_select(q, ks, *self._pages(layer), self.bounds, k_top, p.page_size,
                                        p.page_oversample, p.scope, p.whole_pages)
@@ -271,6 +276,7 @@ class CondensateCache(DenseCache):
             idx = self._in_range(scores.amax(dim=2), k_top)
         else:
             idx = self.ops.exact_select(q, ks, self.bounds, k_top)
+        self.selected[layer] = (idx >= 0).flatten(2).sum(-1) / (idx.shape[2] if idx.dim() == 4 else 1)
         tail = None if self.ksum is None else (self.ksum[layer], self.vsum[layer], p.page_size)
         out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor,
                                              tail=tail)
@@ -285,11 +291,10 @@ class CondensateCache(DenseCache):
             self.dropped_bound[layer] = reference.dropped_mass_bound(
                 q, ks, *self._pages(layer), self.bounds, idx, lse, k_top, p.page_size,
                 1.0 if p.whole_pages else p.page_oversample)
-        lse_all = torch.logsumexp(scores, dim=-1).reshape(B, Hq)
-        dropped = (1 - torch.exp(lse - lse_all)).clamp(min=0)
+        dropped = (1 - torch.exp(lse - lse_all.reshape(B, Hq))).clamp(min=0)
         self.dropped[layer] = dropped
         if p.max_dropped_mass is not None:  # computed every step: a static graph has no branches
-            fall = dropped > p.max_dropped_mass
+            fall = ~(dropped < p.max_dropped_mass)  # so eps = 0 is full attention, exactly
             self.fallback_count += fall.sum()
             full = self.ops.decode_attention(q, ks, vs, self.bounds)[0]
             out = torch.where(fall[..., None], full, out)

@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--page-size", type=int, default=d.page_size, help="keys per page (--selection pages)")
     s.add_argument("--summary-dtype", choices=["cache", "fp8"], default=d.summary_dtype,
                    help="page min/max summaries: fp8 rounded outward (half the bytes), or the cache dtype")
-    s.add_argument("--max-dropped-mass", type=float, help="certificate bound: fall back to full attention above it")
+    s.add_argument("--max-dropped-mass", type=float,
+                   help="certified mode: per KV group the fewest keys (at most --sparse-k) keeping every head's "
+                        "dropped attention mass under it; heads still at or above it attend fully")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

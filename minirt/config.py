@@ -200,7 +200,10 @@ class CondensateConfig:
     page_size: int = 32
     page_oversample: float = 16.0  # "pages": pages scored exactly = ceil(k * oversample / page_size)
     summary_dtype: str = "fp8"  # page min/max as fp8 rounded outward (half the bytes to scan), or "cache" dtype
-    max_dropped_mass: float | None = None  # certificate: fall back to full attention above this
+    # certificate: every decode step measures each head's dropped mass exactly and sends heads at or
+    # above this to full attention; with exact selection (certified mode) the top-k is adaptive too:
+    # per KV group the fewest keys, at most top_k, that keep every head under it
+    max_dropped_mass: float | None = None
     # whole-pages: each unselected page inside the candidate range stands in as one pseudo-key (its
     # mean key, weighted by its key count) with its mean value: the rest is estimated, not dropped
     tail: bool = False
@@ -231,6 +234,11 @@ class CondensateConfig:
     def paged(self) -> bool:
         """Whether selection ranks pages by their min/max summaries (which the cache then keeps)."""
         return self.selection != "exact"
+
+    @property
+    def certified(self) -> bool:
+        """Certified mode: the top-k adapts to max_dropped_mass (exact scores, one list per KV group)."""
+        return self.max_dropped_mass is not None and self.selection == "exact" and self.scope == "group"
 
     @property
     def whole_pages(self) -> bool:

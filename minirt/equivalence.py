@@ -102,17 +102,18 @@ def _teacher_forced(llm: LLM, ids: list[int], cache, first: torch.Tensor, forced
 
     Until that step a free-running sparse decode is this very run, so it only has to be continued
     from the copy (none is made if sparse never disagrees)."""
-    logits, dropped, recall, fork = [], [], [], None
+    logits, dropped, selected, recall, fork = [], [], [], [], None
     for step, step_logits in enumerate(forced_steps(llm, ids, forced[:-1], cache, prefilled=first)):  # the last token is never fed
         if bar is not None:
             bar.update()
         logits.append(step_logits.float())
         dropped.append(cache.dropped[:, 0].clone())  # [layers, heads]
+        selected.append(cache.selected[:, 0].mean(-1))  # [layers]: distant keys a KV group attended
         recall.append(cache.recall.clone())
         if fork is None and int(step_logits.argmax()) != forced[step]:
             fork = (step, cache.fork())
     recall = torch.stack(recall[1:]) if len(recall) > 1 else torch.full((1,), float("nan"))  # step 0 is prefill
-    return torch.stack(logits), torch.stack(dropped), cache.fallbacks, recall, fork
+    return torch.stack(logits), torch.stack(dropped), torch.stack(selected), cache.fallbacks, recall, fork
 
 
 @dataclass
@@ -152,7 +153,7 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         cache = llm.new_cache(len(prompt_ids) + steps, "sparse", policy, certify=True)
         cache.copy_prefix(ref.prompt_cache)
         first, full_tokens, full_logits = ref.first_logits, ref.tokens, ref.logits
-        sparse_logits, dropped, fallbacks, recall, fork = _teacher_forced(llm, prompt_ids, cache, first, full_tokens, bar)
+        sparse_logits, dropped, selected, fallbacks, recall, fork = _teacher_forced(llm, prompt_ids, cache, first, full_tokens, bar)
         recall = recall[~recall.isnan()]
         free_tokens, free_logits = full_tokens, sparse_logits
         if fork is not None:
@@ -176,9 +177,10 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         divergence = Divergence(first, f, s, float(full_logits[first, f] - full_logits[first, s]),
                                 float(free_logits[first, s] - free_logits[first, f]))
     decode = llm.tokenizer.decode if llm.tokenizer is not None else (lambda ids: "")
-    contexts = [len(prompt_ids) + i for i in range(1, steps)] or [len(prompt_ids)]
-    attended = [attended_keys(policy, n, llm.cfg.n_layers) for n in contexts]
     decode_steps = dropped[1:] if len(dropped) > 1 else dropped  # step 0 is the (full) prefill
+    contexts = [len(prompt_ids) + i for i in range(1, steps)] or [len(prompt_ids)]
+    attended = attended_keys(policy, torch.tensor(contexts, dtype=torch.float32),
+                             (selected[1:] if len(selected) > 1 else selected).cpu())
     return EquivalenceReport(
         policy=asdict(policy), prompt_tokens=len(prompt_ids), steps=steps,
         token_match=sum(a == b for a, b in zip(full_tokens, free_tokens)) / steps,
@@ -187,23 +189,21 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         dropped_mass_max=float(decode_steps.max()), dropped_mass_mean=float(decode_steps.mean()),
         dropped_mass_by_layer=decode_steps.amax(dim=(0, 2)).tolist(), fallbacks=fallbacks,
         page_recall=float(recall.mean()) if recall.numel() else None,
-        attended_keys=sum(attended) / len(attended), context=sum(contexts) / len(contexts),
+        attended_keys=float(attended.mean()), context=sum(contexts) / len(contexts),
         full_text=decode(full_tokens), sparse_text=decode(free_tokens),
     )
 
 
-def attended_keys(policy: CondensateConfig, n: int, n_layers: int) -> float:
-    """Keys one decode step attends to over n cached positions, averaged over layers (before any
-    certificate fallback): anchor, window and top-k (whole pages: every key of the chosen pages),
-    or all n in a dense layer. A tail estimate's pseudo-keys are not counted."""
-    from .kernels.reference import whole_pages
-
-    a = min(policy.anchor, n)
-    window = min(policy.window, n - a)
-    k = whole_pages(policy.top_k, policy.page_size) * policy.page_size if policy.whole_pages else policy.budget(n)
-    sparse = a + window + min(k, n - a - window)
-    dense = len(set(policy.dense_layers))
-    return (dense * n + (n_layers - dense) * sparse) / n_layers
+def attended_keys(policy: CondensateConfig, n: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Keys each decode step attended per layer [steps, layers] (before any certificate fallback),
+    over n [steps] cached positions: anchor, window and the distant keys the cache measured
+    (selected [steps, layers], mean over KV groups), or all n in a dense layer. A tail estimate's
+    pseudo-keys are not counted."""
+    a = n.clamp(max=policy.anchor)
+    sparse = a + torch.minimum(n - a, torch.tensor(float(policy.window)))
+    dense = torch.zeros(selected.shape[1], dtype=torch.bool)
+    dense[list(policy.dense_layers)] = True
+    return torch.where(dense, n[:, None], sparse[:, None] + selected)
 
 
 @torch.inference_mode()

@@ -10,7 +10,7 @@ from minirt import CondensateCache, CondensateConfig, DenseCache
 from minirt.config import ModelConfig
 from minirt.equivalence import compare, full_reference, needle_retrieval
 from minirt.generation import forced_steps
-from minirt.kernels.reference import ring_positions
+from minirt.kernels.reference import certified_select, ring_positions
 from minirt.workloads import PAPER_PROMPTS, long_prompt
 
 STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
@@ -141,6 +141,48 @@ def test_certificate_bound_trades_fallbacks_for_accuracy(smollm2_llm):
     bounded = compare(smollm2_llm, ids, 12, CondensateConfig(anchor=4, window=16, top_k=4, max_dropped_mass=0.1))
     assert 0 < bounded.fallbacks
     assert bounded.kl_mean < plain.kl_mean
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 0.05, 0.5])
+def test_certified_select_is_the_union_of_each_heads_shortest_prefix(eps):
+    """Against a plain loop: each head keeps its most probable candidates until what is left is
+    <= eps; the group's list is the union of those sets (all of it fits under k_max here)."""
+    torch.manual_seed(0)
+    B, Hkv, G, cap, n, lo, hi = 1, 2, 3, 96, 80, 4, 60
+    scores = (torch.randn(B, Hkv, G, cap) * 3).masked_fill(torch.arange(cap) >= n, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    idx = certified_select(scores, lse, torch.tensor([n, lo, hi]), eps, k_max=cap)
+    for h in range(Hkv):
+        union = set()
+        for g in range(G):
+            p = (scores[0, h, g] - lse[0, h, g]).exp()
+            order = sorted(range(lo, hi), key=lambda j: -float(p[j]))
+            kept = 0
+            while kept < len(order) and float(p[order[kept:]].sum()) > eps:
+                kept += 1
+            union |= set(order[:kept])
+            left = float(p[lo:hi].sum() - p[order[:kept]].sum()) if kept else float(p[lo:hi].sum())
+            assert left <= eps + 1e-6
+        got = set(idx[0, h][idx[0, h] >= 0].tolist())
+        assert got == union
+
+
+def test_certified_select_caps_the_list():
+    torch.manual_seed(1)
+    scores = torch.randn(1, 1, 2, 64)
+    idx = certified_select(scores, torch.logsumexp(scores, -1), torch.tensor([64, 0, 64]), 1e-4, k_max=8)
+    assert idx.shape == (1, 1, 8) and bool((idx >= 0).all())
+
+
+def test_certified_mode_matches_full_on_a_long_prompt(smollm2_llm):
+    """Certified mode (exact selection, eps = 1e-3, at most 1024 distant keys) on 1K tokens of real
+    Python source: the same greedy tokens as full attention, every head within eps with no
+    fallback, and fewer keys attended than the context."""
+    ids = long_prompt(smollm2_llm.tokenizer, "code", 1024)
+    report = compare(smollm2_llm, ids, 16, CondensateConfig(top_k=1024, max_dropped_mass=1e-3))
+    assert report.token_match == 1.0 and report.fallbacks == 0
+    assert report.dropped_mass_max <= 1e-3 * (1 + 1e-4)
+    assert report.attended_keys < 0.8 * report.context
 
 
 def test_dense_layers_drop_nothing(smollm2_llm):

@@ -221,6 +221,29 @@ def exact_select(q: torch.Tensor, k: torch.Tensor, bounds, k_top: int) -> torch.
     return padded(topk_positions(group_max_scores(q, k[:, :, :hi]), lo, hi, k_top), k_top)
 
 
+def certified_select(scores: torch.Tensor, lse_all: torch.Tensor, bounds, eps: float, k_max: int) -> torch.Tensor:
+    """Certified mode's adaptive top-k: per KV group, the fewest positions in [lo, hi) that leave
+    every query head at most eps of its attention mass outside anchor ∪ window ∪ them, at most k_max.
+
+    scores [B, Hkv, G, capacity] are every head's exact logits (-inf past n), lse_all [B, Hkv, G]
+    their log-sum-exp. Each head ranks its candidates by probability and keeps the shortest prefix
+    whose remainder (summed from the smallest, so no cancellation) is <= eps; a position joins the
+    group's list if any head keeps it, ordered by how far it clears that head's last kept
+    probability (which decides who stays when k_max cuts the list). Static shapes, no host sync:
+    [B, Hkv, k_max] positions, -1 padding. The caller measures the dropped mass the list leaves and
+    sends heads still above eps to full attention."""
+    j = torch.arange(scores.shape[-1], device=scores.device)
+    cand = scores.masked_fill((j < bounds[1]) | (j >= bounds[2]), NEG_INF)
+    logp = cand - lse_all[..., None]
+    ranked = logp.sort(dim=-1, descending=True).values
+    remainder = ranked.exp().flip(-1).cumsum(-1).flip(-1)  # mass of the candidates ranked i and below
+    need = (remainder > eps).sum(-1, keepdim=True)  # the prefix a head keeps
+    last = ranked.gather(-1, (need - 1).clamp(min=0))  # its last kept log-probability
+    clearance = torch.where((need > 0) & (logp >= last) & (logp > NEG_INF), logp - last, NEG_INF).amax(dim=2)
+    best, idx = clearance.topk(min(k_max, clearance.shape[-1]), dim=-1)
+    return padded(torch.where(best > NEG_INF, idx, -1), k_max)
+
+
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """max over each KV group's query heads of q·k / sqrt(D): [B, Hkv, n] (fp32)."""
     return group_scores(q, k).amax(dim=2)
