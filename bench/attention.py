@@ -61,8 +61,10 @@ def graphed(fn, inputs: list):
 def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int) -> int:
     A, W, k, P = policy.anchor, policy.window, policy.top_k, policy.page_size
     pages = math.ceil(n / P)
+    candidates = max(0, n - A - W)  # positions neither anchor nor window: the most top-k can attend
+    k = min(k, candidates)
     if policy.whole_pages:  # page min/max, then the chosen pages' keys and values (and the tail's fp32 sums)
-        k = min(pages, reference.whole_pages(k, P)) * P
+        k = min(candidates, reference.whole_pages(policy.top_k, P) * P)
         tail = 2 * Hkv * pages * D * 4 if policy.tail else 0
         return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * pages * D * summary_el + tail
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one

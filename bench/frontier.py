@@ -1,105 +1,234 @@
-"""Bytes against fidelity on real weights: how much of the KV cache a decode step reads, and how
-close its tokens and distributions stay to full attention, for each selection variant.
+"""Long-context evaluation on real weights: how much of the KV cache a decode step reads against how
+close sparse decoding stays to full attention (the bytes-vs-fidelity frontier), per variant.
 
-    python bench/frontier.py [--model smollm2-135m] [--lengths 2048,4096] [--kinds code,prose] [--steps 64]
+    python bench/frontier.py run --model smollm2-135m --lengths 2048,4096,8192 [--steps 128] [--device cuda]
+    python bench/frontier.py render results/frontier-*.json     # -> FRONTIER.md, FRONTIER.png
 
-Variants: exact top-k (the default), whole pages at several budgets, and whole pages with the tail
-estimate (every unselected page as one mean-key/mean-value pseudo-key). For each: free-running
-token match and first divergence, teacher-forced KL, exact dropped mass, and the fraction of the
-full cache's bytes one decode step reads (bench/attention.sparse_bytes: keys and values attended,
-page summaries, keys scored, the tail's sums). Writes FRONTIER.md, FRONTIER.png and a JSON result.
+Workloads at each length: continuation of a long Python source and of long prose (free-running
+greedy token match over --steps tokens, first divergence, teacher-forced KL and dropped mass); a
+pass key at depths 10..90% and five needles spread through a haystack (retrieval accuracy, greedy
+answers). Variants: exact top-k (the default), token-level page selection, whole pages at two
+budgets, whole pages with the tail estimate, and certified mode at three eps. `run` writes one JSON
+per model; `render` joins them.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.attention import sparse_bytes  # noqa: E402
 from minirt import LLM, CondensateConfig  # noqa: E402
 from minirt.equivalence import compare, full_reference  # noqa: E402
-from minirt.workloads import long_prompt  # noqa: E402
+from minirt.generation import prefill, stream_tokens  # noqa: E402
+from minirt.workloads import NEEDLES, PASSKEY_DEPTHS, PASSKEYS, haystack_prompts, long_prompt, passkey_prompt  # noqa: E402
+
+NO_CAP = 1 << 30  # certified mode's top_k: never cut the list (the cache's capacity bounds it)
 
 
-def variants() -> dict[str, CondensateConfig]:
+def variants() -> dict[str, CondensateConfig | None]:
     whole = dict(selection="whole-pages")
-    out = {"exact k=32 (default)": CondensateConfig()}
-    for k in (128, 256, 512, 1024):
+    out: dict[str, CondensateConfig | None] = {"full": None, "exact k=32 (default)": CondensateConfig(),
+                                               "pages k=32": CondensateConfig(selection="pages")}
+    for k in (512, 1024):
         out[f"whole pages k={k}"] = CondensateConfig(top_k=k, **whole)
-    for k in (256, 512):
-        out[f"whole pages k={k} + tail"] = CondensateConfig(top_k=k, tail=True, **whole)
+    out["whole pages k=512 + tail"] = CondensateConfig(top_k=512, tail=True, **whole)
+    for eps in (1e-1, 1e-2, 1e-3):
+        out[f"certified eps={eps:g}"] = CondensateConfig(top_k=NO_CAP, max_dropped_mass=eps)
     return out
 
 
-def read_fraction(llm: LLM, policy: CondensateConfig, n: int) -> float:
-    """Bytes one decode step reads from the KV cache and its summaries, over full attention's (bf16 cache)."""
+@contextmanager
+def kernels_for(policy: CondensateConfig | None):
+    """The tail estimate runs on the PyTorch reference (it has no Triton kernel yet)."""
+    old = os.environ.get("MINIRT_KERNELS")
+    if policy is not None and policy.tail:
+        os.environ["MINIRT_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINIRT_KERNELS", None)
+        else:
+            os.environ["MINIRT_KERNELS"] = old
+
+
+def read_fraction(llm: LLM, policy: CondensateConfig | None, n: float, attended: float, fallback_rate: float) -> float:
+    """Bytes one decode step reads from the KV cache and its summaries, over full attention's (bf16
+    cache). Certified mode scores every key (half the cache), then reads the keys and values it
+    attended (measured), and a head that falls back reads everything."""
+    if policy is None:
+        return 1.0
     cfg = llm.cfg
     full = 2 * cfg.n_kv_heads * n * cfg.head_dim * 2
-    return sparse_bytes(n, cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full
+    if policy.certified:
+        return min(1.0, 0.5 + attended / n + fallback_rate)
+    return sparse_bytes(int(n), cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096])
-    ap.add_argument("--kinds", type=lambda s: s.split(","), default=["code", "prose"])
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default="FRONTIER.md")
-    ap.add_argument("--json", default="results/frontier.json")
-    args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    llm = LLM.load(args.model, device=args.device, dtype="fp32")
+def answers(llm: LLM, prompts: list[list[int]], policy: CondensateConfig | None, shared_cache, shared: int,
+            max_tokens: int = 12) -> list[str]:
+    """Greedy answers to prompts that share their first `shared` tokens (held by shared_cache)."""
+    out = []
+    for ids in prompts:
+        with kernels_for(policy):
+            cache = llm.new_cache(len(ids) + max_tokens, "full" if policy is None else "sparse", policy)
+        cache.copy_prefix(shared_cache)
+        tokens = []
+        for token, _ in stream_tokens(llm, ids[shared:], cache, max_tokens):
+            if token in llm.eos_ids:
+                break
+            tokens.append(token)
+        out.append(llm.tokenizer.decode(tokens))
+    return out
+
+
+def retrieval(llm: LLM, n: int, table: dict) -> dict[str, dict[str, float]]:
+    """Per variant: fraction of pass keys (5 depths) and of needles (5) found."""
+    found = {name: {"passkey": 0.0, "needles": 0.0} for name in table}
+    for depth, key in zip(PASSKEY_DEPTHS, PASSKEYS):
+        ids = passkey_prompt(llm.tokenizer, n, depth, key)
+        shared = llm.new_cache(len(ids) - 1, "full")
+        prefill(llm, ids[:-1], shared)
+        for name, policy in table.items():
+            reply = answers(llm, [ids], policy, shared, len(ids) - 1)[0]
+            found[name]["passkey"] += (key in reply) / len(PASSKEYS)
+    prompts = haystack_prompts(llm.tokenizer, n)
+    common = 0
+    while all(p[common] == prompts[0][common] for p in prompts):
+        common += 1
+    shared = llm.new_cache(common, "full")
+    prefill(llm, prompts[0][:common], shared)
+    for name, policy in table.items():
+        for needle, reply in zip(NEEDLES, answers(llm, prompts, policy, shared, common)):
+            found[name]["needles"] += (needle.answer.lower() in reply.lower()) / len(NEEDLES)
+    return found
+
+
+def run(args) -> None:
+    llm = LLM.load(args.model, device=args.device, dtype=args.dtype)
+    name = llm.path.parent.name if llm.path.suffix == ".gguf" else llm.path.name
+    table = variants()
     t0, rows = time.time(), []
-    for kind in args.kinds:
-        for n in args.lengths:
+    for n in args.lengths:
+        n = min(n, llm.cfg.max_seq_len - args.steps - 8)  # prompt and decode fit the model's context
+        for kind in args.kinds:
             ids = long_prompt(llm.tokenizer, kind, n)
             ref = full_reference(llm, ids, args.steps)
-            for name, policy in variants().items():
-                r = compare(llm, ids, args.steps, policy, ref)
-                rows.append({"prompt": f"{kind} {n}", "variant": name, "policy": asdict(policy),
-                             "read": read_fraction(llm, policy, n + args.steps // 2), "token_match": r.token_match,
+            for variant, policy in table.items():
+                if policy is None:
+                    continue
+                with kernels_for(policy):
+                    r = compare(llm, ids, args.steps, policy, ref)
+                steps_layers_heads = max(1, (args.steps - 1) * llm.cfg.n_layers * llm.cfg.n_heads)
+                rows.append({"model": name, "length": n, "workload": kind, "variant": variant, "policy": asdict(policy),
+                             "read": read_fraction(llm, policy, r.context, r.attended_keys, r.fallbacks / steps_layers_heads),
+                             "attended": r.attended_keys / r.context, "token_match": r.token_match,
                              "first_divergence": None if r.first_divergence is None else r.first_divergence.step,
-                             "kl_max": r.kl_max, "kl_mean": r.kl_mean, "dropped_mean": r.dropped_mass_mean,
-                             "agreement": r.teacher_forced_agreement})
-                print(f"{kind} {n} {name}: read {100 * rows[-1]['read']:.1f}%, match {r.token_match:.3f}, "
-                      f"KL mean {r.kl_mean:.2e} ({time.time() - t0:.0f}s)", file=sys.stderr)
-    minutes = (time.time() - t0) / 60
+                             "agreement": r.teacher_forced_agreement, "kl_max": r.kl_max, "kl_mean": r.kl_mean,
+                             "dropped_max": r.dropped_mass_max, "dropped_mean": r.dropped_mass_mean,
+                             "fallbacks": r.fallbacks})
+                print(f"{name} {kind} {n} {variant}: read {100 * rows[-1]['read']:.1f}%, match {r.token_match:.3f}, "
+                      f"KL mean {r.kl_mean:.2e} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        for variant, found in retrieval(llm, n, table).items():
+            rows.append({"model": name, "length": n, "workload": "retrieval", "variant": variant, **found})
+            print(f"{name} retrieval {n} {variant}: {found} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        save(args, name, rows, t0)  # after each length: a run cut short keeps what it measured
+
+
+def save(args, name: str, rows: list[dict], t0: float) -> None:
+    meta = {"model": name, "steps": args.steps, "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+            "dtype": args.dtype, "minutes": (time.time() - t0) / 60, "commit": commit(), "date": str(datetime.date.today()),
+            "command": "python " + " ".join(sys.argv)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"model": args.model, "steps": args.steps, "rows": rows}, indent=2))
-    plot(rows, Path(args.out).with_suffix(".png"))
-    Path(args.out).write_text(render(rows, args, commit, minutes))
-    print(f"wrote {args.out}, its plot and {args.json}", file=sys.stderr)
+    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.json}", file=sys.stderr)
 
 
-def render(rows: list[dict], args, commit: str, minutes: float) -> str:
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def render(args) -> None:
+    results = [json.loads(Path(p).read_text()) for p in args.results]
+    rows = [r for res in results for r in res["rows"]]
+    runs = "".join(f"- {m['model']}: `{m['command']}` on {m['date']} at commit {m['commit']}, {m['device']}, {m['dtype']}, "
+                   f"{m['steps']} decoded tokens per continuation, in {m['minutes']:.0f} minutes\n"
+                   for m in (res["meta"] for res in results))
+    cont = [r for r in rows if r["workload"] != "retrieval"]
     table = "".join(
-        f"| {r['prompt']} | {r['variant']} | {100 * r['read']:.1f}% | {100 * r['token_match']:.1f}% | "
+        f"| {r['model']} | {r['workload']} {r['length']} | {r['variant']} | {100 * r['read']:.1f}% | "
+        f"{100 * r['attended']:.1f}% | {100 * r['token_match']:.1f}% | "
         f"{'-' if r['first_divergence'] is None else r['first_divergence']} | {100 * r['agreement']:.1f}% | "
-        f"{r['kl_max']:.2e} | {r['kl_mean']:.2e} | {r['dropped_mean']:.4f} |\n" for r in rows)
-    return f"""# Bytes read against fidelity (sparse vs full attention)
+        f"{r['kl_max']:.2e} | {r['kl_mean']:.2e} | {r['dropped_max']:.3f} | {r['dropped_mean']:.4f} | {r['fallbacks']} |\n"
+        for r in cont)
+    ret = "".join(f"| {r['model']} | {r['length']} | {r['variant']} | {100 * r['passkey']:.0f}% | {100 * r['needles']:.0f}% |\n"
+                  for r in rows if r["workload"] == "retrieval")
+    summary = "".join(f"| {m} | {v} | {100 * s['read']:.1f}% | {100 * s['match']:.1f}% | {100 * s['all']:.0f}% | "
+                      f"{s['kl']:.2e} | {100 * s['passkey']:.0f}% | {100 * s['needles']:.0f}% |\n"
+                      for (m, v), s in summarise(rows).items())
+    Path(args.out).write_text(f"""# Long context: KV bytes read against fidelity (sparse vs full attention)
 
-Generated by `python bench/frontier.py --model {args.model} --lengths {",".join(map(str, args.lengths))}
---kinds {",".join(args.kinds)} --steps {args.steps}` on {datetime.date.today()} at commit {commit},
-{args.device.upper()}, fp32, in {minutes:.0f} minutes. Do not edit by hand. Plot: {Path(args.out).with_suffix(".png").name}.
+Generated by `python bench/frontier.py render` from the runs below; do not edit by hand. Plot:
+{Path(args.out).with_suffix(".png").name}.
 
+{runs}
 *KV read* is the fraction of full attention's cache bytes (bf16 keys and values) one decode step
 reads: the attended keys and values (anchor 4, window 128, the chosen keys or pages), fp8 page
-min/max summaries, every key for exact selection, and the tail's fp32 key/value sums per page.
-*Token match* compares free-running greedy decodes of {args.steps} tokens; *agreement*, *KL* and
-*dropped mass* (attention mass outside the exactly attended set; the tail estimates that mass
-instead of dropping it) are teacher-forced on full attention's tokens (minirt/equivalence.py).
-Pages hold 32 keys.
+min/max summaries for page selection, every key for exact and certified selection (which score
+them all), the tail's fp32 key/value sums per page, and, in certified mode, a whole group's cache
+for each head that fell back. *Attended* is the fraction of the context in the exact softmax
+(measured per step and layer). *Token match* compares free-running greedy decodes; *agreement*,
+*KL* and *dropped mass* (attention mass outside the exactly attended set) are teacher-forced on
+full attention's tokens (minirt/equivalence.py). Certified mode keeps, per step and KV group, the
+fewest keys that leave every head at most eps of its mass (no cap here); heads at or above eps
+attend fully (*fallbacks*: layer-head-steps). Retrieval: a pass key at depths 10, 30, 50, 70 and
+90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
 
-| prompt | variant | KV read | token match | first divergence | argmax agreement | max KL | mean KL | mean dropped mass |
-|---|---|---|---|---|---|---|---|---|
-{table}"""
+## Summary per model and variant (all lengths)
+
+*match*: mean token match over the continuations; *all 100%*: share of continuations matched
+token for token; *KL*: mean of the mean KL.
+
+| model | variant | KV read | match | all 100% | KL | pass keys | needles |
+|---|---|---|---|---|---|---|---|
+{summary}
+## Continuations
+
+| model | prompt | variant | KV read | attended | token match | first divergence | argmax agreement | max KL | mean KL | max dropped | mean dropped | fallbacks |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+{table}
+## Retrieval
+
+| model | length | variant | pass keys found | needles found |
+|---|---|---|---|---|
+{ret}""")
+    plot(rows, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and its plot", file=sys.stderr)
+
+
+def summarise(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for (m, v) in dict.fromkeys((r["model"], r["variant"]) for r in rows):
+        cont = [r for r in rows if r["model"] == m and r["variant"] == v and r["workload"] != "retrieval"]
+        ret = [r for r in rows if r["model"] == m and r["variant"] == v and r["workload"] == "retrieval"]
+        mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))
+        out[(m, v)] = {"read": mean([r["read"] for r in cont]) if cont else 1.0,
+                       "match": mean([r["token_match"] for r in cont]) if cont else 1.0,
+                       "all": mean([float(r["token_match"] == 1.0) for r in cont]) if cont else 1.0,
+                       "kl": mean([r["kl_mean"] for r in cont]) if cont else 0.0,
+                       "passkey": mean([r["passkey"] for r in ret]), "needles": mean([r["needles"] for r in ret])}
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -108,23 +237,57 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    families = {"exact": lambda v: v.startswith("exact"), "whole pages": lambda v: v.startswith("whole") and "tail" not in v,
-                "whole pages + tail": lambda v: "tail" in v}
-    for prompt in dict.fromkeys(r["prompt"] for r in rows):
-        for family, member in families.items():
-            pts = sorted((r["read"], r["token_match"], r["kl_mean"]) for r in rows if r["prompt"] == prompt and member(r["variant"]))
+    cont = [r for r in rows if r["workload"] != "retrieval"]
+    prompts = list(dict.fromkeys((r["model"], r["length"]) for r in cont))
+    families = {"exact / pages k=32": lambda v: v.endswith("k=32") or "default" in v,
+                "whole pages": lambda v: v.startswith("whole") and "tail" not in v,
+                "whole pages + tail": lambda v: "tail" in v, "certified": lambda v: v.startswith("certified")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for (model, n), color in zip(prompts, plt.cm.tab10.colors):
+        for family, marker in zip(families, "sov^"):
+            pts = [r for r in cont if (r["model"], r["length"]) == (model, n) and families[family](r["variant"])]
             if not pts:
                 continue
-            x, match, kl = zip(*pts)
-            style = {"exact": "s", "whole pages": "o-", "whole pages + tail": "^-"}[family]
-            axes[0].plot(x, [100 * m for m in match], style, label=f"{prompt}: {family}")
-            axes[1].plot(x, kl, style, label=f"{prompt}: {family}")
-    axes[0].set(xscale="log", xlabel="fraction of KV bytes read per step", ylabel="token match (%)")
-    axes[1].set(xscale="log", yscale="log", xlabel="fraction of KV bytes read per step", ylabel="mean KL(full || sparse)")
-    axes[0].legend(fontsize=7)
+            by_read = {}
+            for r in pts:
+                by_read.setdefault(r["variant"], []).append(r)
+            xs = [sum(r["read"] for r in rs) / len(rs) for rs in by_read.values()]
+            match = [100 * sum(r["token_match"] for r in rs) / len(rs) for rs in by_read.values()]
+            kl = [sum(r["kl_mean"] for r in rs) / len(rs) for rs in by_read.values()]
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            label = f"{model} {n}: {family}"
+            axes[0].plot([xs[i] for i in order], [match[i] for i in order], marker=marker, color=color, label=label,
+                         linestyle="-" if len(xs) > 1 else "none")
+            axes[1].plot([xs[i] for i in order], [kl[i] for i in order], marker=marker, color=color,
+                         linestyle="-" if len(xs) > 1 else "none")
+    axes[0].set(xscale="log", xlabel="fraction of KV bytes read per decode step", ylabel="token match, code+prose mean (%)")
+    axes[1].set(xscale="log", yscale="log", xlabel="fraction of KV bytes read per decode step",
+                ylabel="mean KL(full || sparse)")
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096, 8192])
+    r.add_argument("--kinds", type=lambda s: s.split(","), default=["code", "prose"])
+    r.add_argument("--steps", type=int, default=128)
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--dtype", default="fp32")
+    r.add_argument("--json", default=None)
+    g = sub.add_parser("render")
+    g.add_argument("results", nargs="+")
+    g.add_argument("--out", default="FRONTIER.md")
+    args = ap.parse_args()
+    if args.command == "run":
+        args.json = args.json or f"results/frontier-{args.model}.json"
+        run(args)
+    else:
+        render(args)
 
 
 if __name__ == "__main__":

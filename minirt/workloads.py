@@ -85,3 +85,44 @@ def long_prompt(tokenizer, kind: str, n_tokens: int) -> list[int]:
     if len(ids) < n_tokens:
         raise ValueError(f"the {kind} text has {len(ids)} tokens, fewer than the {n_tokens} asked for")
     return ids[:n_tokens]
+
+
+def _filler_tokens(tokenizer, n_tokens: int, offset: int = 0) -> str:
+    """Filler sentences of about n_tokens tokens (sentence lengths measured one by one)."""
+    sentences, total, i = [], 0, 0
+    while total < n_tokens:
+        sentence = FILLER[(offset + i) % len(FILLER)]
+        total += len(tokenizer.encode(" " + sentence, add_special_tokens=False))
+        sentences.append(sentence)
+        i += 1
+    return " ".join(sentences)
+
+
+def spread(tokenizer, n_tokens: int, facts: list[str], depths: list[float]) -> str:
+    """About n_tokens of filler with each fact inserted at its depth (0..1, increasing)."""
+    parts, done = [], 0.0
+    for fact, depth in zip(facts, depths):
+        parts += [_filler_tokens(tokenizer, int((depth - done) * n_tokens), offset=len(parts)), fact]
+        done = depth
+    parts.append(_filler_tokens(tokenizer, int((1 - done) * n_tokens), offset=len(parts)))
+    return " ".join(p for p in parts if p)
+
+
+# Pass keys fixed before measuring (one per depth), not tuned to any model.
+PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+PASSKEYS = ("68231", "40917", "85564", "13729", "57302")
+
+
+def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: str) -> list[int]:
+    """A chat prompt of about n_tokens: filler with the pass key stated at `depth`, then the question."""
+    doc = spread(tokenizer, n_tokens - 100, [f"The pass key is {key}. Remember it. {key} is the pass key."], [depth])
+    question = "What is the pass key? Answer with the number only."
+    return tokenizer.encode_chat([{"role": "user", "content": f"{doc}\n\nQuestion: {question}"}])
+
+
+def haystack_prompts(tokenizer, n_tokens: int) -> list[list[int]]:
+    """The five needles at depths 10%..90% of about n_tokens of filler; one chat prompt per needle's
+    question (they share everything up to the question)."""
+    doc = spread(tokenizer, n_tokens - 100, [n.fact for n in NEEDLES], [0.1, 0.3, 0.5, 0.7, 0.9])
+    return [tokenizer.encode_chat([{"role": "user", "content": f"{doc}\n\nQuestion: {n.question} Answer with one word."}])
+            for n in NEEDLES]
