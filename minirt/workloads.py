@@ -78,11 +78,12 @@ PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 LONG_TEXTS = {"code": ("long_code.txt", "code.txt"), "prose": ("prose.txt", "code.txt")}
 
 
-def long_prompt(tokenizer, kind: str, n_tokens: int) -> list[int]:
-    """The first n_tokens tokens of the long `kind` text (its files joined in order)."""
+def long_prompt(tokenizer, kind: str, n_tokens: int, shorter: bool = False) -> list[int]:
+    """The first n_tokens tokens of the long `kind` text (its files joined in order); all of it if
+    shorter (else an error)."""
     text = "\n\n".join((PROMPTS / name).read_text() for name in LONG_TEXTS[kind])
     ids = tokenizer.encode(text)
-    if len(ids) < n_tokens:
+    if len(ids) < n_tokens and not shorter:
         raise ValueError(f"the {kind} text has {len(ids)} tokens, fewer than the {n_tokens} asked for")
     return ids[:n_tokens]
 
