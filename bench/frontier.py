@@ -165,7 +165,8 @@ def render(args) -> None:
     results = [json.loads(Path(p).read_text()) for p in args.results]
     rows = [r for res in results for r in res["rows"]]
     runs = "".join(f"- {m['model']}: `{m['command']}` on {m['date']} at commit {m['commit']}, {m['device']}, {m['dtype']}, "
-                   f"{m['steps']} decoded tokens per continuation, in {m['minutes']:.0f} minutes\n"
+                   f"{m['steps']} decoded tokens per continuation, in {m['minutes']:.0f} minutes"
+                   f"{'; ' + m['note'] if m.get('note') else ''}\n"
                    for m in (res["meta"] for res in results))
     cont = [r for r in rows if r["workload"] != "retrieval"]
     table = "".join(
