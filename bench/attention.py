@@ -35,6 +35,9 @@ from minirt.kernels.reference import step_bounds  # noqa: E402
 SHAPES = {"32q/4kv x64 (TinyLlama)": (32, 4, 64), "8q/8kv x64 (paper)": (8, 8, 64)}
 POLICY = CondensateConfig()  # the runtime defaults: A=4, W=128, k=32; pages of 32, 16x oversampling
 WHOLE_K = 512  # whole-page selection's budget: 16 pages of 32, the keys "pages" scores at 16x oversampling
+# certified mode: exact scores of every key, a device-side sort per head, at most 4096 keys, and
+# dense attention for the fallback (computed every step: a static graph has no branches)
+CERTIFIED_EPS, CERTIFIED_K = 0.01, 4096
 L2_BYTES = 50 * 2**20
 
 
@@ -68,6 +71,8 @@ def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, su
         tail = 2 * Hkv * pages * D * 4 if policy.tail else 0
         return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * pages * D * summary_el + tail
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
+    if policy.certified:  # every key scored, the list attended, and the whole cache for the fallback
+        return attend + 3 * Hkv * n * D * el
     if policy.selection == "exact":
         return attend + Hkv * n * D * el  # every key scored once (the top-k candidates are a few KB)
     chosen = min(pages, math.ceil(k * policy.page_oversample / P)) * P
@@ -132,7 +137,9 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
     variants = {"exact": replace(POLICY, summary_dtype="cache"),
                 "pages": replace(POLICY, selection="pages", summary_dtype="cache"),
                 "pages-fp8": replace(POLICY, selection="pages", summary_dtype="fp8"),
-                f"whole-pages-fp8-k{WHOLE_K}": replace(POLICY, selection="whole-pages", top_k=WHOLE_K, summary_dtype="fp8")}
+                f"whole-pages-fp8-k{WHOLE_K}": replace(POLICY, selection="whole-pages", top_k=WHOLE_K, summary_dtype="fp8"),
+                f"certified-eps{CERTIFIED_EPS:g}-k{CERTIFIED_K}": replace(POLICY, top_k=CERTIFIED_K,
+                                                                        max_dropped_mass=CERTIFIED_EPS)}
     for variant, policy in variants.items():
         caches = [make_cache(Hq, Hkv, D, n, policy, dtype) for _ in range(min(copies, 2))]
         new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
