@@ -195,7 +195,9 @@ for each head that fell back. *Attended* is the fraction of the context in the e
 *KL* and *dropped mass* (attention mass outside the exactly attended set) are teacher-forced on
 full attention's tokens (minirt/equivalence.py). Certified mode keeps, per step and KV group, the
 fewest keys that leave every head at most eps of its mass (no cap here); heads at or above eps
-attend fully (*fallbacks*: layer-head-steps). Retrieval: a pass key at depths 10, 30, 50, 70 and
+attend fully (*fallbacks*: layer-head-steps). Its *KV read* is what the algorithm needs; the GPU
+step today also runs dense attention every step for the fallback (bench/attention.py counts that).
+Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
 
 ## Summary per model and variant (all lengths)
