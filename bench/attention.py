@@ -71,10 +71,11 @@ def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, su
         tail = 2 * Hkv * pages * D * 4 if policy.tail else 0
         return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * pages * D * summary_el + tail
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
+    scored = Hkv * n * (D + 4) if policy.selection == "int8" else Hkv * n * D * el  # int8 keys + fp32 scales
     if policy.certified:  # every key scored, the list attended, and the whole cache for the fallback
-        return attend + 3 * Hkv * n * D * el
-    if policy.selection == "exact":
-        return attend + Hkv * n * D * el  # every key scored once (the top-k candidates are a few KB)
+        return attend + scored + 2 * Hkv * n * D * el
+    if policy.selection in ("exact", "int8"):
+        return attend + scored  # every key scored once (the top-k candidates are a few KB)
     chosen = min(pages, math.ceil(k * policy.page_oversample / P)) * P
     return attend + 2 * Hkv * pages * D * summary_el + Hkv * chosen * D * el  # page min/max, then the chosen pages' keys
 

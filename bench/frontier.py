@@ -46,6 +46,8 @@ def variants() -> dict[str, CondensateConfig | None]:
     out["whole pages k=512 + tail"] = CondensateConfig(top_k=512, tail=True, **whole)
     for eps in (1e-1, 1e-2, 1e-3):
         out[f"certified eps={eps:g}"] = CondensateConfig(top_k=NO_CAP, max_dropped_mass=eps)
+    for eps in (1e-2, 1e-3):
+        out[f"certified int8 eps={eps:g}"] = CondensateConfig(selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
     return out
 
 
@@ -72,8 +74,9 @@ def read_fraction(llm: LLM, policy: CondensateConfig | None, n: float, attended:
         return 1.0
     cfg = llm.cfg
     full = 2 * cfg.n_kv_heads * n * cfg.head_dim * 2
-    if policy.certified:
-        return min(1.0, 0.5 + attended / n + fallback_rate)
+    if policy.certified:  # every key scored (bf16, or int8 + an fp32 scale), then the attended keys
+        scored = (cfg.head_dim + 4) / (4 * cfg.head_dim) if policy.selection == "int8" else 0.5
+        return min(1.0, scored + attended / n + fallback_rate)
     return sparse_bytes(int(n), cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full
 
 
@@ -120,7 +123,7 @@ def run(args) -> None:
     generation.PREFILL_CHUNK["cuda"] = 8192  # an fp32 prefill's attention scores at 32K would fill the GPU
     llm = LLM.load(args.model, device=args.device, dtype=args.dtype)
     name = llm.path.parent.name if llm.path.suffix == ".gguf" else llm.path.name
-    table = variants()
+    table = {name: policy for name, policy in variants().items() if not args.only or args.only in name}
     t0, rows = time.time(), []
     for n in args.lengths:
         n = min(n, llm.cfg.max_seq_len - args.steps - 8)  # prompt and decode fit the model's context
@@ -284,6 +287,7 @@ def main() -> None:
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--dtype", default="fp32")
     r.add_argument("--json", default=None)
+    r.add_argument("--only", default="", help="run only the variants whose name contains this")
     g = sub.add_parser("render")
     g.add_argument("results", nargs="+")
     g.add_argument("--out", default="FRONTIER.md")

@@ -135,6 +135,11 @@ class DenseCache:
         self.seq_len = n
         self.position.fill_(n)
 
+    def _update_shadow(self, layer: int, start: int, end: int) -> None:
+        if self.kq is not None:
+            self.kq[layer, :, :, start:end], self.kscale[layer, :, :, start:end] = reference.quantize_keys(
+                self.k[layer, :, :, start:end])
+
     def _derive(self, start: int, end: int) -> None:
         """Rebuild what is derived from history positions [start, end), the last ones held (nothing here)."""
 
@@ -149,7 +154,9 @@ class CondensateCache(DenseCache):
             raise ValueError(f"dense_layers {bad} out of range: the model has {cfg.n_layers} layers")
         self.policy = policy
         self.anchor, self.window = policy.anchor, policy.window
-        self.certify = certify or policy.max_dropped_mass is not None
+        # certify: measure every head's dropped mass exactly (scores every key); int8 selection's
+        # certified mode decides fallbacks from its own bound and needs no exact scores
+        self.certify = certify or (policy.max_dropped_mass is not None and policy.selection != "int8")
         self._check_plan(capacity)
         ring = (cfg.n_layers, batch, cfg.n_kv_heads, policy.window, cfg.head_dim)
         self.ring_k = torch.zeros(ring, device=device, dtype=dtype)
@@ -161,6 +168,12 @@ class CondensateCache(DenseCache):
             summary = torch.float8_e4m3fn if policy.summary_dtype == "fp8" else dtype
             self.kmin = torch.empty(pages, device=device, dtype=summary)
             self.kmax = torch.empty(pages, device=device, dtype=summary)
+        # int8 selection: each key's int8 copy and scale (kernels.reference.quantize_keys)
+        self.kq = self.kscale = None
+        if policy.selection == "int8":
+            self.kq = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim, device=device,
+                                  dtype=torch.int8)
+            self.kscale = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, device=device)
         # the tail estimate's page summaries: fp32 key and value sums (mean = sum / page size)
         self.ksum = self.vsum = None
         if policy.tail:
@@ -185,7 +198,7 @@ class CondensateCache(DenseCache):
             return
         k_top = min(p.top_k, capacity)
         fits = (self.ops.can_page_select(capacity, k_top, p.page_size, p.page_oversample, p.whole_pages) if p.paged
-                else self.certify or self.ops.can_exact_select(capacity, k_top))
+                else self.certify or p.certified or p.selection == "int8" or self.ops.can_exact_select(capacity, k_top))
         problems = [
             (p.scope == "head", "scope='head' (one top-k per query head) has no GPU kernel; use scope='group'"),
             (p.budget_alpha > 0, "a top-k that grows with the context (budget_alpha) has no GPU kernel"),
@@ -208,10 +221,16 @@ class CondensateCache(DenseCache):
         reference.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
                             k, v, start, self.policy.page_size)
         self._update_sums(layer, start, start + k.shape[2])
+        self._update_shadow(layer, start, start + k.shape[2])
 
     def _store_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.ops.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
                            k, v, self.bounds, self.policy.page_size)
+        if self.kq is not None:  # the new key's int8 copy, at the position held on the device
+            position = (self.bounds[:1] - 1).long()
+            kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position))
+            self.kq[layer].index_copy_(2, position, kq)
+            self.kscale[layer].index_copy_(2, position, scale)
         if self.ksum is not None:  # the reference path only (_check_plan): the position is read on the host
             position = int(self.bounds[0]) - 1
             self._update_sums(layer, position, position + 1)
@@ -220,6 +239,11 @@ class CondensateCache(DenseCache):
         if self.ksum is not None:
             reference.update_page_sums(self.k[layer], self.v[layer], self.ksum[layer], self.vsum[layer], start, end,
                                        self.policy.page_size)
+
+    def _update_shadow(self, layer: int, start: int, end: int) -> None:
+        if self.kq is not None:
+            self.kq[layer, :, :, start:end], self.kscale[layer, :, :, start:end] = reference.quantize_keys(
+                self.k[layer, :, :, start:end])
 
     def _derive(self, start: int, end: int) -> None:
         # The ring holds the last W positions; pages touching [start, end) are summarised again
@@ -231,6 +255,8 @@ class CondensateCache(DenseCache):
             for layer in range(self.k.shape[0]):
                 kernels.update_pages(self.k[layer], *self._pages(layer), start // P * P, end, P)
                 self._update_sums(layer, start // P * P, end)
+        for layer in range(self.k.shape[0]):
+            self._update_shadow(layer, start, end)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[2] > 1:  # prefill: full attention
@@ -263,10 +289,16 @@ class CondensateCache(DenseCache):
             j = torch.arange(ks.shape[2], device=q.device)
             scores = kernels.group_scores(q, ks).masked_fill(j >= self.bounds[0], NEG_INF)
             lse_all = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
+        if self.kq is not None:  # every key's logit from its int8 copy, within err
+            est, err = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0])
         if k_top == 0:  # anchor and window only
             idx = torch.empty(B, ks.shape[1], 0, dtype=torch.int64, device=q.device)
+        elif p.certified and self.kq is not None:  # as few keys as provably keep every head within eps
+            idx = reference.bounded_select(est, err, self.bounds, p.max_dropped_mass, k_top)
         elif p.certified:  # as few keys as keep every head of the group within max_dropped_mass
             idx = reference.certified_select(scores, lse_all, self.bounds, p.max_dropped_mass, k_top)
+        elif self.kq is not None:
+            idx = self._in_range(est.amax(dim=2), k_top)
         elif p.paged:
             idx = self.ops.page_select(q, ks, *self._pages(layer), self.bounds, k_top, p.page_size,
                                        p.page_oversample, p.scope, p.whole_pages)
@@ -280,8 +312,15 @@ class CondensateCache(DenseCache):
         tail = None if self.ksum is None else (self.ksum[layer], self.vsum[layer], p.page_size)
         out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor,
                                              tail=tail)
+        bound = None
+        if self.kq is not None and p.max_dropped_mass is not None:
+            bound = reference.shadow_bound(est, err, self.bounds, idx, lse)
+            self.dropped_bound[layer] = bound
         if not self.certify:
-            return out
+            if bound is None:
+                return out
+            self.dropped[layer] = bound  # no exact scores: the bound stands for the dropped mass
+            return self._fall_back(layer, q, out, bound)
         if p.paged and p.scope == "group":
             exact = self._in_range(scores.amax(dim=2), k_top)
             valid = exact >= 0
@@ -293,9 +332,15 @@ class CondensateCache(DenseCache):
                 1.0 if p.whole_pages else p.page_oversample)
         dropped = (1 - torch.exp(lse - lse_all.reshape(B, Hq))).clamp(min=0)
         self.dropped[layer] = dropped
-        if p.max_dropped_mass is not None:  # computed every step: a static graph has no branches
-            fall = ~(dropped < p.max_dropped_mass)  # so eps = 0 is full attention, exactly
-            self.fallback_count += fall.sum()
-            full = self.ops.decode_attention(q, ks, vs, self.bounds)[0]
-            out = torch.where(fall[..., None], full, out)
-        return out
+        if p.max_dropped_mass is None:
+            return out
+        return self._fall_back(layer, q, out, dropped if bound is None else bound)
+
+    def _fall_back(self, layer: int, q: torch.Tensor, out: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """Full attention for the heads whose dropped mass (or its bound) is not below
+        max_dropped_mass (so eps = 0 is full attention, exactly); computed every step: a static
+        graph has no branches."""
+        fall = ~(dropped < self.policy.max_dropped_mass)
+        self.fallback_count += fall.sum()
+        full = self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds)[0]
+        return torch.where(fall[..., None], full, out)

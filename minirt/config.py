@@ -182,7 +182,7 @@ def _llama_like(hf: dict[str, Any]) -> ModelConfig:
 _BUILDERS = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like}
 
 
-SELECTIONS = ("exact", "pages", "whole-pages")
+SELECTIONS = ("exact", "int8", "pages", "whole-pages")
 
 
 @dataclass(frozen=True)
@@ -194,15 +194,17 @@ class CondensateConfig:
     budget_exponent: float = 0.5
     dense_layers: tuple[int, ...] = ()  # layers that always attend to everything
     scope: str = "group"  # top-k shared by a KV group's query heads, or chosen per "head"
-    # "exact": score every key; "pages": rank pages by their Quest bound, then score the best pages'
+    # "exact": score every key; "int8": score every key's int8 copy (a quarter of the cache's bytes)
+    # within a known error; "pages": rank pages by their Quest bound, then score the best pages'
     # keys; "whole-pages": attend the ceil(top_k / page_size) best pages whole (no token scoring)
     selection: str = "exact"
     page_size: int = 32
     page_oversample: float = 16.0  # "pages": pages scored exactly = ceil(k * oversample / page_size)
     summary_dtype: str = "fp8"  # page min/max as fp8 rounded outward (half the bytes to scan), or "cache" dtype
-    # certificate: every decode step measures each head's dropped mass exactly and sends heads at or
-    # above this to full attention; with exact selection (certified mode) the top-k is adaptive too:
-    # per KV group the fewest keys, at most top_k, that keep every head under it
+    # certificate: every decode step measures each head's dropped mass (exactly, or with int8
+    # selection an upper bound from the int8 copy) and sends heads at or above this to full
+    # attention; with exact or int8 selection (certified mode) the top-k is adaptive too: per KV
+    # group the fewest keys, at most top_k, that keep every head under it
     max_dropped_mass: float | None = None
     # whole-pages: each unselected page inside the candidate range stands in as one pseudo-key (its
     # mean key, weighted by its key count) with its mean value: the rest is estimated, not dropped
@@ -216,7 +218,8 @@ class CondensateConfig:
             (self.budget_alpha >= 0, "budget_alpha must be >= 0"),
             (0 <= self.budget_exponent <= 1, "budget_exponent must be in [0, 1]"),
             (self.scope in ("group", "head"), "scope must be 'group' or 'head'"),
-            (self.selection in SELECTIONS, "selection must be 'exact', 'pages' or 'whole-pages'"),
+            (self.selection in SELECTIONS, f"selection must be one of {', '.join(SELECTIONS)}"),
+            (self.selection != "int8" or self.scope == "group", "int8 selection keeps one list per KV group (scope='group')"),
             (self.selection != "whole-pages" or self.scope == "group",
              "whole-pages selection keeps one page list per KV group (scope='group')"),
             (not self.tail or self.selection == "whole-pages", "the tail estimate needs selection='whole-pages'"),
@@ -233,12 +236,13 @@ class CondensateConfig:
     @property
     def paged(self) -> bool:
         """Whether selection ranks pages by their min/max summaries (which the cache then keeps)."""
-        return self.selection != "exact"
+        return self.selection in ("pages", "whole-pages")
 
     @property
     def certified(self) -> bool:
-        """Certified mode: the top-k adapts to max_dropped_mass (exact scores, one list per KV group)."""
-        return self.max_dropped_mass is not None and self.selection == "exact" and self.scope == "group"
+        """Certified mode: the top-k adapts to max_dropped_mass (one list per KV group), from exact
+        scores or from the int8 copy's bounds."""
+        return self.max_dropped_mass is not None and self.selection in ("exact", "int8") and self.scope == "group"
 
     @property
     def whole_pages(self) -> bool:

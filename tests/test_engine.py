@@ -16,6 +16,7 @@ POLICIES = {
     "pages-fp8": CondensateConfig(anchor=2, window=8, top_k=4, selection="pages", page_size=4),
     "whole-pages-fp8": CondensateConfig(anchor=2, window=8, top_k=8, selection="whole-pages", page_size=4),
     "certified": CondensateConfig(anchor=2, window=8, top_k=4, max_dropped_mass=0.05),
+    "certified-int8": CondensateConfig(anchor=2, window=8, top_k=4, selection="int8", max_dropped_mass=0.05),
 }
 
 

@@ -10,13 +10,15 @@ from minirt import CondensateCache, CondensateConfig, DenseCache
 from minirt.config import ModelConfig
 from minirt.equivalence import compare, full_reference, needle_retrieval
 from minirt.generation import forced_steps
-from minirt.kernels.reference import certified_select, ring_positions
+from minirt.kernels.reference import (bounded_select, certified_select, quantize_keys, ring_positions, shadow_bound,
+                                     shadow_scores)
 from minirt.workloads import PAPER_PROMPTS, long_prompt
 
 STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
 
 
 @pytest.mark.parametrize("scope, selection, summary", [("group", "exact", "cache"), ("head", "exact", "cache"),
+                                                      ("group", "int8", "cache"),
                                                       ("group", "pages", "cache"), ("head", "pages", "cache"),
                                                       ("group", "pages", "fp8"), ("group", "whole-pages", "fp8")])
 def test_k_covering_the_context_equals_full(smollm2_llm, scope, selection, summary):
@@ -183,6 +185,61 @@ def test_certified_mode_matches_full_on_a_long_prompt(smollm2_llm):
     assert report.token_match == 1.0 and report.fallbacks == 0
     assert report.dropped_mass_max <= 1e-3 * (1 + 1e-4)
     assert report.attended_keys < 0.8 * report.context
+
+
+def test_int8_keys_bound_every_logit():
+    """The int8 copy's estimate of q·k / sqrt(D) is within its error bound for every key, including
+    keys of mixed magnitude and an all-zero key."""
+    torch.manual_seed(2)
+    k = torch.randn(1, 2, 40, 16) * torch.logspace(-3, 2, 40)[:, None]
+    k[0, 0, 5] = 0
+    q = torch.randn(1, 6, 16) * 5
+    kq, scale = quantize_keys(k)
+    assert bool((k - kq.float() * scale[..., None]).abs().le(scale[..., None] / 2 * (1 + 1e-6)).all())
+    est, err = shadow_scores(q, kq, scale, 40)
+    exact = (q.view(1, 2, 3, 16) @ k.transpose(-1, -2)) / 4
+    assert bool(((est - exact).abs() <= err).all())
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.05, 0.3])
+def test_bounded_select_certifies_the_dropped_mass(eps):
+    """After attending what bounded_select chose, the bound is <= eps and never below the exact
+    dropped mass, for every head (random keys of a few magnitudes, anchor 2, window 8)."""
+    torch.manual_seed(3)
+    B, Hkv, G, D, n, lo, W = 1, 2, 3, 16, 120, 2, 8
+    k = torch.randn(B, Hkv, n, D) * torch.rand(B, Hkv, n, 1) * 3
+    q = torch.randn(B, Hkv * G, D)
+    bounds = torch.tensor([n, lo, n - W])
+    est, err = shadow_scores(q, *quantize_keys(k), n)
+    idx = bounded_select(est, err, bounds, eps, k_max=n)
+    exact = (q.view(B, Hkv, G, D) @ k.transpose(-1, -2)) / D ** 0.5
+    kept = torch.zeros(B, Hkv, n, dtype=torch.bool)
+    kept[..., :lo] = kept[..., n - W:] = True
+    kept.scatter_(-1, idx.clamp(min=0), idx >= 0)
+    kept[..., :lo] = True
+    lse = torch.logsumexp(exact.masked_fill(~kept[:, :, None], float("-inf")), -1).reshape(B, Hkv * G)
+    dropped = 1 - torch.exp(lse - torch.logsumexp(exact, -1).reshape(B, Hkv * G))
+    bound = shadow_bound(est, err, bounds, idx, lse)
+    assert bool((bound <= eps * (1 + 1e-5)).all()) and bool((bound >= dropped - 1e-6).all())
+    assert int((idx >= 0).sum()) < Hkv * (n - lo - W)  # it did leave keys out
+
+
+def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm):
+    """Certified mode from the int8 copy (eps = 1e-3) on 1K tokens of real Python source: the same
+    tokens as full attention, and in every layer, head and step the bound it decided by is >= the
+    exact dropped mass (measured beside it) and <= eps (no cap, so no head falls back)."""
+    ids = long_prompt(smollm2_llm.tokenizer, "code", 1024)
+    policy = CondensateConfig(selection="int8", top_k=1024, max_dropped_mass=1e-3)
+    report = compare(smollm2_llm, ids, 8, policy)
+    assert report.token_match == 1.0 and report.dropped_mass_max <= 1e-3
+    assert report.attended_keys < 0.8 * report.context
+    cache = smollm2_llm.new_cache(len(ids) + 4, "sparse", policy, certify=True)
+    steps = forced_steps(smollm2_llm, ids, [198, 198, 198], cache)
+    next(steps)  # the prefill: full attention
+    for _ in steps:
+        exact, bound = cache.dropped[:, 0], cache.dropped_bound[:, 0]
+        assert bool((bound >= exact - 1e-6).all()) and bool((bound <= 1e-3 * (1 + 1e-4)).all())
+    assert cache.fallbacks == 0
 
 
 def test_dense_layers_drop_nothing(smollm2_llm):

@@ -244,6 +244,70 @@ def certified_select(scores: torch.Tensor, lse_all: torch.Tensor, bounds, eps: f
     return padded(torch.where(best > NEG_INF, idx, -1), k_max)
 
 
+def quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [..., D] as symmetric int8 with one fp32 scale per key: |k - q * scale| <= scale / 2
+    in every dim (round to nearest), so q·k is known to within ||q||_1 * scale / 2."""
+    scale = k.float().abs().amax(-1) / 127
+    q = torch.round(k.float() / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(-127, 127)
+    return q.to(torch.int8), scale
+
+
+# Slack on the int8 rounding bound for the fp32 arithmetic of quantising, estimating and attending.
+SHADOW_SLACK = 1e-3
+
+
+def shadow_scores(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated logits q·k / sqrt(D) of every key from its int8 copy (kq [B, Hkv, cap, D], kscale
+    [B, Hkv, cap]), -inf from position n on, and each estimate's error bound: [B, Hkv, G, cap] both."""
+    B, Hq, D = q.shape
+    Hkv = kq.shape[1]
+    qg = q.view(B, Hkv, Hq // Hkv, D).float()
+    est = (qg @ kq.float().transpose(-1, -2)) * (kscale[:, :, None, :] / math.sqrt(D))
+    err = (qg.abs().sum(-1, keepdim=True) / math.sqrt(D)) * kscale[:, :, None, :] * (0.5 + SHADOW_SLACK) + SHADOW_SLACK
+    live = torch.arange(kq.shape[2], device=q.device) < n
+    return est.masked_fill(~live, NEG_INF), err
+
+
+def _candidates(x: torch.Tensor, bounds) -> torch.Tensor:
+    j = torch.arange(x.shape[-1], device=x.device)
+    return (j >= bounds[1]) & (j < bounds[2])
+
+
+def bounded_select(est: torch.Tensor, err: torch.Tensor, bounds, eps: float, k_max: int) -> torch.Tensor:
+    """Certified mode without exact scores: per KV group, the fewest positions in [lo, hi) after
+    which every query head's dropped mass is provably <= eps, at most k_max ([B, Hkv, k_max], -1
+    padding). Each head ranks candidates by their logit's upper bound u = est + err and keeps the
+    shortest prefix with U <= eps / (1 - eps) * Z, where U sums exp(u) over the rest and Z sums
+    exp(est - err) over anchor, window and the prefix: a lower bound on the kept keys' softmax
+    mass, so U / (Z_exact + U) <= eps once attended. The group's list is the union (see
+    certified_select for the order)."""
+    cand = _candidates(est, bounds)
+    up = (est + err).masked_fill(~cand, NEG_INF)
+    kept_lo = (est - err).masked_fill(cand, NEG_INF)  # anchor and window: always attended
+    top = torch.maximum(up.amax(-1, keepdim=True), kept_lo.amax(-1, keepdim=True))  # a common shift
+    up_sorted, order = up.sort(dim=-1, descending=True)
+    lo_sorted = (est - err).masked_fill(~cand, NEG_INF).gather(-1, order)
+    rest = (up_sorted - top).exp().flip(-1).cumsum(-1).flip(-1)  # U if the first m are kept, m = 0..
+    kept = torch.exp(kept_lo - top).sum(-1, keepdim=True) + F.pad((lo_sorted - top).exp().cumsum(-1)[..., :-1], (1, 0))
+    need = (rest > eps / (1 - eps) * kept).sum(-1, keepdim=True) if eps < 1 else torch.zeros_like(top, dtype=torch.long)
+    last = up_sorted.gather(-1, (need - 1).clamp(min=0))
+    clearance = torch.where((need > 0) & (up >= last) & (up > NEG_INF), up - last, NEG_INF).amax(dim=2)
+    best, idx = clearance.topk(min(k_max, clearance.shape[-1]), dim=-1)
+    return padded(torch.where(best > NEG_INF, idx, -1), k_max)
+
+
+def shadow_bound(est: torch.Tensor, err: torch.Tensor, bounds, idx: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """An upper bound [B, Hq] on each head's attention mass outside the attended set (idx [B, Hkv,
+    K] of the candidates, lse [B, Hq] the set's exact log-sum-exp): U / (exp(lse) + U), U the sum of
+    exp(est + err) over the candidates idx does not hold."""
+    B, Hq = lse.shape
+    chosen = torch.zeros(est.shape[0], est.shape[1], est.shape[-1] + 1, dtype=torch.bool, device=est.device)
+    chosen = chosen.scatter(-1, torch.where(idx >= 0, idx, est.shape[-1]), True)[..., :-1]
+    left = _candidates(est, bounds) & ~chosen
+    log_u = torch.logsumexp((est + err).masked_fill(~left[:, :, None], NEG_INF), dim=-1).reshape(B, Hq)
+    return torch.sigmoid(log_u - lse)
+
+
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """max over each KV group's query heads of q·k / sqrt(D): [B, Hkv, n] (fp32)."""
     return group_scores(q, k).amax(dim=2)
