@@ -180,6 +180,10 @@ def render(args) -> None:
         for r in cont)
     ret = "".join(f"| {r['model']} | {r['length']} | {r['variant']} | {100 * r['passkey']:.0f}% | {100 * r['needles']:.0f}% |\n"
                   for r in rows if r["workload"] == "retrieval")
+    oracle = "".join(f"| {r['model']} | {r['workload']} {r['length']} | {eps} | {100 * o['attended']:.1f}% | "
+                     f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
+                     f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
+                     for r, o, eps in against_oracle(cont))
     summary = "".join(f"| {m} | {v} | {100 * s['read']:.1f}% | {100 * s['match']:.1f}% | {100 * s['all']:.0f}% | "
                       f"{s['kl']:.2e} | {100 * s['passkey']:.0f}% | {100 * s['needles']:.0f}% |\n"
                       for (m, v), s in summarise(rows).items())
@@ -192,13 +196,15 @@ edit by hand. Plot: {Path(args.out).with_suffix(".png").name}.
 *KV read* is the fraction of full attention's cache bytes (bf16 keys and values) one decode step
 reads: the attended keys and values (anchor 4, window 128, the chosen keys or pages), fp8 page
 min/max summaries for page selection, every key for exact and certified selection (which score
-them all), the tail's fp32 key/value sums per page, and, in certified mode, a whole group's cache
+them all), every key's int8 copy and fp32 scale for int8 selection (about a quarter of the
+bytes), the tail's fp32 key/value sums per page, and, in certified mode, a whole group's cache
 for each head that fell back. *Attended* is the fraction of the context in the exact softmax
 (measured per step and layer). *Token match* compares free-running greedy decodes; *agreement*,
 *KL* and *dropped mass* (attention mass outside the exactly attended set) are teacher-forced on
 full attention's tokens (minirt/equivalence.py). Certified mode keeps, per step and KV group, the
 fewest keys that leave every head at most eps of its mass (no cap here); heads at or above eps
-attend fully (*fallbacks*: layer-head-steps). Its *KV read* is what the algorithm needs; the GPU
+attend fully (*fallbacks*: layer-head-steps). *Certified int8* chooses from the int8 copies'
+error bounds alone and decides fallbacks from the resulting bound, never from an exact score. Its *KV read* is what the algorithm needs; the GPU
 step today also runs dense attention every step for the fallback (bench/attention.py counts that).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
@@ -211,6 +217,15 @@ token for token; *KL*: mean of the mean KL.
 | model | variant | KV read | match | all 100% | KL | pass keys | needles |
 |---|---|---|---|---|---|---|---|
 {summary}
+## Certified modes against the oracle
+
+Certified mode from exact scores attends, per step and KV group, the fewest keys that keep every
+head within eps: the group's oracle. The int8 mode decides from bounds alone (no exact score), so
+it attends more; *ratio* is its keys over the oracle's at the same eps.
+
+| model | prompt | eps | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
+|---|---|---|---|---|---|---|---|---|
+{oracle}
 ## Continuations
 
 | model | prompt | variant | KV read | attended | token match | first divergence | argmax agreement | max KL | mean KL | max dropped | mean dropped | fallbacks |
@@ -223,6 +238,18 @@ token for token; *KL*: mean of the mean KL.
 {ret}""")
     plot(rows, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and its plot", file=sys.stderr)
+
+
+def against_oracle(cont: list[dict]) -> list[tuple[dict, dict, str]]:
+    """(int8 row, exact certified row, eps) for every continuation both ran at the same eps."""
+    out = []
+    for r in cont:
+        if r["variant"].startswith("certified int8 eps="):
+            eps = r["variant"].rsplit("=", 1)[1]
+            same = [o for o in cont if o["variant"] == f"certified eps={eps}"
+                    and (o["model"], o["workload"], o["length"]) == (r["model"], r["workload"], r["length"])]
+            out += [(r, same[0], eps)] if same else []
+    return out
 
 
 def summarise(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
@@ -249,10 +276,12 @@ def plot(rows: list[dict], path: Path) -> None:
     prompts = list(dict.fromkeys((r["model"], r["length"]) for r in cont))
     families = {"exact / pages k=32": lambda v: v.endswith("k=32") or "default" in v,
                 "whole pages": lambda v: v.startswith("whole") and "tail" not in v,
-                "whole pages + tail": lambda v: "tail" in v, "certified": lambda v: v.startswith("certified")}
+                "whole pages + tail": lambda v: "tail" in v,
+                "certified": lambda v: v.startswith("certified") and "int8" not in v,
+                "certified int8": lambda v: v.startswith("certified int8")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for (model, n), color in zip(prompts, plt.cm.tab10.colors):
-        for family, marker in zip(families, "sov^"):
+        for family, marker in zip(families, "sov^D"):
             pts = [r for r in cont if (r["model"], r["length"]) == (model, n) and families[family](r["variant"])]
             if not pts:
                 continue
