@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -51,11 +51,25 @@ def variants() -> dict[str, CondensateConfig | None]:
     return out
 
 
+def tuning() -> dict[str, CondensateConfig | None]:
+    """Selection settings around the main variants (issue #11, item 4): window, dense first layers
+    (Quest keeps two), per-head scope, oversampling, page size."""
+    exact, whole = CondensateConfig(), CondensateConfig(selection="whole-pages", top_k=1024)
+    return {"full": None,
+            "exact k=32 W=512": replace(exact, window=512),
+            "exact k=32 dense layers 0,1": replace(exact, dense_layers=(0, 1)),
+            "exact k=32 scope=head": replace(exact, scope="head"),
+            "pages k=32 4x oversampling": replace(exact, selection="pages", page_oversample=4),
+            "pages k=32 64x oversampling": replace(exact, selection="pages", page_oversample=64),
+            "whole pages k=1024 P=16": replace(whole, page_size=16),
+            "whole pages k=1024 P=64": replace(whole, page_size=64)}
+
+
 @contextmanager
 def kernels_for(policy: CondensateConfig | None):
-    """The tail estimate runs on the PyTorch reference (it has no Triton kernel yet)."""
+    """The tail estimate and per-head selection run on the PyTorch reference (no Triton kernel yet)."""
     old = os.environ.get("MINIRT_KERNELS")
-    if policy is not None and policy.tail:
+    if policy is not None and (policy.tail or policy.scope == "head"):
         os.environ["MINIRT_KERNELS"] = "reference"
     try:
         yield
@@ -123,7 +137,8 @@ def run(args) -> None:
     generation.PREFILL_CHUNK["cuda"] = 8192  # an fp32 prefill's attention scores at 32K would fill the GPU
     llm = LLM.load(args.model, device=args.device, dtype=args.dtype)
     name = llm.path.parent.name if llm.path.suffix == ".gguf" else llm.path.name
-    table = {name: policy for name, policy in variants().items() if not args.only or args.only in name}
+    table = {name: policy for name, policy in (tuning() if args.set == "tuning" else variants()).items()
+             if not args.only or args.only in name}
     t0, rows = time.time(), []
     for n in args.lengths:
         n = min(n, llm.cfg.max_seq_len - args.steps - 8)  # prompt and decode fit the model's context
@@ -152,7 +167,7 @@ def run(args) -> None:
 
 
 def save(args, name: str, rows: list[dict], t0: float) -> None:
-    meta = {"model": name, "steps": args.steps, "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+    meta = {"model": name, "set": args.set, "steps": args.steps, "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
             "dtype": args.dtype, "minutes": (time.time() - t0) / 60, "commit": commit(), "date": str(datetime.date.today()),
             "command": "python " + " ".join(sys.argv)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +332,7 @@ def main() -> None:
     r.add_argument("--dtype", default="fp32")
     r.add_argument("--json", default=None)
     r.add_argument("--only", default="", help="run only the variants whose name contains this")
+    r.add_argument("--set", choices=["main", "tuning"], default="main", help="the main variants or the tuning sweep")
     g = sub.add_parser("render")
     g.add_argument("results", nargs="+")
     g.add_argument("--out", default="FRONTIER.md")

@@ -284,37 +284,21 @@ class CondensateCache(DenseCache):
         B, Hq, D = q.shape
         ks, vs = self.k[layer], self.v[layer]
         k_top = self._top_k()
-        scores = None
+        scores = lse_all = shadow = None
         if self.certify or p.scope == "head":  # per head, every live key: the certificate's exact mass
             j = torch.arange(ks.shape[2], device=q.device)
             scores = kernels.group_scores(q, ks).masked_fill(j >= self.bounds[0], NEG_INF)
             lse_all = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
-        if self.kq is not None:  # every key's logit from its int8 copy, within err
-            est, err = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0])
-        if k_top == 0:  # anchor and window only
-            idx = torch.empty(B, ks.shape[1], 0, dtype=torch.int64, device=q.device)
-        elif p.certified and self.kq is not None:  # as few keys as provably keep every head within eps
-            idx = reference.bounded_select(est, err, self.bounds, p.max_dropped_mass, k_top)
-        elif p.certified:  # as few keys as keep every head of the group within max_dropped_mass
-            idx = reference.certified_select(scores, lse_all, self.bounds, p.max_dropped_mass, k_top)
-        elif self.kq is not None:
-            idx = self._in_range(est.amax(dim=2), k_top)
-        elif p.paged:
-            idx = self.ops.page_select(q, ks, *self._pages(layer), self.bounds, k_top, p.page_size,
-                                       p.page_oversample, p.scope, p.whole_pages)
-        elif p.scope == "head":
-            idx = self._in_range(scores, k_top)
-        elif scores is not None:  # the certificate already scored every key: no second pass over them
-            idx = self._in_range(scores.amax(dim=2), k_top)
-        else:
-            idx = self.ops.exact_select(q, ks, self.bounds, k_top)
+        if self.kq is not None:  # every key's logit from its int8 copy, and its error bound
+            shadow = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0])
+        idx = self._select(layer, q, k_top, scores, lse_all, shadow)
         self.selected[layer] = (idx >= 0).flatten(2).sum(-1) / (idx.shape[2] if idx.dim() == 4 else 1)
         tail = None if self.ksum is None else (self.ksum[layer], self.vsum[layer], p.page_size)
         out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor,
                                              tail=tail)
         bound = None
-        if self.kq is not None and p.max_dropped_mass is not None:
-            bound = reference.shadow_bound(est, err, self.bounds, idx, lse)
+        if shadow is not None and p.max_dropped_mass is not None:
+            bound = reference.shadow_bound(*shadow, self.bounds, idx, lse)
             self.dropped_bound[layer] = bound
         if not self.certify:
             if bound is None:
@@ -335,6 +319,27 @@ class CondensateCache(DenseCache):
         if p.max_dropped_mass is None:
             return out
         return self._fall_back(layer, q, out, dropped if bound is None else bound)
+
+    def _select(self, layer: int, q: torch.Tensor, k_top: int, scores: torch.Tensor | None,
+                lse_all: torch.Tensor | None, shadow: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The distant positions to attend, [B, Hkv, K] (or [B, Hkv, G, K] per head), -1 padded."""
+        p, ks = self.policy, self.k[layer]
+        if k_top == 0:  # anchor and window only
+            return torch.empty(q.shape[0], ks.shape[1], 0, dtype=torch.int64, device=q.device)
+        if p.certified and shadow is not None:  # as few keys as provably keep every head within eps
+            return reference.bounded_select(*shadow, self.bounds, p.max_dropped_mass, k_top)
+        if p.certified:  # as few keys as keep every head of the group within eps, by exact scores
+            return reference.certified_select(scores, lse_all, self.bounds, p.max_dropped_mass, k_top)
+        if shadow is not None:
+            return self._in_range(shadow[0].amax(dim=2), k_top)
+        if p.paged:
+            return self.ops.page_select(q, ks, *self._pages(layer), self.bounds, k_top, p.page_size,
+                                        p.page_oversample, p.scope, p.whole_pages)
+        if p.scope == "head":
+            return self._in_range(scores, k_top)
+        if scores is not None:  # the certificate already scored every key: no second pass over them
+            return self._in_range(scores.amax(dim=2), k_top)
+        return self.ops.exact_select(q, ks, self.bounds, k_top)
 
     def _fall_back(self, layer: int, q: torch.Tensor, out: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """Full attention for the heads whose dropped mass (or its bound) is not below
