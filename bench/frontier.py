@@ -200,15 +200,19 @@ def render(args) -> None:
                      f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
                      f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
                      for r, o, eps in against_oracle(cont))
+    # the sweep's baseline: the main variants it varies, on the same models and lengths
+    at = {(r["model"], r["length"]) for r in swept}
+    baseline = [r for r in rows if (r["model"], r["length"]) in at
+                and r["variant"] in ("exact k=32 (default)", "pages k=32", "whole pages k=1024")]
     summary, tuned = (
         "".join(f"| {m} | {v} | {100 * s['read']:.1f}% | {100 * s['match']:.1f}% | {100 * s['all']:.0f}% | "
                 f"{s['kl']:.2e} | {100 * s['passkey']:.0f}% | {100 * s['needles']:.0f}% |\n"
-                for (m, v), s in summarise(part).items()) for part in (rows, swept))
+                for (m, v), s in summarise(part).items()) for part in (rows, baseline + swept))
     sweep = "" if not swept else f"""
 ## Selection settings (tuning sweep)
 
-Settings around the main variants, on the lengths the sweep ran (`--set tuning`; the main table's
-rows at the same lengths are the baseline: A=4, W=128, pages of 32, 16x oversampling, scope
+Settings around the main variants (`--set tuning`), on the lengths the sweep ran, after the main
+runs' rows at those lengths as the baseline (A=4, W=128, pages of 32, 16x oversampling, scope
 group, no dense layer).
 
 | model | variant | KV read | match | all 100% | KL | pass keys | needles |
