@@ -233,7 +233,8 @@ for each head that fell back. *Attended* is the fraction of the context in the e
 (measured per step and layer). *Token match* compares free-running greedy decodes; *agreement*,
 *KL* and *dropped mass* (attention mass outside the exactly attended set) are teacher-forced on
 full attention's tokens (minirt/equivalence.py). Certified mode keeps, per step and KV group, the
-fewest keys that leave every head at most eps of its mass (no cap here); heads at or above eps
+fewest keys that leave every head at most eps of its mass (no cap here: the group's oracle, drawn
+as a star in the plot at the bytes of its attended keys alone); heads at or above eps
 attend fully (*fallbacks*: layer-head-steps). *Certified int8* chooses from the int8 copies'
 error bounds alone and decides fallbacks from the resulting bound, never from an exact score. Its *KV read* is what the algorithm needs; the GPU
 step today also runs dense attention every step for the fallback (bench/attention.py counts that).
@@ -329,12 +330,18 @@ def plot(rows: list[dict], path: Path) -> None:
                          linestyle="-" if len(xs) > 1 else "none")
             axes[1].plot([xs[i] for i in order], [kl[i] for i in order], marker=marker, color=color,
                          linestyle="-" if len(xs) > 1 else "none")
+        # the oracle: reading only the keys certified mode (exact scores) attends at eps = 1e-2
+        oracle = [r for r in cont if (r["model"], r["length"]) == (model, n) and r["variant"] == "certified eps=0.01"]
+        if oracle:
+            x = sum(r["attended"] for r in oracle) / len(oracle)
+            axes[0].plot([x], [100], marker="*", markersize=12, color=color, linestyle="none",
+                         label=f"{model} {n}: oracle at eps=1e-2")
     axes[0].set(xscale="log", xlabel="fraction of KV bytes read per decode step", ylabel="token match, code+prose mean (%)")
     axes[1].set(xscale="log", yscale="log", xlabel="fraction of KV bytes read per decode step",
                 ylabel="mean KL(full || sparse)")
-    axes[0].legend(fontsize=6)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=4, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main() -> None:
