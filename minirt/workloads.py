@@ -89,14 +89,14 @@ def long_prompt(tokenizer, kind: str, n_tokens: int, shorter: bool = False) -> l
 
 
 def _filler_tokens(tokenizer, n_tokens: int, offset: int = 0) -> str:
-    """Filler sentences of about n_tokens tokens (sentence lengths measured one by one)."""
-    sentences, total, i = [], 0, 0
-    while total < n_tokens:
-        sentence = FILLER[(offset + i) % len(FILLER)]
+    """Filler sentences of at most about n_tokens tokens (sentence lengths measured one by one)."""
+    sentences, total = [], 0
+    while True:
+        sentence = FILLER[(offset + len(sentences)) % len(FILLER)]
         total += len(tokenizer.encode(" " + sentence, add_special_tokens=False))
+        if total > n_tokens:
+            return " ".join(sentences)
         sentences.append(sentence)
-        i += 1
-    return " ".join(sentences)
 
 
 def spread(tokenizer, n_tokens: int, facts: list[str], depths: list[float]) -> str:

@@ -12,7 +12,7 @@ from minirt.equivalence import compare, full_reference, needle_retrieval
 from minirt.generation import forced_steps
 from minirt.kernels.reference import (bounded_select, certified_select, quantize_keys, ring_positions, shadow_bound,
                                      shadow_scores)
-from minirt.workloads import PAPER_PROMPTS, long_prompt
+from minirt.workloads import NEEDLES, PAPER_PROMPTS, haystack_prompts, long_prompt, passkey_prompt
 
 STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
 
@@ -258,6 +258,7 @@ def test_growing_budget():
     ({"window": 0}, "window"), ({"top_k": -1}, "top_k"), ({"scope": "layer"}, "scope"),
     ({"selection": "random"}, "selection"), ({"max_dropped_mass": 2.0}, "max_dropped_mass"),
     ({"budget_exponent": 1.5}, "budget_exponent"), ({"summary_dtype": "fp16"}, "summary_dtype"),
+    ({"selection": "int8", "scope": "head"}, "int8"),
 ])
 def test_bad_policy(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -330,3 +331,21 @@ def test_page_bound_never_below_the_exact_dropped_mass(smollm2_llm, summary, sel
     assert exact.max() > 0.1 and (bound <= 1).all()
     print(f"{summary} {selection}: exact dropped mass mean {exact.mean():.3f} (max {exact.max():.3f}), bound mean "
           f"{bound.mean():.3f}, below 0.5 for {100 * (bound < 0.5).float().mean():.1f}% of (step, layer, head)")
+
+
+@pytest.mark.parametrize("n", [1024, 3000])
+def test_long_context_workloads_fit_and_hold_their_facts(smollm2_llm, n):
+    """Pass-key and haystack prompts stay within n tokens, state the key near its depth, and the
+    five haystack prompts share everything up to their questions."""
+    tok = smollm2_llm.tokenizer
+    key = "68231"
+    for depth in (0.1, 0.9):
+        ids = passkey_prompt(tok, n, depth, key)
+        text = tok.decode(ids)
+        assert 0.8 * n <= len(ids) <= n and text.count(key) == 2
+        assert abs(text.index(key) / len(text) - depth) < 0.1
+    prompts = haystack_prompts(tok, n)
+    assert all(len(p) <= n for p in prompts)
+    texts = [tok.decode(p) for p in prompts]
+    assert all(all(needle.fact in t for needle in NEEDLES) for t in texts)
+    assert all(p[: int(0.8 * n)] == prompts[0][: int(0.8 * n)] for p in prompts)
