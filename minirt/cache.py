@@ -135,11 +135,6 @@ class DenseCache:
         self.seq_len = n
         self.position.fill_(n)
 
-    def _update_shadow(self, layer: int, start: int, end: int) -> None:
-        if self.kq is not None:
-            self.kq[layer, :, :, start:end], self.kscale[layer, :, :, start:end] = reference.quantize_keys(
-                self.k[layer, :, :, start:end])
-
     def _derive(self, start: int, end: int) -> None:
         """Rebuild what is derived from history positions [start, end), the last ones held (nothing here)."""
 
@@ -198,7 +193,7 @@ class CondensateCache(DenseCache):
             return
         k_top = min(p.top_k, capacity)
         fits = (self.ops.can_page_select(capacity, k_top, p.page_size, p.page_oversample, p.whole_pages) if p.paged
-                else self.certify or p.certified or p.selection == "int8" or self.ops.can_exact_select(capacity, k_top))
+                else self.certify or p.selection == "int8" or self.ops.can_exact_select(capacity, k_top))
         problems = [
             (p.scope == "head", "scope='head' (one top-k per query head) has no GPU kernel; use scope='group'"),
             (p.budget_alpha > 0, "a top-k that grows with the context (budget_alpha) has no GPU kernel"),
@@ -274,8 +269,7 @@ class CondensateCache(DenseCache):
 
     def _in_range(self, scores: torch.Tensor, k_top: int) -> torch.Tensor:
         """The k_top best positions in [lo, hi) of scores [..., capacity], -1 where fewer: static shapes."""
-        j = torch.arange(scores.shape[-1], device=scores.device)
-        s = scores.masked_fill((j < self.bounds[1]) | (j >= self.bounds[2]), NEG_INF)
+        s = scores.masked_fill(~reference.candidates(scores, self.bounds), NEG_INF)
         best, idx = s.topk(min(k_top, s.shape[-1]), dim=-1)
         return reference.padded(torch.where(best > NEG_INF, idx, -1), k_top)
 

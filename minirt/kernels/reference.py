@@ -221,6 +221,12 @@ def exact_select(q: torch.Tensor, k: torch.Tensor, bounds, k_top: int) -> torch.
     return padded(topk_positions(group_max_scores(q, k[:, :, :hi]), lo, hi, k_top), k_top)
 
 
+def candidates(x: torch.Tensor, bounds) -> torch.Tensor:
+    """Which positions along x's last dim are top-k candidates: [lo, hi) of the step's bounds."""
+    j = torch.arange(x.shape[-1], device=x.device)
+    return (j >= bounds[1]) & (j < bounds[2])
+
+
 def certified_select(scores: torch.Tensor, lse_all: torch.Tensor, bounds, eps: float, k_max: int) -> torch.Tensor:
     """Certified mode's adaptive top-k: per KV group, the fewest positions in [lo, hi) that leave
     every query head at most eps of its attention mass outside anchor ∪ window ∪ them, at most k_max.
@@ -232,14 +238,18 @@ def certified_select(scores: torch.Tensor, lse_all: torch.Tensor, bounds, eps: f
     probability (which decides who stays when k_max cuts the list). Static shapes, no host sync:
     [B, Hkv, k_max] positions, -1 padding. The caller measures the dropped mass the list leaves and
     sends heads still above eps to full attention."""
-    j = torch.arange(scores.shape[-1], device=scores.device)
-    cand = scores.masked_fill((j < bounds[1]) | (j >= bounds[2]), NEG_INF)
-    logp = cand - lse_all[..., None]
+    logp = scores.masked_fill(~candidates(scores, bounds), NEG_INF) - lse_all[..., None]
     ranked = logp.sort(dim=-1, descending=True).values
     remainder = ranked.exp().flip(-1).cumsum(-1).flip(-1)  # mass of the candidates ranked i and below
-    need = (remainder > eps).sum(-1, keepdim=True)  # the prefix a head keeps
-    last = ranked.gather(-1, (need - 1).clamp(min=0))  # its last kept log-probability
-    clearance = torch.where((need > 0) & (logp >= last) & (logp > NEG_INF), logp - last, NEG_INF).amax(dim=2)
+    return _union_of_prefixes(logp, ranked, (remainder > eps).sum(-1, keepdim=True), k_max)
+
+
+def _union_of_prefixes(x: torch.Tensor, ranked: torch.Tensor, need: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Positions [B, Hkv, k_max] (-1 padding) that any head of a group keeps, when each head keeps
+    its need [B, Hkv, G, 1] best by x [B, Hkv, G, n] (ranked: x sorted descending), ordered by how
+    far a position clears its head's last kept value (which decides who stays when k_max cuts)."""
+    last = ranked.gather(-1, (need - 1).clamp(min=0))
+    clearance = torch.where((need > 0) & (x >= last) & (x > NEG_INF), x - last, NEG_INF).amax(dim=2)
     best, idx = clearance.topk(min(k_max, clearance.shape[-1]), dim=-1)
     return padded(torch.where(best > NEG_INF, idx, -1), k_max)
 
@@ -268,11 +278,6 @@ def shadow_scores(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, n) ->
     return est.masked_fill(~live, NEG_INF), err
 
 
-def _candidates(x: torch.Tensor, bounds) -> torch.Tensor:
-    j = torch.arange(x.shape[-1], device=x.device)
-    return (j >= bounds[1]) & (j < bounds[2])
-
-
 def bounded_select(est: torch.Tensor, err: torch.Tensor, bounds, eps: float, k_max: int) -> torch.Tensor:
     """Certified mode without exact scores: per KV group, the fewest positions in [lo, hi) after
     which every query head's dropped mass is provably <= eps, at most k_max ([B, Hkv, k_max], -1
@@ -281,7 +286,7 @@ def bounded_select(est: torch.Tensor, err: torch.Tensor, bounds, eps: float, k_m
     exp(est - err) over anchor, window and the prefix: a lower bound on the kept keys' softmax
     mass, so U / (Z_exact + U) <= eps once attended. The group's list is the union (see
     certified_select for the order)."""
-    cand = _candidates(est, bounds)
+    cand = candidates(est, bounds)
     up = (est + err).masked_fill(~cand, NEG_INF)
     kept_lo = (est - err).masked_fill(cand, NEG_INF)  # anchor and window: always attended
     top = torch.maximum(up.amax(-1, keepdim=True), kept_lo.amax(-1, keepdim=True))  # a common shift
@@ -290,10 +295,7 @@ def bounded_select(est: torch.Tensor, err: torch.Tensor, bounds, eps: float, k_m
     rest = (up_sorted - top).exp().flip(-1).cumsum(-1).flip(-1)  # U if the first m are kept, m = 0..
     kept = torch.exp(kept_lo - top).sum(-1, keepdim=True) + F.pad((lo_sorted - top).exp().cumsum(-1)[..., :-1], (1, 0))
     need = (rest > eps / (1 - eps) * kept).sum(-1, keepdim=True) if eps < 1 else torch.zeros_like(top, dtype=torch.long)
-    last = up_sorted.gather(-1, (need - 1).clamp(min=0))
-    clearance = torch.where((need > 0) & (up >= last) & (up > NEG_INF), up - last, NEG_INF).amax(dim=2)
-    best, idx = clearance.topk(min(k_max, clearance.shape[-1]), dim=-1)
-    return padded(torch.where(best > NEG_INF, idx, -1), k_max)
+    return _union_of_prefixes(up, up_sorted, need, k_max)
 
 
 def shadow_bound(est: torch.Tensor, err: torch.Tensor, bounds, idx: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,7 @@ def shadow_bound(est: torch.Tensor, err: torch.Tensor, bounds, idx: torch.Tensor
     B, Hq = lse.shape
     chosen = torch.zeros(est.shape[0], est.shape[1], est.shape[-1] + 1, dtype=torch.bool, device=est.device)
     chosen = chosen.scatter(-1, torch.where(idx >= 0, idx, est.shape[-1]), True)[..., :-1]
-    left = _candidates(est, bounds) & ~chosen
+    left = candidates(est, bounds) & ~chosen
     log_u = torch.logsumexp((est + err).masked_fill(~left[:, :, None], NEG_INF), dim=-1).reshape(B, Hq)
     return torch.sigmoid(log_u - lse)
 
