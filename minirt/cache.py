@@ -180,7 +180,7 @@ class CondensateCache(DenseCache):
         self.dropped = torch.zeros(cfg.n_layers, batch, cfg.n_heads, device=device)
         self.recall = torch.full((cfg.n_layers,), float("nan"), device=device)
         self.fallback_count = torch.zeros((), dtype=torch.int64, device=device)
-        # distant keys (top-k or certified) each KV group attended at each layer's last step
+        # with certify: distant keys (top-k or certified) each KV group attended at each layer's last step
         self.selected = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, device=device)
         # With page selection, scope group, on the reference path: an upper bound on each head's
         # dropped mass from the page bounds selection computed (kernels.reference.dropped_mass_bound).
@@ -286,7 +286,8 @@ class CondensateCache(DenseCache):
         if self.kq is not None:  # every key's logit from its int8 copy, and its error bound
             shadow = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0])
         idx = self._select(layer, q, k_top, scores, lse_all, shadow)
-        self.selected[layer] = (idx >= 0).flatten(2).sum(-1) / (idx.shape[2] if idx.dim() == 4 else 1)
+        if self.certify:  # measured for equivalence reports only: no extra launches on the plain decode path
+            self.selected[layer] = (idx >= 0).flatten(2).sum(-1) / (idx.shape[2] if idx.dim() == 4 else 1)
         tail = None if self.ksum is None else (self.ksum[layer], self.vsum[layer], p.page_size)
         out, lse = self.ops.sparse_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, idx, self.bounds, p.anchor,
                                              tail=tail)
