@@ -12,7 +12,8 @@ contexts past --synthetic-from the cache is filled with random keys/values inste
 (labelled), and the same decode step is timed. Each generate() row is the second of two identical
 calls: the first compiles the Triton kernels for that cache size (a one-time cost per size). Columns: tok/s, ms/token, bytes read per token
 (weights + the KV bytes the method reads, see bench/attention.py), achieved GB/s and % of the
-H100's measured 2.96 TB/s, prefill seconds, peak GPU memory. Writes JSON, Markdown and a PNG plot.
+read bandwidth measured on the same GPU in the same run (a reduction over 4 GiB), prefill seconds,
+peak GPU memory. Writes JSON, Markdown and a PNG plot.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ from minirt.config import ModelConfig  # noqa: E402
 from minirt.generation import DecodeStep  # noqa: E402
 from minirt.llm import LLM  # noqa: E402
 
-HBM = 2.96e12  # bytes/s, measured on the H100 (device notes)
 TINYLLAMA = ModelConfig(family="llama", vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                         head_dim=64, ffn_dim=5632, max_seq_len=2048, rotary_dim=64, rope_theta=10000.0)
 SYSTEMS = {
@@ -91,8 +91,18 @@ def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool) -> dict:
 
 def row(system: str, n: int, seconds: float, read: int, prefill: float) -> dict:
     return {"system": system, "context": n, "tok_s": 1 / seconds, "ms_token": 1e3 * seconds, "bytes_token": read,
-            "gb_s": read / seconds / 1e9, "pct_hbm": 100 * read / seconds / HBM, "prefill_s": prefill,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "gb_s": read / seconds / 1e9, "prefill_s": prefill, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def read_bandwidth() -> float:
+    """Bytes/s this GPU reads from HBM: the median of a sum over 4 GiB (far past any cache)."""
+    from triton.testing import do_bench
+
+    x = torch.ones(1 << 30, device="cuda")
+    ms = do_bench(lambda: x.sum(), warmup=20, rep=200, return_mode="median")
+    del x
+    torch.cuda.empty_cache()
+    return (4 << 30) / (ms / 1e3)
 
 
 def transformers_row(n: int, new: int, compiled: bool) -> dict:
@@ -133,7 +143,8 @@ def transformers_row(n: int, new: int, compiled: bool) -> dict:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, transformers "
              f"{meta['transformers']}; TinyLlama-shaped bf16, random weights, batch 1, {meta['new_tokens']} new tokens.",
-             "", "| system | context | tok/s | ms/token | MB read/token | GB/s | % of 2.96 TB/s | prefill s | peak GiB |",
+             f"Bandwidth: {meta['hbm'] / 1e12:.2f} TB/s read, measured in the same run (bench/generate.read_bandwidth).",
+             "", "| system | context | tok/s | ms/token | MB read/token | GB/s | % of measured HBM | prefill s | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['system']} | {r['context']:,} | {r['tok_s']:.1f} | {r['ms_token']:.3f} | "
@@ -142,7 +153,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], meta: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,10 +164,10 @@ def plot(rows: list[dict], path: Path) -> None:
         pts = sorted((r["context"], r["tok_s"]) for r in rows if r["system"].replace(" (synthetic cache)", "") == system)
         ax.plot(*zip(*pts), marker="o", label=system)
     contexts = sorted({r["context"] for r in rows})
-    limit = [HBM / (model_bytes(TINYLLAMA) + kv_bytes(TINYLLAMA, n, "full", None)) for n in contexts]
-    ax.plot(contexts, limit, "k--", label="bandwidth limit, full attention (2.96 TB/s)")
+    limit = [meta["hbm"] / (model_bytes(TINYLLAMA) + kv_bytes(TINYLLAMA, n, "full", None)) for n in contexts]
+    ax.plot(contexts, limit, "k--", label=f"bandwidth limit, full attention ({meta['hbm'] / 1e12:.2f} TB/s measured)")
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tok/s (batch 1)",
-           title="TinyLlama-shaped bf16 on an H100: decode speed against context")
+           title=f"TinyLlama-shaped bf16 on {meta['device']}: decode speed against context")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -170,7 +181,7 @@ def main() -> None:
     ap.add_argument("--synthetic-from", type=int, default=1 << 20, help="contexts from here: random cache, no prefill")
     ap.add_argument("--transformers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 32768, 131072])
     ap.add_argument("--compiled", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 32768])
-    ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=list(SYSTEMS))
+    ap.add_argument("--systems", type=lambda s: [x for x in s.split(";") if x], default=list(SYSTEMS), help="names separated by ;")
     ap.add_argument("--merge", help="a result JSON of an earlier run whose rows join this one's table and plot")
     ap.add_argument("--out", default="results/generate")
     args = ap.parse_args()
@@ -178,6 +189,7 @@ def main() -> None:
     import triton
 
     torch.manual_seed(0)
+    hbm = read_bandwidth()
     rows = []
     if args.systems:
         cfg = replace(TINYLLAMA, max_seq_len=max(args.contexts) + args.new_tokens)
@@ -199,15 +211,17 @@ def main() -> None:
                 print(f"transformers at {n} (compiled={compiled}): out of memory ({e})", flush=True)
                 continue
             print(rows[-1], flush=True)
+    for r in rows:
+        r["pct_hbm"] = 100 * r["gb_s"] * 1e9 / hbm
     if args.merge:
         rows = json.loads(Path(args.merge).read_text())["rows"] + rows
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "argv": sys.argv}
+            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "hbm": hbm, "argv": sys.argv}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
     out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, out.with_suffix(".png"))
+    plot(rows, meta, out.with_suffix(".png"))
     print(markdown(rows, meta))
 
 

@@ -38,7 +38,7 @@ class AttentionCache(Protocol):
 
 
 class RMSNorm(nn.Module):
-    kernels: ModuleType = reference  # (add_)rms_norm, rope_qkv_, silu_mul: set by Transformer.use_kernels
+    kernels: ModuleType = reference  # the layer ops (kernels.layer_implementation): set by Transformer.use_kernels
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -48,18 +48,25 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.rms_norm(x, self.weight, self.eps)
 
-    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, its norm): the residual add fused into the norm's launch."""
-        if delta is None:
-            return x, self(x)
-        return self.kernels.add_rms_norm(x, delta, self.weight, self.eps)
+    def add_norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, linear: nn.Module,
+                        rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, linear(norm(x + delta)), rotated if rope is given). In a decode step the add
+        and the norm run in the projection's prologue and RoPE in its epilogue: one launch."""
+        return self.kernels.norm_linear(x, delta, self.weight, self.eps, linear.weight, getattr(linear, "bias", None),
+                                        rope)
 
 
 class LayerNorm(nn.LayerNorm):
-    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels: ModuleType = reference
+
+    def add_norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, linear: nn.Module,
+                        rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if delta is not None:
             x = x + delta
-        return x, self(x)
+        y = F.linear(self(x), linear.weight, getattr(linear, "bias", None))
+        if rope is not None:
+            self.kernels.rope_qkv_(y, *rope)
+        return x, y
 
 
 def make_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
@@ -79,18 +86,20 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, qkv_out, bias=cfg.qkv_bias)  # fused: one matmul per step
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None, cache: AttentionCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm | LayerNorm,
+                rope: tuple[torch.Tensor, ...] | None, cache: AttentionCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x + delta, and attention over its norm."""
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        qkv = self.wqkv(x)
-        if rope is not None:  # (cos table, sin table, positions): q and k rotated in place, in one pass
-            self.kernels.rope_qkv_(qkv, *rope, self.n_heads + self.n_kv_heads, self.head_dim)
+        if rope is not None:  # (cos table, sin table, positions): q and k rotated as they are projected
+            rope = (*rope, self.n_heads + self.n_kv_heads, self.head_dim)
+        x, qkv = norm.add_norm_linear(x, delta, self.wqkv, rope)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         out = cache.attend(self.layer, q, k, v)
-        return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
+        return x, self.kernels.linear(out.transpose(1, 2).reshape(B, T, q_size), self.wo.weight, self.wo.bias)
 
 
 class MLP(nn.Module):
@@ -105,15 +114,18 @@ class MLP(nn.Module):
             self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATIONS[self.activation]
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None,
+                norm: RMSNorm | LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x + delta, and the MLP of its norm."""
+        act, down = ACTIVATIONS[self.activation], self.down
         if not hasattr(self, "gate_up"):
-            return self.down(act(self.up(x)))
-        gate_up = self.gate_up(x)
+            x, h = norm.add_norm_linear(x, delta, self.up)
+            return x, self.kernels.linear(act(h), down.weight, down.bias)
+        x, gate_up = norm.add_norm_linear(x, delta, self.gate_up)
         if self.activation == "silu":
-            return self.down(self.kernels.silu_mul(gate_up))
+            return x, self.kernels.silu_mul_linear(gate_up, down.weight, down.bias)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down(act(gate) * up)
+        return x, self.kernels.linear(act(gate) * up, down.weight, down.bias)
 
 
 class Block(nn.Module):
@@ -128,13 +140,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None, rope,
                 cache: AttentionCache) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The residual stream x and the previous block's not yet added output delta -> the same
-        pair after this block (each add happens inside the norm that reads its result)."""
-        x, h = self.attn_norm.add_norm(x, delta)
-        attn = self.attn(h, rope, cache)
+        pair after this block (each add happens where the norm that reads its result runs)."""
+        x, attn = self.attn(x, delta, self.attn_norm, rope, cache)
         if self.parallel:
-            return x + attn + self.mlp(self.mlp_norm(x)), None
-        x, h = self.mlp_norm.add_norm(x, attn)
-        return x, self.mlp(h)
+            return x + attn + self.mlp(x, None, self.mlp_norm)[1], None
+        return self.mlp(x, attn, self.mlp_norm)
 
 
 class Transformer(nn.Module):
@@ -149,9 +159,9 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def use_kernels(self, kernels: ModuleType) -> None:
-        """Which implementation of (add_)rms_norm, rope_qkv_ and silu_mul the layers run (decided once)."""
+        """Which implementation of the layer ops (norms, projections, RoPE) the layers run (decided once)."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP)):
+            if isinstance(module, (RMSNorm, LayerNorm, Attention, MLP)):
                 module.kernels = kernels
 
     @property
@@ -176,6 +186,4 @@ class Transformer(nn.Module):
             x, delta = block(x, delta, rope, cache)
         if last_only:
             x, delta = x[:, -1:], None if delta is None else delta[:, -1:]
-        _, x = self.norm.add_norm(x, delta)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        return self.norm.add_norm_linear(x, delta, self.embed if self.lm_head is None else self.lm_head)[1]

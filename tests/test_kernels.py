@@ -330,3 +330,32 @@ def test_layer_kernels(dtype):
     assert torch.equal(got[..., (Hq + Hkv) * D:], qkv[..., (Hq + Hkv) * D:])  # v untouched
     gate_up = torch.randn(4, 2, 2 * 1500, generator=g).to(dtype).to(DEVICE)  # F not a multiple of the block
     torch.testing.assert_close(lay.silu_mul(gate_up), ref.silu_mul(gate_up), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections(dtype):
+    """The decode step's one-row projections (Triton GEMV) against their references: the plain
+    projection, RMSNorm with and without the residual add in the prologue and RoPE (GQA) in the
+    epilogue, silu(gate) * up in the prologue; with bias, and sizes that are not multiples of the
+    blocks."""
+    from minirt.kernels import triton_layers as lay
+
+    g = torch.Generator().manual_seed(6)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    K, Hq, Hkv, D = 300, 5, 1, 32
+    N = (Hq + 2 * Hkv) * D
+    x, delta, nw, w, b = rand(1, 1, K), rand(1, 1, K), rand(K), rand(N, K) / K ** 0.5, rand(N)
+    angles = torch.arange(50)[:, None] * torch.rand(D // 2, generator=g)[None]
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    rope = (cos, sin, torch.tensor([37], device=DEVICE), Hq + Hkv, D)
+    for d in (None, delta):
+        for bias in (None, b):
+            for r in (None, rope):
+                (got_x, got), (want_x, want) = (m.norm_linear(x, d, nw, 1e-5, w, bias, r) for m in (lay, ref))
+                assert rel_err(got_x, want_x) <= TOL[dtype] and rel_err(got, want) <= TOL[dtype]
+    assert rel_err(lay.linear(x, w, b), ref.linear(x, w, b)) <= TOL[dtype]
+    gate_up, down = rand(1, 1, 2 * 333), rand(70, 333) / 333 ** 0.5
+    assert rel_err(lay.silu_mul_linear(gate_up, down), ref.silu_mul_linear(gate_up, down)) <= TOL[dtype]

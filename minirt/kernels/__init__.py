@@ -28,7 +28,8 @@ def _triton(device: torch.device | str) -> bool:
 
 
 def layer_implementation(device: torch.device | str) -> ModuleType:
-    """The module whose rms_norm, rope_qkv_ and silu_mul a model on `device` runs."""
+    """The module whose layer ops (norms, projections with what they fuse, RoPE, silu * up) a model
+    on `device` runs."""
     if _triton(device):
         from . import triton_layers
 

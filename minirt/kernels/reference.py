@@ -75,6 +75,30 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None,
+                rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, the projection of its RMSNorm), the projection rotated by RoPE if rope =
+    (cos, sin, positions, n_rot_heads, head_dim) is given (see rope_qkv_); no add if delta is None."""
+    if delta is None:
+        h = rms_norm(x, norm_weight, eps)
+    else:
+        x, h = add_rms_norm(x, delta, norm_weight, eps)
+    y = F.linear(h, weight, bias)
+    if rope is not None:
+        rope_qkv_(y, *rope)
+    return x, y
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The projection of silu(gate) * up (the gated MLP's down projection)."""
+    return F.linear(silu_mul(gate_up), weight, bias)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of the last T positions (q [B, Hq, T, D]) over all n cached ones (SDPA)."""
     from torch.nn.attention.bias import causal_lower_right

@@ -3,12 +3,17 @@
 At batch 1 a decode step is a few hundred small launches; RMSNorm, RoPE and the gated MLP's
 activation written as PyTorch ops are most of them (an RMSNorm is seven kernels, a RoPE on q and k
 a dozen). Each is one launch here, and the residual add rides along with the norm that follows it.
+In a decode step (one row) they go further: the add and the norm, silu(gate) * up, and RoPE ride
+inside the projections' GEMV (triton_linear.py), so a layer is four projections and attention.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .triton_linear import ADD_NORM, NORM, SILU_MUL, gemv
 
 
 @triton.jit
@@ -99,3 +104,42 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     BLOCK = 1024
     _silu_mul[(x.shape[0], triton.cdiv(F, BLOCK))](x, y, F, BLOCK=BLOCK)
     return y.view(*gate_up.shape[:-1], F)
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): the Triton GEMV for one row (a decode step), cuBLAS otherwise."""
+    if not _one_row(x):
+        return F.linear(x, weight, bias)
+    return gemv(x.contiguous().view(-1), weight, bias)[1].view(*x.shape[:-1], -1)
+
+
+def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None,
+                rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See reference.norm_linear. One row: one launch, the add and the norm in the GEMV's prologue,
+    RoPE (full-width rotary) in its epilogue; otherwise the norm kernel, cuBLAS and the RoPE kernel."""
+    if _one_row(x) and (rope is None or rope[0].shape[-1] == rope[4]):
+        prologue = NORM if delta is None else ADD_NORM
+        xout, y = gemv(x.contiguous().view(-1), weight, bias, prologue=prologue,
+                       delta=None if delta is None else delta.contiguous().view(-1),
+                       norm_weight=norm_weight, eps=eps, rope=rope)
+        return xout.view(x.shape), y.view(*x.shape[:-1], -1)
+    if delta is None:
+        h = rms_norm(x, norm_weight, eps)
+    else:
+        x, h = add_rms_norm(x, delta, norm_weight, eps)
+    y = F.linear(h, weight, bias)
+    if rope is not None:
+        rope_qkv_(y, *rope)
+    return x, y
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """See reference.silu_mul_linear. One row: silu(gate) * up in the GEMV's prologue (one launch)."""
+    if not _one_row(gate_up):
+        return F.linear(silu_mul(gate_up), weight, bias)
+    return gemv(gate_up.contiguous().view(-1), weight, bias, prologue=SILU_MUL)[1].view(*gate_up.shape[:-1], -1)
