@@ -38,6 +38,7 @@ WHOLE_K = 512  # whole-page selection's budget: 16 pages of 32, the keys "pages"
 # certified mode: exact scores of every key, a device-side sort per head, at most 4096 keys, and
 # dense attention for the fallback (computed every step: a static graph has no branches)
 CERTIFIED_EPS, CERTIFIED_K = 0.01, 4096
+PEAK = 8.0
 L2_BYTES = 50 * 2**20
 
 
@@ -61,7 +62,10 @@ def graphed(fn, inputs: list):
     return graphs
 
 
-def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int) -> int:
+def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int,
+                 fallback: float = 1.0) -> int:
+    """KV bytes one decode step of one layer reads; fallback: the fraction of KV groups that fall
+    back to full attention (certified mode reads their keys and values again)."""
     A, W, k, P = policy.anchor, policy.window, policy.top_k, policy.page_size
     pages = math.ceil(n / P)
     candidates = max(0, n - A - W)  # positions neither anchor nor window: the most top-k can attend
@@ -72,8 +76,8 @@ def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, su
         return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * pages * D * summary_el + tail
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
     scored = Hkv * n * (D + 4) if policy.selection == "int8" else Hkv * n * D * el  # int8 keys + fp32 scales
-    if policy.certified:  # every key scored, the list attended, and the whole cache for the fallback
-        return attend + scored + 2 * Hkv * n * D * el
+    if policy.certified:  # every key scored, the list attended, and the fallback groups' whole cache
+        return attend + scored + round(fallback * 2 * Hkv * n * D * el)
     if policy.selection in ("exact", "int8"):
         return attend + scored  # every key scored once (the top-k candidates are a few KB)
     chosen = min(pages, math.ceil(k * policy.page_oversample / P)) * P
@@ -91,7 +95,7 @@ def make_cache(Hq: int, Hkv: int, D: int, n: int, policy: CondensateConfig, dtyp
     return cache
 
 
-def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: bool) -> list[dict]:
+def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: bool, only: str = "") -> list[dict]:
     el = torch.finfo(dtype).bits // 8
     kv_bytes = 2 * Hkv * n * D * el
     copies = max(2, math.ceil(3 * L2_BYTES / kv_bytes)) if kv_bytes < 4 * L2_BYTES else 1
@@ -140,16 +144,32 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
                 "pages-fp8": replace(POLICY, selection="pages", summary_dtype="fp8"),
                 f"whole-pages-fp8-k{WHOLE_K}": replace(POLICY, selection="whole-pages", top_k=WHOLE_K, summary_dtype="fp8"),
                 f"certified-eps{CERTIFIED_EPS:g}-k{CERTIFIED_K}": replace(POLICY, top_k=CERTIFIED_K,
-                                                                        max_dropped_mass=CERTIFIED_EPS)}
+                                                                        max_dropped_mass=CERTIFIED_EPS),
+                f"certified-int8-eps{CERTIFIED_EPS:g}-k{CERTIFIED_K}": replace(
+                    POLICY, selection="int8", top_k=CERTIFIED_K, max_dropped_mass=CERTIFIED_EPS)}
     for variant, policy in variants.items():
-        caches = [make_cache(Hq, Hkv, D, n, policy, dtype) for _ in range(min(copies, 2))]
-        new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
-        # The runtime's own decode step for one layer: append position n (the position stays n, so
-        # every call rewrites it), update ring and page summary, select, attend.
-        step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
-        summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()
-        add(f"minirt-sparse-{variant}", step, list(zip(qs, caches)), sparse_bytes(n, Hkv, D, el, policy, summary_el))
-        del caches
+        # Certified modes also with peaked queries (q x PEAK): random keys and queries spread each
+        # head's mass over the whole context, so every head falls back; peaked, a few keys hold it.
+        for peak in (1.0, PEAK) if policy.certified else (1.0,):
+            method = f"minirt-sparse-{variant}" + ("-peaked" if peak > 1 else "")
+            if only not in method:
+                continue
+            caches = [make_cache(Hq, Hkv, D, n, policy, dtype) for _ in range(min(copies, 2))]
+            new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
+            # The runtime's own decode step for one layer: append position n (the position stays n, so
+            # every call rewrites it), update ring and page summary, select, attend.
+            step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
+            step_qs = [q * peak for q in qs]
+            note, fallback = "", 1.0
+            if policy.certified:  # one step first: which heads and KV groups fall back
+                step((step_qs[0], caches[0]))
+                fall = ~(caches[0].dropped[0] < policy.max_dropped_mass)  # [1, Hq]
+                fallback = float(fall.view(Hkv, -1).any(-1).float().mean())
+                note = f"heads falling back: {int(fall.sum())}/{Hq}"
+            summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()
+            add(method, step, list(zip(step_qs, caches)),
+                sparse_bytes(n, Hkv, D, el, policy, summary_el, fallback), note)
+            del caches
     for r in rows:
         flash = next(f["ms"] for f in rows if f["method"] == "sdpa-flash" and f["mode"] == r["mode"])
         r["speedup_vs_flash"] = flash / r["ms"] if (flash and r["ms"]) else None
@@ -174,6 +194,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--page-size", type=int, default=POLICY.page_size)
+    ap.add_argument("--only", default="", help="run only the minirt sparse variants whose name contains this")
     ap.add_argument("--out", default="results/attention")
     args = ap.parse_args()
     POLICY = replace(POLICY, page_size=args.page_size)
@@ -182,7 +203,7 @@ def main() -> None:
     rows = []
     for n in map(int, args.contexts.split(",")):
         for name, (Hq, Hkv, D) in SHAPES.items():
-            shape_rows = run_shape(name, Hq, Hkv, D, n, dtype, not args.no_graphs)
+            shape_rows = run_shape(name, Hq, Hkv, D, n, dtype, not args.no_graphs, args.only)
             rows += shape_rows
             print(markdown(shape_rows, device).split("\n", 3)[3], end="", flush=True)
             torch.cuda.empty_cache()

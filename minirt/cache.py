@@ -338,9 +338,10 @@ class CondensateCache(DenseCache):
 
     def _fall_back(self, layer: int, q: torch.Tensor, out: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """Full attention for the heads whose dropped mass (or its bound) is not below
-        max_dropped_mass (so eps = 0 is full attention, exactly); computed every step: a static
-        graph has no branches."""
+        max_dropped_mass (so eps = 0 is full attention, exactly). Launched every step (a static
+        graph has no branches), but the kernel reads keys only for the KV groups that fall back."""
         fall = ~(dropped < self.policy.max_dropped_mass)
         self.fallback_count += fall.sum()
-        full = self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds)[0]
+        groups = fall.view(fall.shape[0], self.k.shape[2], -1).any(-1).to(torch.int32)
+        full = self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds, groups=groups)[0]
         return torch.where(fall[..., None], full, out)

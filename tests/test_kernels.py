@@ -46,6 +46,22 @@ def test_decode_attention(B, Hkv, G, D, n, dtype):
     assert rel_err(lse, want_lse) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("n", [37, 3000])  # one split, several splits
+def test_decode_attention_of_flagged_groups_only(n):
+    """Certified mode's fallback: with groups, flagged KV groups get full attention and the others'
+    rows are never written (their keys are not read)."""
+    B, Hkv, G, D, dtype = 2, 3, 4, 64, torch.float16
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
+    k, v = make_cache(B, Hkv, n, D, dtype, g)
+    groups = torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.int32, device=DEVICE)
+    got = tri.decode_attention(q, k, v, out=torch.full_like(q, float("nan")), groups=groups)[0]
+    want = ref.decode_attention(q.double(), k.double(), v.double())[0]
+    rows = groups.bool().repeat_interleave(G, dim=1)  # [B, Hq]
+    assert rel_err(got[rows], want[rows]) <= TOL[dtype]
+    assert torch.isnan(got[~rows]).all()
+
+
 @pytest.mark.parametrize("B, Hkv, G, D, n, dtype", CASES[1:])
 def test_sparse_attention(B, Hkv, G, D, n, dtype):
     g = torch.Generator().manual_seed(n * 7 + G)

@@ -122,9 +122,11 @@ def group_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhgd,bhnd->bhgn", qg, k.float()) / math.sqrt(D)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None,
+                     groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense decode attention over the first n positions (n from bounds; all if None). Returns out
-    [B, Hq, D] and the log-sum-exp of the logits [B, Hq]."""
+    [B, Hq, D] and the log-sum-exp of the logits [B, Hq]. groups [B, Hkv] flags the KV groups whose
+    rows the caller needs (the kernel skips the others); here every group is computed."""
     B, Hq, D = q.shape
     n = _ints(as_bounds(bounds, k.shape[2], "cpu"))[0]
     k, v = k[:, :, :n], v[:, :, :n]

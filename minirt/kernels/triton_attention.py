@@ -33,14 +33,17 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS,
+    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS, GROUPS,
     sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
     W, n_gather, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
+    if SOME_GROUPS:  # only the KV groups flagged in GROUPS are needed (certified mode's fallback)
+        if tl.load(GROUPS + pid_bh) == 0:
+            return
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     # the step's lengths come from memory (see reference.step_bounds): the grid is sized for the
@@ -110,10 +113,13 @@ def _attn_partial(
 
 
 @triton.jit
-def _attn_reduce(OP, LP, OUT, LSE, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                 D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+def _attn_reduce(OP, LP, OUT, LSE, GROUPS, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                 D_PAD: tl.constexpr, S_PAD: tl.constexpr, SOME_GROUPS: tl.constexpr):
     pid = tl.program_id(0)  # = b * Hq + query head, since query head = kv head * G + g
     bh = pid // G
+    if SOME_GROUPS:
+        if tl.load(GROUPS + bh) == 0:
+            return
     g = pid % G
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D_PAD)
@@ -166,8 +172,9 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
                       triton.cdiv(cfg["programs_per_sm"] * sms, programs), 256))
 
 
-def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None):
-    """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds."""
+def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, groups=None):
+    """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
+    groups [B, Hkv] (int32): if given, only the flagged KV groups are computed (the rest hold anything)."""
     cfg = {**DECODE, **(config or {})}
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -190,23 +197,25 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
         assert ring_v.stride() == ring_k.stride() and ring_k.stride(-1) == 1 and idx.stride(-1) == 1
         W, n_gather = ring_k.shape[2], idx.shape[2]
     _launch(_attn_partial, (B * Hkv, S),
-        q, k, v, ring_k, ring_v, idx, op, lp, out, lse, bounds,
+        q, k, v, ring_k, ring_v, idx, op, lp, out, lse, bounds, bounds if groups is None else groups,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
         W, n_gather, 1.0 / math.sqrt(D), Hkv,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None, **_precision(q),
-        DIRECT=direct, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DIRECT=direct, SOME_GROUPS=groups is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
-        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, S, G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1))
+        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, bounds if groups is None else groups, S, G=G, G_PAD=G_PAD,
+                D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1), SOME_GROUPS=groups is not None)
     return out, lse
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None, out: torch.Tensor | None = None,
-                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     config: dict | None = None, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense decode attention over the first n positions of k/v [B, Hkv, capacity, D], n from
-    bounds (all of them if None); see reference.decode_attention."""
+    bounds (all of them if None); see reference.decode_attention. With groups [B, Hkv] (int32),
+    programs of unflagged KV groups exit at once: their rows are left unwritten."""
     bounds = reference.as_bounds(bounds, k.shape[2], q.device)
-    return _attention(q, k, v, bounds, k.shape[2], None, out, config)
+    return _attention(q, k, v, bounds, k.shape[2], None, out, config, groups)
 
 
 def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: torch.Tensor | None = None,
