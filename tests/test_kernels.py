@@ -373,5 +373,9 @@ def test_fused_projections(dtype):
                 (got_x, got), (want_x, want) = (m.norm_linear(x, d, nw, 1e-5, w, bias, r) for m in (lay, ref))
                 assert rel_err(got_x, want_x) <= TOL[dtype] and rel_err(got, want) <= TOL[dtype]
     assert rel_err(lay.linear(x, w, b), ref.linear(x, w, b)) <= TOL[dtype]
+    rows, rows_delta = rand(1, 3, K), rand(1, 3, K)  # several rows (prefill): the unfused launches
+    rope3 = (cos, sin, torch.tensor([4, 20, 37], device=DEVICE), Hq + Hkv, D)
+    (got_x, got), (want_x, want) = (m.norm_linear(rows, rows_delta, nw, 1e-5, w, b, rope3) for m in (lay, ref))
+    assert rel_err(got_x, want_x) <= TOL[dtype] and rel_err(got, want) <= TOL[dtype]
     gate_up, down = rand(1, 1, 2 * 333), rand(70, 333) / 333 ** 0.5
     assert rel_err(lay.silu_mul_linear(gate_up, down), ref.silu_mul_linear(gate_up, down)) <= TOL[dtype]

@@ -12,6 +12,8 @@ kernel and one launch grid serve every length (and a CUDA graph can replay the s
 from __future__ import annotations
 
 import math
+import sys
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -80,17 +82,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: torch.Tensor | None = None,
-                rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                weight: torch.Tensor, bias: torch.Tensor | None = None, rope: tuple | None = None,
+                ops: ModuleType | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, the projection of its RMSNorm), the projection rotated by RoPE if rope =
-    (cos, sin, positions, n_rot_heads, head_dim) is given (see rope_qkv_); no add if delta is None."""
+    (cos, sin, positions, n_rot_heads, head_dim) is given (see rope_qkv_); no add if delta is None.
+    ops: whose rms_norm, add_rms_norm and rope_qkv_ run (these, by default)."""
+    ops = ops or sys.modules[__name__]
     if delta is None:
-        h = rms_norm(x, norm_weight, eps)
+        h = ops.rms_norm(x, norm_weight, eps)
     else:
-        x, h = add_rms_norm(x, delta, norm_weight, eps)
+        x, h = ops.add_rms_norm(x, delta, norm_weight, eps)
     y = F.linear(h, weight, bias)
     if rope is not None:
-        rope_qkv_(y, *rope)
+        ops.rope_qkv_(y, *rope)
     return x, y
 
 

@@ -8,11 +8,14 @@ inside the projections' GEMV (triton_linear.py), so a layer is four projections 
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import reference
 from .triton_linear import ADD_NORM, NORM, SILU_MUL, gemv
 
 
@@ -128,14 +131,7 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.
                        delta=None if delta is None else delta.contiguous().view(-1),
                        norm_weight=norm_weight, eps=eps, rope=rope)
         return xout.view(x.shape), y.view(*x.shape[:-1], -1)
-    if delta is None:
-        h = rms_norm(x, norm_weight, eps)
-    else:
-        x, h = add_rms_norm(x, delta, norm_weight, eps)
-    y = F.linear(h, weight, bias)
-    if rope is not None:
-        rope_qkv_(y, *rope)
-    return x, y
+    return reference.norm_linear(x, delta, norm_weight, eps, weight, bias, rope, ops=sys.modules[__name__])
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
