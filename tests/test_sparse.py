@@ -170,10 +170,14 @@ def test_certified_select_is_the_union_of_each_heads_shortest_prefix(eps):
 
 
 def test_certified_select_caps_the_list():
+    """Heads that need more than k_max keys: the list is full, and each position in it is among the
+    k_max best of some head (only those are ranked)."""
     torch.manual_seed(1)
     scores = torch.randn(1, 1, 2, 64)
     idx = certified_select(scores, torch.logsumexp(scores, -1), torch.tensor([64, 0, 64]), 1e-4, k_max=8)
     assert idx.shape == (1, 1, 8) and bool((idx >= 0).all())
+    best = set(scores[0, 0].topk(8, dim=-1).indices.flatten().tolist())
+    assert set(idx.flatten().tolist()) <= best
 
 
 def test_certified_mode_matches_full_on_a_long_prompt(smollm2_llm):

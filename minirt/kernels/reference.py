@@ -267,10 +267,14 @@ def certified_select(scores: torch.Tensor, lse_all: torch.Tensor, bounds, eps: f
     group's list if any head keeps it, ordered by how far it clears that head's last kept
     probability (which decides who stays when k_max cuts the list). Static shapes, no host sync:
     [B, Hkv, k_max] positions, -1 padding. The caller measures the dropped mass the list leaves and
-    sends heads still above eps to full attention."""
+    sends heads still above eps to full attention.
+
+    Only each head's k_max best are ranked (a top-k, not a sort of the whole context): a head that
+    needs more keeps those and falls back anyway, since the group's list holds at most k_max."""
     logp = scores.masked_fill(~candidates(scores, bounds), NEG_INF) - lse_all[..., None]
-    ranked = logp.sort(dim=-1, descending=True).values
-    remainder = ranked.exp().flip(-1).cumsum(-1).flip(-1)  # mass of the candidates ranked i and below
+    ranked = logp.topk(min(k_max, logp.shape[-1]), dim=-1).values
+    p = ranked.double().exp()
+    remainder = logp.double().exp().sum(-1, keepdim=True) - (p.cumsum(-1) - p)  # mass ranked i and below (fp64)
     return _union_of_prefixes(logp, ranked, (remainder > eps).sum(-1, keepdim=True), k_max)
 
 
@@ -315,15 +319,17 @@ def bounded_select(est: torch.Tensor, err: torch.Tensor, bounds, eps: float, k_m
     shortest prefix with U <= eps / (1 - eps) * Z, where U sums exp(u) over the rest and Z sums
     exp(est - err) over anchor, window and the prefix: a lower bound on the kept keys' softmax
     mass, so U / (Z_exact + U) <= eps once attended. The group's list is the union (see
-    certified_select for the order)."""
+    certified_select for the order, and for why only the k_max best are ranked)."""
     cand = candidates(est, bounds)
     up = (est + err).masked_fill(~cand, NEG_INF)
     kept_lo = (est - err).masked_fill(cand, NEG_INF)  # anchor and window: always attended
     top = torch.maximum(up.amax(-1, keepdim=True), kept_lo.amax(-1, keepdim=True))  # a common shift
-    up_sorted, order = up.sort(dim=-1, descending=True)
+    up_sorted, order = up.topk(min(k_max, up.shape[-1]), dim=-1)
     lo_sorted = (est - err).masked_fill(~cand, NEG_INF).gather(-1, order)
-    rest = (up_sorted - top).exp().flip(-1).cumsum(-1).flip(-1)  # U if the first m are kept, m = 0..
-    kept = torch.exp(kept_lo - top).sum(-1, keepdim=True) + F.pad((lo_sorted - top).exp().cumsum(-1)[..., :-1], (1, 0))
+    e_up = (up_sorted - top).double().exp()
+    rest = (up - top).double().exp().sum(-1, keepdim=True) - (e_up.cumsum(-1) - e_up)  # U if the first m are kept
+    kept = torch.exp(kept_lo - top).double().sum(-1, keepdim=True) + F.pad(
+        (lo_sorted - top).double().exp().cumsum(-1)[..., :-1], (1, 0))
     need = (rest > eps / (1 - eps) * kept).sum(-1, keepdim=True) if eps < 1 else torch.zeros_like(top, dtype=torch.long)
     return _union_of_prefixes(up, up_sorted, need, k_max)
 
