@@ -37,6 +37,9 @@ from minirt.workloads import NEEDLES, PASSKEY_DEPTHS, PASSKEYS, haystack_prompts
 NO_CAP = 1 << 30  # certified mode's top_k: never cut the list (the cache's capacity bounds it)
 
 
+BASELINES = ("exact k=32 (default)", "pages k=32", "whole pages k=1024")  # the main variants the sweep varies
+
+
 def variants() -> dict[str, CondensateConfig | None]:
     whole = dict(selection="whole-pages")
     out: dict[str, CondensateConfig | None] = {"full": None, "exact k=32 (default)": CondensateConfig(),
@@ -53,9 +56,11 @@ def variants() -> dict[str, CondensateConfig | None]:
 
 def tuning() -> dict[str, CondensateConfig | None]:
     """Selection settings around the main variants (issue #11, item 4): window, dense first layers
-    (Quest keeps two), per-head scope, oversampling, page size."""
+    (Quest keeps two), per-head scope, oversampling, page size; with the main variants they vary,
+    for lengths no main run covers (render takes a main run's rows where there is one)."""
     exact, whole = CondensateConfig(), CondensateConfig(selection="whole-pages", top_k=1024)
-    return {"full": None,
+    main = variants()
+    return {"full": None, **{name: main[name] for name in BASELINES},
             "exact k=32 W=512": replace(exact, window=512),
             "exact k=32 dense layers 0,1": replace(exact, dense_layers=(0, 1)),
             "exact k=32 scope=head": replace(exact, scope="head"),
@@ -138,7 +143,7 @@ def run(args) -> None:
     llm = LLM.load(args.model, device=args.device, dtype=args.dtype)
     name = llm.path.parent.name if llm.path.suffix == ".gguf" else llm.path.name
     table = {name: policy for name, policy in (tuning() if args.set == "tuning" else variants()).items()
-             if not args.only or args.only in name}
+             if not args.only or name == "full" or any(part in name for part in args.only.split(";"))}
     t0, rows = time.time(), []
     for n in args.lengths:
         n = min(n, llm.cfg.max_seq_len - args.steps - 8)  # prompt and decode fit the model's context
@@ -200,10 +205,12 @@ def render(args) -> None:
                      f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
                      f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
                      for r, o, eps in against_oracle(cont))
-    # the sweep's baseline: the main variants it varies, on the same models and lengths
+    # the sweep's baseline: the main variants it varies, on the same models and lengths (a main
+    # run's rows where one covers them, else the sweep's own)
     at = {(r["model"], r["length"]) for r in swept}
-    baseline = [r for r in rows if (r["model"], r["length"]) in at
-                and r["variant"] in ("exact k=32 (default)", "pages k=32", "whole pages k=1024")]
+    baseline = [r for r in rows if (r["model"], r["length"]) in at and r["variant"] in BASELINES]
+    covered = {(r["model"], r["length"], r["variant"], r["workload"]) for r in baseline}
+    swept = [r for r in swept if (r["model"], r["length"], r["variant"], r["workload"]) not in covered]
     summary, tuned = (
         "".join(f"| {m} | {v} | {100 * s['read']:.1f}% | {100 * s['match']:.1f}% | {100 * s['all']:.0f}% | "
                 f"{s['kl']:.2e} | {100 * s['passkey']:.0f}% | {100 * s['needles']:.0f}% |\n"
@@ -211,9 +218,10 @@ def render(args) -> None:
     sweep = "" if not swept else f"""
 ## Selection settings (tuning sweep)
 
-Settings around the main variants (`--set tuning`), on the lengths the sweep ran, after the main
-runs' rows at those lengths as the baseline (A=4, W=128, pages of 32, 16x oversampling, scope
-group, no dense layer).
+Settings around the main variants (`--set tuning`), on the lengths the sweep ran, after the
+baseline: the main runs' rows at those lengths, or where no main run covers a length the sweep's
+own run of the main variants (A=4, W=128, pages of 32, 16x oversampling, scope group, no dense
+layer).
 
 | model | variant | KV read | match | all 100% | KL | pass keys | needles |
 |---|---|---|---|---|---|---|---|
@@ -236,8 +244,8 @@ full attention's tokens (minirt/equivalence.py). Certified mode keeps, per step 
 fewest keys that leave every head at most eps of its mass (no cap here: the group's oracle, drawn
 as a star in the plot at the bytes of its attended keys alone); heads at or above eps
 attend fully (*fallbacks*: layer-head-steps). *Certified int8* chooses from the int8 copies'
-error bounds alone and decides fallbacks from the resulting bound, never from an exact score. Its *KV read* is what the algorithm needs; the GPU
-step today also runs dense attention every step for the fallback (bench/attention.py counts that).
+error bounds alone and decides fallbacks from the resulting bound, never from an exact score. Its *KV read* is what the algorithm needs
+(the GPU step's fallback launch reads the cache of the KV groups that fall back, and no other).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
 
@@ -355,7 +363,7 @@ def main() -> None:
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--dtype", default="fp32")
     r.add_argument("--json", default=None)
-    r.add_argument("--only", default="", help="run only the variants whose name contains this")
+    r.add_argument("--only", default="", help="run only full and the variants whose name contains one of these (;-separated)")
     r.add_argument("--set", choices=["main", "tuning"], default="main", help="the main variants or the tuning sweep")
     g = sub.add_parser("render")
     g.add_argument("results", nargs="+")
