@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -174,7 +175,7 @@ def run(args) -> None:
 def save(args, name: str, rows: list[dict], t0: float) -> None:
     meta = {"model": name, "set": args.set, "steps": args.steps, "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
             "dtype": args.dtype, "minutes": (time.time() - t0) / 60, "commit": commit(), "date": str(datetime.date.today()),
-            "command": "python " + " ".join(sys.argv)}
+            "command": "python " + shlex.join(sys.argv)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.json}", file=sys.stderr)
