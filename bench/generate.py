@@ -159,7 +159,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for system in dict.fromkeys(r["system"].replace(" (synthetic cache)", "") for r in rows):
         pts = sorted((r["context"], r["tok_s"]) for r in rows if r["system"].replace(" (synthetic cache)", "") == system)
         ax.plot(*zip(*pts), marker="o", label=system)
@@ -169,7 +169,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tok/s (batch 1)",
            title=f"TinyLlama-shaped bf16 on {meta['device']}: decode speed against context")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
