@@ -6,6 +6,7 @@ file is one line (exit 2) before any model loads; failures after that are one li
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
 import time
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["sparse", "full", "compare"], default="sparse",
                    help="compare: decode with both and report what sparse attention saved and changed")
     p.add_argument("--json", action="store_true", help="with --attention compare: print the report as JSON")
+    p.add_argument("--plot", type=Path, help="with --attention compare: draw per-step KL and each layer's dropped "
+                                             "attention mass into this PNG/PDF/SVG (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or load messages")
     g = p.add_argument_group("sampling (of the next token)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -153,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(_flag_message(e))
     if args.json and args.attention != "compare":
         parser.error("--json needs --attention compare")
+    if args.plot is not None:
+        if args.attention != "compare":
+            parser.error("--plot needs --attention compare")
+        if args.plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+            parser.error(f"--plot {args.plot}: the file name must end in .png, .pdf or .svg")
+        if not args.plot.parent.is_dir():
+            parser.error(f"--plot {args.plot}: no directory {args.plot.parent}")
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
     text = read_prompt(parser, args)
     try:
         return _run(args, text, policy, sampling)
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, text: str, policy: CondensateConfig, sampling: Sampling) -> int:
-    from .equivalence import compare
+    from .equivalence import compare, plot_report
     from .generation import check_length, encode_prompt, generate
     from .llm import LLM
 
@@ -179,6 +191,10 @@ def _run(args, text: str, policy: CondensateConfig, sampling: Sampling) -> int:
         check_length(llm, len(ids), args.max_new_tokens, args.allow_long_context)
         report = compare(llm, ids, args.max_new_tokens, policy, progress=progress)
         print(report.to_json() if args.json else report.table())
+        if args.plot is not None:
+            plot_report(report, args.plot)
+            if progress:
+                print(f"plot: {args.plot}", file=sys.stderr)
         return 0
     result = generate(llm, text, args.max_new_tokens, sampling=sampling, stop=args.stop, attention=args.attention,
                       policy=policy, chat=args.chat, allow_long_context=args.allow_long_context,

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,8 @@ class EquivalenceReport:
     page_recall: float | None  # selection="pages": mean fraction of the exact top-k it found
     attended_keys: float = 0.0  # keys in the sparse set per layer and decode step, mean
     context: float = 0.0  # cached positions per decode step, mean (what full attention attends to)
+    kl_by_step: list[float] = field(default_factory=list)  # teacher-forced KL(full || sparse) at each step
+    dropped_mass_by_step: list[list[float]] = field(default_factory=list)  # [step 1..][layer], max over heads
     full_text: str = ""
     sparse_text: str = ""
 
@@ -190,8 +193,39 @@ def compare(llm: LLM, prompt_ids: list[int], steps: int, policy: CondensateConfi
         dropped_mass_by_layer=decode_steps.amax(dim=(0, 2)).tolist(), fallbacks=fallbacks,
         page_recall=float(recall.mean()) if recall.numel() else None,
         attended_keys=float(attended.mean()), context=sum(contexts) / len(contexts),
+        kl_by_step=kl.tolist(), dropped_mass_by_step=decode_steps.amax(dim=2).tolist(),
         full_text=decode(full_tokens), sparse_text=decode(free_tokens),
     )
+
+
+def plot_report(report: EquivalenceReport, path: str | Path) -> None:
+    """A picture of one comparison (`--attention compare --plot`): the teacher-forced KL per step,
+    with the first divergence of the free-running decodes marked, and the attention mass each layer
+    left out per step (max over heads). Needs matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install matplotlib (or minirt[bench])") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    p = report.policy
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(1, 1.4), layout="constrained")
+    top.semilogy(range(len(report.kl_by_step)), [max(k, 1e-8) for k in report.kl_by_step], marker=".")
+    if report.first_divergence is not None:
+        top.axvline(report.first_divergence.step, color="red", linestyle="--",
+                    label=f"first divergence (step {report.first_divergence.step})")
+        top.legend(fontsize=8)
+    top.set(ylabel="KL(full || sparse)", title=f"{report.prompt_tokens}-token prompt, {report.steps} steps; sparse A="
+            f"{p['anchor']} W={p['window']} k={p['top_k']} ({p['selection']}): token match {report.token_match:.0%}")
+    dropped = torch.tensor(report.dropped_mass_by_step).clamp(min=1e-6).T  # [layer, decode step 1..]
+    image = bottom.imshow(dropped, aspect="auto", origin="lower", norm=LogNorm(vmin=1e-6, vmax=1.0),
+                          extent=(0.5, dropped.shape[1] + 0.5, -0.5, dropped.shape[0] - 0.5), cmap="magma")
+    fig.colorbar(image, ax=(top, bottom), shrink=0.6, anchor=(0, 0), label="attention mass left out (max over heads)")
+    bottom.set(xlabel="decode step", ylabel="layer")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def attended_keys(policy: CondensateConfig, n: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

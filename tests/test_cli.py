@@ -46,6 +46,23 @@ def test_compare_json(smollm2):
     assert report["attended_keys"] < report["context"]  # 4 + 8 + 4 of ~45 positions
 
 
+def test_compare_plot(smollm2, tmp_path):
+    """--plot draws the comparison (a PNG); the JSON carries what it draws: KL per step and each
+    layer's dropped mass per decode step."""
+    out = tmp_path / "compare.png"
+    done = run("--model", str(smollm2), "--prompt", "prompts/story.txt", "--attention", "compare", "--json",
+               "--max-new-tokens", "6", "--sparse-window", "8", "--sparse-k", "4", "--plot", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert len(report["kl_by_step"]) == 6 and max(report["kl_by_step"]) == pytest.approx(report["kl_max"])
+    assert len(report["dropped_mass_by_step"]) == 5 and all(len(row) == 30 for row in report["dropped_mass_by_step"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run("--text", "hi", "--plot", str(tmp_path / "x.png"))  # not a comparison
+    assert bad.returncode == 2 and "--plot needs --attention compare" in bad.stderr
+    bad = run("--text", "hi", "--attention", "compare", "--plot", str(tmp_path / "x.txt"))
+    assert bad.returncode == 2 and ".png, .pdf or .svg" in bad.stderr
+
+
 def test_compare_table_shows_both_texts(smollm2):
     done = run("--model", str(smollm2), "--prompt", "prompts/story.txt", "--attention", "compare",
                "--max-new-tokens", "4", "--window", "8", "--k", "2")  # the old spellings still work
