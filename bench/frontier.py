@@ -90,8 +90,8 @@ def kernels_for(policy: CondensateConfig | None):
 
 def read_fraction(llm: LLM, policy: CondensateConfig | None, n: float, attended: float, fallback_rate: float) -> float:
     """Bytes one decode step reads from the KV cache and its summaries, over full attention's (bf16
-    cache). Certified mode scores every key (half the cache), then reads the keys and values it
-    attended (measured), and a head that falls back reads everything."""
+    cache), averaged over layers. Certified mode scores every key (half the cache), then reads the
+    keys and values it attended (measured), and a head that falls back reads everything."""
     if policy is None:
         return 1.0
     cfg = llm.cfg
@@ -99,7 +99,8 @@ def read_fraction(llm: LLM, policy: CondensateConfig | None, n: float, attended:
     if policy.certified:  # every key scored (bf16, or int8 + an fp32 scale), then the attended keys
         scored = (cfg.head_dim + 4) / (4 * cfg.head_dim) if policy.selection == "int8" else 0.5
         return min(1.0, scored + attended / n + fallback_rate)
-    return sparse_bytes(int(n), cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full
+    dense = len(policy.dense_layers) / cfg.n_layers  # dense layers read every key and value
+    return dense + (1 - dense) * sparse_bytes(int(n), cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full
 
 
 def answers(llm: LLM, prompts: list[list[int]], policy: CondensateConfig | None, shared_cache, shared: int,
