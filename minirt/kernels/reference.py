@@ -280,8 +280,9 @@ def certified_select(scores: torch.Tensor, lse_all: torch.Tensor, bounds, eps: f
 
 def _union_of_prefixes(x: torch.Tensor, ranked: torch.Tensor, need: torch.Tensor, k_max: int) -> torch.Tensor:
     """Positions [B, Hkv, k_max] (-1 padding) that any head of a group keeps, when each head keeps
-    its need [B, Hkv, G, 1] best by x [B, Hkv, G, n] (ranked: x sorted descending), ordered by how
-    far a position clears its head's last kept value (which decides who stays when k_max cuts)."""
+    its need [B, Hkv, G, 1] best by x [B, Hkv, G, n] (ranked: each head's best values of x,
+    descending, at least need of them), ordered by how far a position clears its head's last kept
+    value (which decides who stays when k_max cuts)."""
     last = ranked.gather(-1, (need - 1).clamp(min=0))
     clearance = torch.where((need > 0) & (x >= last) & (x > NEG_INF), x - last, NEG_INF).amax(dim=2)
     best, idx = clearance.topk(min(k_max, clearance.shape[-1]), dim=-1)
