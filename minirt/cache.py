@@ -44,6 +44,7 @@ class DenseCache:
         self.ops = kernels.implementation(device)  # the plan: which kernels a decode step runs
         self.position = torch.zeros(1, dtype=torch.int64, device=device)  # the decode step's token position
         self.bounds = torch.zeros(3, dtype=torch.int32, device=device)  # the decode step's (n, lo, hi)
+        self._set_length(0)
 
     @property
     def graphable(self) -> bool:
@@ -59,25 +60,22 @@ class DenseCache:
 
     def begin(self, T: int) -> torch.Tensor:
         """Positions [T] of the tokens about to be attended. One token: a decode step, whose
-        position and bounds are computed on the device (no host sync)."""
+        position and bounds are already on the device (set by the step before, or the prefill)."""
         if T > 1:
             start, end = self.reserve(T)
             return torch.arange(start, end, device=self.k.device)
-        n = self.position + 1
-        lo = n.clamp(max=self.anchor)
-        hi = torch.maximum(lo, n - self.window)
-        self.bounds.copy_(torch.cat((n, lo, hi)))
         return self.position
 
     def advance(self, T: int) -> None:
-        """After T tokens were attended: the host's count, and the device's position after a prefill
-        (a decode step moves its position itself: end_step)."""
+        """After T tokens were attended: the host's count, and after a prefill the device's position
+        and bounds (a decode step moves them itself: end_step)."""
         self.seq_len += T
         if T > 1:
-            self.position.fill_(self.seq_len)
+            self._set_length(self.seq_len)
 
     def end_step(self) -> None:
-        self.position.add_(1)
+        """The decode step's last op: its position moves on and the next step's bounds follow, on the device."""
+        self.ops.next_step(self.position, self.bounds, self.anchor, self.window)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v [B, Hkv, T, D] and return attention for q [B, Hq, T, D]."""
@@ -132,8 +130,10 @@ class DenseCache:
         return twin
 
     def _set_length(self, n: int) -> None:
+        """Hold n positions: the next decode step's position n and bounds, set from the host."""
         self.seq_len = n
         self.position.fill_(n)
+        self.bounds.copy_(reference.step_bounds(*reference.sparse_bounds(n + 1, self.anchor, self.window), "cpu"))
 
     def _derive(self, start: int, end: int) -> None:
         """Rebuild what is derived from history positions [start, end), the last ones held (nothing here)."""
@@ -149,6 +149,7 @@ class CondensateCache(DenseCache):
             raise ValueError(f"dense_layers {bad} out of range: the model has {cfg.n_layers} layers")
         self.policy = policy
         self.anchor, self.window = policy.anchor, policy.window
+        self._set_length(0)  # the bounds again, now with the anchor and window
         # certify: measure every head's dropped mass exactly (scores every key); int8 selection's
         # certified mode decides fallbacks from its own bound and needs no exact scores
         self.certify = certify or (policy.max_dropped_mass is not None and policy.selection != "int8")

@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from . import kernels
 from .cache import DenseCache
 from .config import CondensateConfig, Sampling
 from .llm import LLM
@@ -131,6 +132,7 @@ class DecodeStep:
     def __init__(self, llm: LLM, cache: DenseCache, sampling: Sampling = Sampling(), graph: bool | None = None):
         self.llm, self.cache, self.sampling = llm, cache, sampling
         device = llm.model.device
+        self.ops = kernels.layer_implementation(device)  # greedy sampling's one launch (greedy_choice)
         B = cache.k.shape[1]
         self.generator = None
         if sampling.temperature > 0:
@@ -141,7 +143,7 @@ class DecodeStep:
         self.logits = torch.zeros(B, llm.cfg.vocab_size, dtype=torch.float32, device=device)
         # the certificate's largest dropped mass per step, kept on the device and read once
         self.dropped = torch.zeros(cache.capacity + 1, device=device) if getattr(cache, "certify", False) else None
-        self.count = torch.zeros(1, dtype=torch.int64, device=device)
+        self.count = torch.zeros(1, dtype=torch.int64, device=device)  # steps taken, kept only to index dropped
         self.use_graph = cache.graphable if graph is None else graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
@@ -151,6 +153,9 @@ class DecodeStep:
 
     def choose(self, logits: torch.Tensor) -> None:
         """Sample the next token from logits [B, V] (the prefill's) into the step's buffers."""
+        if self.sampling.temperature == 0:
+            self.ops.greedy_choice(logits, self.logits, self.next, self.token)
+            return
         self.logits.copy_(logits)
         self.next.copy_(sample_tokens(logits, self.sampling, self.generator))
         self.token.copy_(self.next[:, None])
@@ -161,7 +166,7 @@ class DecodeStep:
             self.choose(logits)
             if self.dropped is not None:
                 self.dropped.scatter_(0, self.count, self.cache.dropped.amax().view(1))
-            self.count.add_(1)
+                self.count.add_(1)
             self.cache.end_step()
 
     def _capture(self) -> None:

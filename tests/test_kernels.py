@@ -46,6 +46,22 @@ def test_decode_attention(B, Hkv, G, D, n, dtype):
     assert rel_err(lse, want_lse) <= TOL[dtype]
 
 
+def test_split_merge_leaves_its_counters_at_zero():
+    """The last split of a KV head to finish merges the others (no reduction launch) and resets
+    the head's counter, so the next launch merges too: two calls, same result, counters zero.
+    Eight splits merged four at a time (head dim 128) exercise the merge's loop."""
+    B, Hkv, G, D, n, dtype = 1, 1, 8, 128, 2100, torch.float32
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
+    k, v = make_cache(B, Hkv, n, D, dtype, g)
+    assert tri._splits(n, B * Hkv, tri.DECODE, q.device) > 4
+    want = ref.decode_attention(q.double(), k.double(), v.double())[0]
+    for _ in range(2):
+        got = tri.decode_attention(q, k, v, out=torch.full_like(q, float("nan")))[0]
+        assert rel_err(got, want) <= TOL[dtype]
+        assert not tri._COUNTERS[q.device].any()
+
+
 @pytest.mark.parametrize("n", [37, 3000])  # one split, several splits
 def test_decode_attention_of_flagged_groups_only(n):
     """Certified mode's fallback: with groups, flagged KV groups get full attention and the others'
@@ -315,6 +331,39 @@ def test_sparse_attention_many_gathered(n, dtype):
     got, lse = tri.sparse_attention(q, ring_k, ring_v, k, v, idx, n, 4)
     want, want_lse = ref.sparse_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(), idx, n, 4)
     assert rel_err(got, want) <= TOL[dtype] and rel_err(lse, want_lse) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_choice(dtype):
+    """The decode step's greedy sampling in one launch equals the reference's: fp32 logits, the
+    argmax and the next input token, with the maximum tied between two blocks of the vocabulary
+    (the first wins, as torch.argmax) and a vocabulary that is not a multiple of the block."""
+    from minirt.kernels import triton_layers as lay
+
+    g = torch.Generator().manual_seed(3)
+    B, V = 3, 9000
+    logits = torch.randn(B, 2, V, generator=g).to(dtype).to(DEVICE)[:, -1]  # a strided row, as the model's
+    logits[1, 8500] = logits[1, 100] = 50.0  # tie across blocks
+    logits[2, 4096] = logits[2, 4097] = 50.0  # tie inside a block
+    outs = [(torch.full((B, V), float("nan"), device=DEVICE), torch.full((B,), -1, device=DEVICE),
+             torch.full((B, 1), -1, device=DEVICE)) for _ in range(2)]
+    lay.greedy_choice(logits, *outs[0])
+    ref.greedy_choice(logits, *outs[1])
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+    assert outs[0][1].tolist()[1:] == [100, 4096]
+
+
+@pytest.mark.parametrize("anchor, window", [(0, 0), (4, 128), (4, 3)])
+def test_next_step(anchor, window):
+    """The end of a decode step (position + 1 and the next step's bounds) in one launch, as the reference."""
+    got = (torch.tensor([9], device=DEVICE), torch.zeros(3, dtype=torch.int32, device=DEVICE))
+    want = tuple(t.clone() for t in got)
+    for _ in range(3):
+        tri.next_step(*got, anchor, window)
+        ref.next_step(*want, anchor, window)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert want[1].tolist() == list(ref.sparse_bounds(13, anchor, window))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

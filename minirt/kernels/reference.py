@@ -31,6 +31,15 @@ def sparse_bounds(n: int, anchor: int, window: int) -> tuple[int, int, int]:
     return n, a, max(a, n - window)
 
 
+def next_step(position: torch.Tensor, bounds: torch.Tensor, anchor: int, window: int) -> None:
+    """The end of a decode step, in place: position [1] moves on by one and bounds [3] become the
+    next step's (n, lo, hi) = sparse_bounds(position + 1, anchor, window)."""
+    position.add_(1)
+    n = position + 1
+    lo = n.clamp(max=anchor)
+    bounds.copy_(torch.cat((n, lo, torch.maximum(lo, n - window))))
+
+
 def as_bounds(bounds, n_default: int | None, device, anchor: int = 0, window: int = 0) -> torch.Tensor:
     """bounds as given (a tensor), from an int n (with anchor/window), or all n_default positions."""
     if isinstance(bounds, torch.Tensor):
@@ -101,6 +110,14 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The projection of silu(gate) * up (the gated MLP's down projection)."""
     return F.linear(silu_mul(gate_up), weight, bias)
+
+
+def greedy_choice(logits: torch.Tensor, logits_out: torch.Tensor, next_token: torch.Tensor, token: torch.Tensor) -> None:
+    """Greedy sampling's bookkeeping, in place: logits [B, V] copied into logits_out (fp32), their
+    argmax (the first of equal maxima) into next_token [B] and token [B, 1] (the next step's input)."""
+    logits_out.copy_(logits)
+    next_token.copy_(logits.argmax(dim=-1))
+    token.copy_(next_token[:, None])
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Decode attention is flash-decoding: the key range is split across programs, each program serves
 all G query heads of one KV head (so each K/V byte is read once per step, GQA-aware), keeps an
-online softmax, and writes a partial output plus its log-sum-exp; a second kernel merges splits.
+online softmax, and writes a partial output plus its log-sum-exp; the last split of a KV head to
+finish merges them (one launch, no reduction kernel).
 The sparse variant runs the same loop over a virtual sequence: W ring-buffer slots followed by K
 gathered history positions (anchor + top-k), loaded in place with no gathered copy of K/V.
 
@@ -33,12 +34,12 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS, GROUPS,
+    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS, GROUPS, COUNT,
     sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
     W, n_gather, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr,
+    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr, S_BLOCK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if SOME_GROUPS:  # only the KV groups flagged in GROUPS are needed (certified mode's fallback)
@@ -102,7 +103,7 @@ def _attn_partial(
         m = m_new
     lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    if DIRECT:  # a single split: this is the final result, skip the reduction launch
+    if DIRECT:  # a single split: this is the final result, nothing to merge
         head = pid_bh * G + g  # = b * Hq + query head
         tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
         tl.store(LSE + head, lse, mask=gmask)
@@ -110,29 +111,46 @@ def _attn_partial(
     part = pid_bh * n_splits + split
     tl.store(OP + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], out)
     tl.store(LP + part * G_PAD + g, lse)
+    # The last split of this KV head to finish merges all of them: no second launch. The barrier
+    # and the acq_rel counter make every split's partials visible to it; it resets the counter.
+    tl.debug_barrier()
+    if tl.atomic_add(COUNT + pid_bh, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+        _merge(OP, LP, OUT, LSE, pid_bh, n_splits, G, G_PAD, D, D_PAD, S_BLOCK)
+        tl.atomic_xchg(COUNT + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _attn_reduce(OP, LP, OUT, LSE, GROUPS, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                 D_PAD: tl.constexpr, S_PAD: tl.constexpr, SOME_GROUPS: tl.constexpr):
-    pid = tl.program_id(0)  # = b * Hq + query head, since query head = kv head * G + g
-    bh = pid // G
-    if SOME_GROUPS:
-        if tl.load(GROUPS + bh) == 0:
-            return
-    g = pid % G
-    s = tl.arange(0, S_PAD)
+def _merge(OP, LP, OUT, LSE, bh, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+           D_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Out and log-sum-exp of KV head bh's G query heads from its n_splits partials: each split's
+    output weighted by exp(its lse - the max lse), S_BLOCK splits at a time."""
+    g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
-    smask = s < n_splits
-    lse_s = tl.load(LP + (bh * n_splits + s) * G_PAD + g, mask=smask, other=float("-inf"))
-    mx = tl.max(lse_s, 0)
+    gmask = g < G
+    first = bh * n_splits
+    mx = tl.full([G_PAD], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, S_BLOCK):
+        s = s0 + tl.arange(0, S_BLOCK)
+        lse_s = tl.load(LP + (first + s)[:, None] * G_PAD + g[None, :], mask=(s < n_splits)[:, None] & gmask[None, :],
+                        other=float("-inf"), cache_modifier=".cg")
+        mx = tl.maximum(mx, tl.max(lse_s, 0))
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp(lse_s - mx_safe)
-    o = tl.load(OP + ((bh * n_splits + s) * G_PAD + g)[:, None] * D_PAD + d[None, :], mask=smask[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
-    tl.store(LSE + pid, mx_safe + tl.log(total))
+    total = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for s0 in range(0, n_splits, S_BLOCK):
+        s = s0 + tl.arange(0, S_BLOCK)
+        smask = (s < n_splits)[:, None] & gmask[None, :]
+        w = tl.exp(tl.load(LP + (first + s)[:, None] * G_PAD + g[None, :], mask=smask, other=float("-inf"),
+                           cache_modifier=".cg") - mx_safe[None, :])
+        rows = (first + s)[:, None] * G_PAD + g[None, :]
+        o = tl.load(OP + rows[:, :, None] * D_PAD + d[None, None, :], mask=smask[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        total += tl.sum(w, 0)
+        acc += tl.sum(w[:, :, None] * o, 0)
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    head = bh * G + g  # = b * Hq + query head
+    tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & (d < D)[None, :])
+    tl.store(LSE + head, mx_safe + tl.log(total), mask=gmask)
 
 
 LAUNCHES: list | None = None  # when a list, every launch appends (kernel, grid, scalar args, constexprs)
@@ -172,6 +190,18 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
                       triton.cdiv(cfg["programs_per_sm"] * sms, programs), 256))
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Per KV head, how many splits have finished (zero between launches: the merging split
+    resets its own). One buffer per device, shared by every launch on its stream."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
 def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, groups=None):
     """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
     groups [B, Hkv] (int32): if given, only the flagged KV groups are computed (the rest hold anything)."""
@@ -198,14 +228,13 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
         W, n_gather = ring_k.shape[2], idx.shape[2]
     _launch(_attn_partial, (B * Hkv, S),
         q, k, v, ring_k, ring_v, idx, op, lp, out, lse, bounds, bounds if groups is None else groups,
+        _split_counters(B * Hkv, q.device),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
         W, n_gather, 1.0 / math.sqrt(D), Hkv,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None, **_precision(q),
-        DIRECT=direct, SOME_GROUPS=groups is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DIRECT=direct, SOME_GROUPS=groups is not None, S_BLOCK=max(1, 8192 // (G_PAD * D_PAD)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if not direct:
-        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, bounds if groups is None else groups, S, G=G, G_PAD=G_PAD,
-                D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1), SOME_GROUPS=groups is not None)
     return out, lse
 
 
@@ -226,6 +255,22 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: tor
     bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
     return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + idx.shape[2], (ring_k, ring_v, idx.contiguous()),
                       out, SPARSE)
+
+
+@triton.jit
+def _next_step(POS, BOUNDS, anchor, window):
+    p = tl.load(POS) + 1
+    tl.store(POS, p)
+    n = (p + 1).to(tl.int32)
+    lo = tl.minimum(n, anchor)
+    tl.store(BOUNDS, n)
+    tl.store(BOUNDS + 1, lo)
+    tl.store(BOUNDS + 2, tl.maximum(lo, n - window))
+
+
+def next_step(position: torch.Tensor, bounds: torch.Tensor, anchor: int, window: int) -> None:
+    """reference.next_step in one launch (five PyTorch ops there)."""
+    _launch(_next_step, (1,), position, bounds, anchor, window)
 
 
 @triton.jit

@@ -139,3 +139,29 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if not _one_row(gate_up):
         return F.linear(silu_mul(gate_up), weight, bias)
     return gemv(gate_up.contiguous().view(-1), weight, bias, prologue=SILU_MUL)[1].view(*gate_up.shape[:-1], -1)
+
+
+@triton.jit
+def _greedy_choice(LOGITS, OUT, NEXT, TOKEN, V, stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_i = tl.full([], 0, tl.int64)
+    for v0 in range(0, V, BLOCK):
+        i = v0 + tl.arange(0, BLOCK)
+        mask = i < V
+        x = tl.load(LOGITS + row * stride + i, mask=mask, other=float("-inf")).to(tl.float32)
+        tl.store(OUT + row * V + i, x, mask=mask)
+        block_best = tl.max(x, 0)
+        better = block_best > best  # strictly: an earlier block keeps a tie, as torch.argmax
+        best_i = tl.where(better, v0 + tl.argmax(x, 0, tie_break_left=True).to(tl.int64), best_i)
+        best = tl.maximum(best, block_best)
+    tl.store(NEXT + row, best_i)
+    tl.store(TOKEN + row, best_i)
+
+
+def greedy_choice(logits: torch.Tensor, logits_out: torch.Tensor, next_token: torch.Tensor, token: torch.Tensor) -> None:
+    """reference.greedy_choice in one launch (four there: copy, argmax and two copies)."""
+    B, V = logits.shape
+    assert logits.stride(-1) == 1 and logits_out.is_contiguous() and logits_out.dtype == torch.float32
+    assert next_token.is_contiguous() and token.is_contiguous()
+    _greedy_choice[(B,)](logits, logits_out, next_token, token, V, logits.stride(0), BLOCK=4096, num_warps=8)
