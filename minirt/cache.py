@@ -77,8 +77,13 @@ class DenseCache:
         """The decode step's last op: its position moves on and the next step's bounds follow, on the device."""
         self.ops.next_step(self.position, self.bounds, self.anchor, self.window)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k, v [B, Hkv, T, D] and return attention for q [B, Hq, T, D]."""
+    def append_target(self, layer: int) -> reference.AppendTarget:
+        """Where a decode step's new key and value go (the q|k|v projection writes them there)."""
+        return reference.AppendTarget(self.k[layer], self.v[layer], None, None, None, None, self.bounds, 0)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        """Store k, v [B, Hkv, T, D] and return attention for q [B, Hq, T, D]. A decode step's k and
+        v may be None: its projection already wrote them at append_target."""
         if q.shape[2] > 1:
             start, end = self.seq_len, self.seq_len + q.shape[2]
             self._store(layer, k, v, start)
@@ -90,8 +95,9 @@ class DenseCache:
         self.k[layer, :, :, start:start + k.shape[2]] = k
         self.v[layer, :, :, start:start + k.shape[2]] = v
 
-    def _store_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.ops.append_kv(self.k[layer], self.v[layer], None, None, None, None, k, v, self.bounds, 0)
+    def _store_step(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        if k is not None:
+            self.ops.append_kv(*self.append_target(layer)[:6], k, v, self.bounds, 0)
 
     def _dense_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds)[0]
@@ -219,9 +225,13 @@ class CondensateCache(DenseCache):
         self._update_sums(layer, start, start + k.shape[2])
         self._update_shadow(layer, start, start + k.shape[2])
 
-    def _store_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.ops.append_kv(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer], *self._pages(layer),
-                           k, v, self.bounds, self.policy.page_size)
+    def append_target(self, layer: int) -> reference.AppendTarget:
+        return reference.AppendTarget(self.k[layer], self.v[layer], self.ring_k[layer], self.ring_v[layer],
+                                      *self._pages(layer), self.bounds, self.policy.page_size)
+
+    def _store_step(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        if k is not None:
+            self.ops.append_kv(*self.append_target(layer)[:6], k, v, self.bounds, self.policy.page_size)
         if self.kq is not None:  # the new key's int8 copy, at the position held on the device
             position = (self.bounds[:1] - 1).long()
             kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position))
@@ -254,7 +264,7 @@ class CondensateCache(DenseCache):
         for layer in range(self.k.shape[0]):
             self._update_shadow(layer, start, end)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         if q.shape[2] > 1:  # prefill: full attention
             self.dropped[layer] = 0.0
             return super().attend(layer, q, k, v)

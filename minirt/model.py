@@ -32,8 +32,13 @@ class AttentionCache(Protocol):
         """Positions [T] (on the device) of the T tokens about to be attended."""
         ...
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k, v [B, Hkv, T, D] at those positions and return attention for q [B, Hq, T, D]."""
+    def append_target(self, layer: int) -> reference.AppendTarget:
+        """Where a decode step's q|k|v projection writes the new key and value of `layer`."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        """Store k, v [B, Hkv, T, D] at those positions (None: a decode step's projection stored
+        them at append_target) and return attention for q [B, Hq, T, D]."""
         ...
 
 
@@ -49,23 +54,28 @@ class RMSNorm(nn.Module):
         return self.kernels.rms_norm(x, self.weight, self.eps)
 
     def add_norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, linear: nn.Module,
-                        rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, linear(norm(x + delta)), rotated if rope is given). In a decode step the add
-        and the norm run in the projection's prologue and RoPE in its epilogue: one launch."""
+                        rope: tuple | None = None,
+                        append: reference.AppendTarget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, linear(norm(x + delta)), rotated if rope is given, its key and value stored at
+        append if given). In a decode step the add and the norm run in the projection's prologue,
+        RoPE and the KV append in its epilogue: one launch."""
         return self.kernels.norm_linear(x, delta, self.weight, self.eps, linear.weight, getattr(linear, "bias", None),
-                                        rope)
+                                        rope, append)
 
 
 class LayerNorm(nn.LayerNorm):
     kernels: ModuleType = reference
 
     def add_norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, linear: nn.Module,
-                        rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        rope: tuple | None = None,
+                        append: reference.AppendTarget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if delta is not None:
             x = x + delta
         y = F.linear(self(x), linear.weight, getattr(linear, "bias", None))
         if rope is not None:
             self.kernels.rope_qkv_(y, *rope)
+        if append is not None:
+            self.kernels.append_qkv(y, append)
         return x, y
 
 
@@ -93,11 +103,15 @@ class Attention(nn.Module):
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if rope is not None:  # (cos table, sin table, positions): q and k rotated as they are projected
             rope = (*rope, self.n_heads + self.n_kv_heads, self.head_dim)
-        x, qkv = norm.add_norm_linear(x, delta, self.wqkv, rope)
+        append = cache.append_target(self.layer) if T == 1 else None  # a decode step: k, v go to the cache at once
+        x, qkv = norm.add_norm_linear(x, delta, self.wqkv, rope, append)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if append is None:
+            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        else:
+            k = v = None
         out = cache.attend(self.layer, q, k, v)
         return x, self.kernels.linear(out.transpose(1, 2).reshape(B, T, q_size), self.wo.weight, self.wo.bias)
 

@@ -428,3 +428,45 @@ def test_fused_projections(dtype):
     assert rel_err(got_x, want_x) <= TOL[dtype] and rel_err(got, want) <= TOL[dtype]
     gate_up, down = rand(1, 1, 2 * 333), rand(70, 333) / 333 ** 0.5
     assert rel_err(lay.silu_mul_linear(gate_up, down), ref.silu_mul_linear(gate_up, down)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("pages", ["dense", "cache", "fp8"])
+def test_append_in_the_projection_epilogue(pages):
+    """A decode step's q|k|v GEMV writes its new key and value into the cache (history, ring slot,
+    page min/max) exactly as reference.append_qkv of the same output does, step after step across
+    page boundaries; fp8 summaries rounded outward, NaN past their range."""
+    from minirt.kernels import triton_layers as lay
+
+    dtype, K, Hq, Hkv, D, cap, W, P, steps = torch.bfloat16, 96, 4, 2, 32, 16, 8, 4, 11
+    g = torch.Generator().manual_seed(9)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    nw, w = rand(K), rand((Hq + 2 * Hkv) * D, K) / K ** 0.5
+    w[-2 * Hkv * D:-Hkv * D:7] *= 2000  # some key columns past fp8's range
+    angles = torch.arange(cap)[:, None] * torch.rand(D // 2, generator=g)[None]
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    summary = torch.float8_e4m3fn if pages == "fp8" else dtype
+
+    def target():
+        nan = lambda *shape, dt=dtype: torch.full(shape, float("nan"), device=DEVICE).to(dt)  # noqa: E731
+        ring = (nan(1, Hkv, W, D), nan(1, Hkv, W, D)) if pages != "dense" else (None, None)
+        summ = (nan(1, Hkv, cap // P, D, dt=summary), nan(1, Hkv, cap // P, D, dt=summary)) if pages != "dense" else (None, None)
+        return ref.AppendTarget(nan(1, Hkv, cap, D), nan(1, Hkv, cap, D), *ring, *summ,
+                                torch.zeros(3, dtype=torch.int32, device=DEVICE), P)
+
+    fused, want = target(), target()
+    for pos in range(steps):
+        for t in (fused, want):
+            t.bounds.copy_(torch.tensor([pos + 1, 0, pos + 1]))
+        rope = (cos, sin, torch.tensor([pos], device=DEVICE), Hq + Hkv, D)
+        _, qkv = lay.norm_linear(rand(1, 1, K), None, nw, 1e-5, w, None, rope, fused)
+        ref.append_qkv(qkv, want)
+    stores = [t for t in fused[:6] if t is not None]
+    assert len(stores) == (2 if pages == "dense" else 6)
+    for got, ok in zip(stores, [t for t in want[:6] if t is not None]):
+        torch.testing.assert_close(got.float(), ok.float(), rtol=0, atol=0, equal_nan=True)
+    assert not fused.k[:, :, :steps].isnan().any() and fused.k[:, :, steps:].isnan().all()
+    if pages == "fp8":
+        assert fused.kmin[:, :, :3].float().isnan().any()

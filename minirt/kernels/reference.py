@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,12 +91,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+class AppendTarget(NamedTuple):
+    """Where a decode step's new key and value go (a cache's append_target): the stores append_kv
+    writes, the ring and page summaries None where the cache keeps none, the step's bounds (the new
+    position is n - 1)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    ring_k: torch.Tensor | None
+    ring_v: torch.Tensor | None
+    kmin: torch.Tensor | None
+    kmax: torch.Tensor | None
+    bounds: torch.Tensor
+    page_size: int
+
+
+def kv_of_qkv(qkv: torch.Tensor, target: AppendTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new key and value [B, Hkv, 1, D] of a fused q|k|v row [B, 1, N] (k and v are its last columns)."""
+    B, Hkv, _, D = target.k.shape
+    kv = qkv[:, 0, qkv.shape[-1] - 2 * Hkv * D:].view(B, 2, Hkv, 1, D)
+    return kv[:, 0], kv[:, 1]
+
+
+def append_qkv(qkv: torch.Tensor, target: AppendTarget) -> None:
+    """Store the new key and value of a decode step's q|k|v row at target."""
+    t = target
+    append_kv(t.k, t.v, t.ring_k, t.ring_v, t.kmin, t.kmax, *kv_of_qkv(qkv, t), t.bounds, t.page_size)
+
+
 def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, bias: torch.Tensor | None = None, rope: tuple | None = None,
-                ops: ModuleType | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                append: AppendTarget | None = None, ops: ModuleType | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, the projection of its RMSNorm), the projection rotated by RoPE if rope =
     (cos, sin, positions, n_rot_heads, head_dim) is given (see rope_qkv_); no add if delta is None.
-    ops: whose rms_norm, add_rms_norm and rope_qkv_ run (these, by default)."""
+    append: a decode step's q|k|v projection also stores its key and value there (append_qkv).
+    ops: whose rms_norm, add_rms_norm, rope_qkv_ and append_qkv run (these, by default)."""
     ops = ops or sys.modules[__name__]
     if delta is None:
         h = ops.rms_norm(x, norm_weight, eps)
@@ -104,6 +133,8 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.
     y = F.linear(h, weight, bias)
     if rope is not None:
         ops.rope_qkv_(y, *rope)
+    if append is not None:
+        ops.append_qkv(y, append)
     return x, y
 
 
@@ -522,15 +553,18 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 def round_outward(x: torch.Tensor, up: bool, dtype: torch.dtype) -> torch.Tensor:
     """Summaries x (fp32) stored as dtype: exact for the cache dtype (x are min/max of its keys);
     for float8_e4m3fn rounded toward +inf (up, page maxima) or -inf (minima) so the Quest bound
-    stays a bound. Its grid step at x's binary exponent e is 2^(max(e, -6) - 3); past ±448 the
-    summary is NaN, which page_bounds reads as an infinite bound (the page is always scored)."""
+    stays a bound. Its grid step at x's binary exponent e is 2^(max(e, -6) - 3). Past 448 a maximum
+    (below -448 a minimum) has no fp8 bound: NaN, which page_bounds reads as an infinite bound (the
+    page is always scored); the other way it saturates (448 is a lower bound of anything above it),
+    so a page's summary is the same whether built key by key or at once."""
     if dtype != torch.float8_e4m3fn:
         return x.to(dtype)
     e = ((x.contiguous().view(torch.int32) >> 23) & 0xFF) - 127  # binary exponent
     e = e.clamp(min=-6)
     ulp, inv_ulp = (((e - 3 + 127) << 23).view(torch.float32), ((127 + 3 - e) << 23).view(torch.float32))
     r = (torch.ceil if up else torch.floor)(x * inv_ulp) * ulp  # exact: powers of two
-    return torch.where(r.abs() > FP8_MAX, float("nan"), r).to(dtype)
+    unbounded = (r > FP8_MAX) if up else (r < -FP8_MAX)
+    return torch.where(unbounded | r.isnan(), float("nan"), r.clamp(-FP8_MAX, FP8_MAX)).to(dtype)
 
 
 def fill_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:

@@ -318,15 +318,18 @@ def _widen(x, dtype: tl.constexpr):
 
 @triton.jit
 def _fp8_outward(x, UP: tl.constexpr):
-    """fp32 x as float8_e4m3fn rounded toward +inf (UP) or -inf, NaN past ±448 or if x is NaN:
-    the arithmetic of reference.round_outward, so both give the same values."""
+    """fp32 x as float8_e4m3fn rounded toward +inf (UP) or -inf, NaN where no fp8 bound exists
+    (past +448 up, -448 down) or x is NaN, saturated the other way: the arithmetic of
+    reference.round_outward, so both give the same values."""
     e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inv_ulp = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)
     r = (tl.ceil(x * inv_ulp) if UP else tl.floor(x * inv_ulp)) * ulp  # on the grid: converts exactly
     # NaN written as its bits: the interpreter converts a float NaN to fp8 384 (Triton 3.9)
     nan = tl.full(r.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
-    return tl.where((tl.abs(r) > FP8_MAX) | (r != r), nan, r.to(tl.float8e4nv))
+    unbounded = (r > FP8_MAX) if UP else (r < -FP8_MAX)
+    r_sat = tl.minimum(tl.maximum(r, -FP8_MAX), FP8_MAX)
+    return tl.where(unbounded | (r != r), nan, r_sat.to(tl.float8e4nv))
 
 
 def append_kv(k_store, v_store, ring_k, ring_v, kmin, kmax, k, v, start, page_size: int) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, triton_attention
 from .triton_linear import ADD_NORM, NORM, SILU_MUL, gemv
 
 
@@ -121,17 +121,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: torch.Tensor | None = None,
-                rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                weight: torch.Tensor, bias: torch.Tensor | None = None, rope: tuple | None = None,
+                append: reference.AppendTarget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See reference.norm_linear. One row: one launch, the add and the norm in the GEMV's prologue,
-    RoPE (full-width rotary) in its epilogue; otherwise the norm kernel, cuBLAS and the RoPE kernel."""
+    RoPE (full-width rotary) and the KV append in its epilogue; otherwise the norm kernel, cuBLAS,
+    the RoPE kernel and the append kernel."""
     if _one_row(x) and (rope is None or rope[0].shape[-1] == rope[4]):
         prologue = NORM if delta is None else ADD_NORM
         xout, y = gemv(x.contiguous().view(-1), weight, bias, prologue=prologue,
                        delta=None if delta is None else delta.contiguous().view(-1),
-                       norm_weight=norm_weight, eps=eps, rope=rope)
+                       norm_weight=norm_weight, eps=eps, rope=rope, append=append)
         return xout.view(x.shape), y.view(*x.shape[:-1], -1)
-    return reference.norm_linear(x, delta, norm_weight, eps, weight, bias, rope, ops=sys.modules[__name__])
+    return reference.norm_linear(x, delta, norm_weight, eps, weight, bias, rope, append, ops=sys.modules[__name__])
+
+
+def append_qkv(qkv: torch.Tensor, target: reference.AppendTarget) -> None:
+    """See reference.append_qkv: one append launch (when the projection could not fuse it)."""
+    t = target
+    triton_attention.append_kv(t.k, t.v, t.ring_k, t.ring_v, t.kmin, t.kmax, *reference.kv_of_qkv(qkv, t), t.bounds,
+                               t.page_size)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,14 +4,17 @@ with the op before and the op after fused in (references: reference.norm_linear,
 At batch 1 a projection reads its weight once and does almost no math, so what costs is the launch
 and the pass over memory around it: RMSNorm (with the residual add) is recomputed in each
 program's prologue from the 2-16 KB input row, silu(gate) * up likewise, and RoPE is applied in
-the epilogue of the fused q|k|v projection. A decoder layer is then four projections, the KV
-append and attention: seven launches, not twelve. Prefill (many rows) stays on cuBLAS.
+the epilogue of the fused q|k|v projection, which also writes the new key and value into the
+cache. A decoder layer is then four projections and attention: five launches. Prefill (many
+rows) stays on cuBLAS.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_attention import _fp8_outward, _widen
 
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3  # the prologue: what the row multiplied by W is
 
@@ -25,9 +28,44 @@ def _residual(X, DELTA, kk, kmask, PROLOGUE: tl.constexpr):
 
 
 @triton.jit
+def _append_rows(a, r, m, KC, VC, RK, RV, KMIN, KMAX, BOUNDS, k_first, kv_size, head_dim,
+                 skh, skn, srh, srn, sph, spn, ring, page, RING: tl.constexpr, PAGES: tl.constexpr):
+    """Rows r of a decode step's q|k|v output (values a, valid where m) that are the new key or
+    value, written into the cache at position n - 1 (see triton_attention._append: the same
+    stores, ring slot and page min/max, each element by the one program that computed it)."""
+    pos = (tl.load(BOUNDS) - 1).to(tl.int64)
+    j = r - k_first
+    is_k = m & (j >= 0) & (j < kv_size)
+    is_v = m & (j >= kv_size)
+    j = tl.where(is_v, j - kv_size, j)
+    h = j // head_dim
+    d = j % head_dim
+    x = a.to(KC.dtype.element_ty)
+    tl.store(KC + h * skh + pos * skn + d, x, mask=is_k)
+    tl.store(VC + h * skh + pos * skn + d, x, mask=is_v)
+    if RING:
+        tl.store(RK + h * srh + (pos % ring) * srn + d, x, mask=is_k)
+        tl.store(RV + h * srh + (pos % ring) * srn + d, x, mask=is_v)
+    if PAGES:
+        off = h * sph + (pos // page) * spn + d
+        first = pos % page == 0
+        xf = x.to(tl.float32)
+        lo = _widen(tl.load(KMIN + off, mask=is_k), tl.float32)
+        hi = _widen(tl.load(KMAX + off, mask=is_k), tl.float32)
+        lo = tl.where(first, xf, tl.minimum(lo, xf, propagate_nan=tl.PropagateNan.ALL))
+        hi = tl.where(first, xf, tl.maximum(hi, xf, propagate_nan=tl.PropagateNan.ALL))
+        if KMIN.dtype.element_ty == tl.float8e4nv:
+            lo = _fp8_outward(lo, False)
+            hi = _fp8_outward(hi, True)
+        tl.store(KMIN + off, lo.to(KMIN.dtype.element_ty), mask=is_k)
+        tl.store(KMAX + off, hi.to(KMAX.dtype.element_ty), mask=is_k)
+
+
+@triton.jit
 def _gemv(X, DELTA, XOUT, NW, W, BIAS, Y, COS, SIN, POS, N, K, eps, n_rot_rows,
+          KC, VC, RK, RV, KMIN, KMAX, BOUNDS, k_first, kv_size, head_dim, skh, skn, srh, srn, sph, spn, ring, page,
           PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-          P: tl.constexpr, BLOCK_K: tl.constexpr):
+          P: tl.constexpr, BLOCK_K: tl.constexpr, APPEND: tl.constexpr, RING: tl.constexpr, PAGES: tl.constexpr):
     pid = tl.program_id(0)
     # Each program computes 2P outputs as two sets of P rows. With RoPE, row i and row i + HALF
     # of a head (the two halves the rotation mixes) land in the same program, one in each set.
@@ -89,6 +127,11 @@ def _gemv(X, DELTA, XOUT, NW, W, BIAS, Y, COS, SIN, POS, N, K, eps, n_rot_rows,
         s2 = tl.load(SIN + pos * 2 * HALF + HALF + i).to(tl.float32)
         rotate = r1 < n_rot_rows
         a1, a2 = tl.where(rotate, a1 * c1 - a2 * s1, a1), tl.where(rotate, a2 * c2 + a1 * s2, a2)
+    if APPEND:
+        _append_rows(a1, r1, m1, KC, VC, RK, RV, KMIN, KMAX, BOUNDS, k_first, kv_size, head_dim,
+                     skh, skn, srh, srn, sph, spn, ring, page, RING, PAGES)
+        _append_rows(a2, r2, m2, KC, VC, RK, RV, KMIN, KMAX, BOUNDS, k_first, kv_size, head_dim,
+                     skh, skn, srh, srn, sph, spn, ring, page, RING, PAGES)
     tl.store(Y + r1, a1.to(dtype), mask=m1)
     tl.store(Y + r2, a2.to(dtype), mask=m2)
 
@@ -105,12 +148,31 @@ def config(N: int, K: int) -> tuple[int, int, int, int]:
     return 2, 512, 4, 3
 
 
+def _append_args(append, y: torch.Tensor) -> tuple[tuple, dict]:
+    """_gemv's arguments for the KV append in its epilogue (unused pointers: y)."""
+    if append is None:
+        return (y,) * 7 + (0,) * 11, dict(APPEND=False, RING=False, PAGES=False)
+    k, v, ring_k, ring_v, kmin, kmax, bounds, page_size = append
+    B, Hkv, _, D = k.shape
+    ring, pages = ring_k is not None, kmin is not None
+    assert B == 1 and k.dtype == y.dtype and k.stride() == v.stride() and k.stride(-1) == 1
+    assert not ring or (ring_k.stride() == ring_v.stride() and ring_k.stride(-1) == 1)
+    assert not pages or (kmin.stride() == kmax.stride() and kmin.stride(-1) == 1)
+    rs = ring_k.stride()[1:3] if ring else (0, 0)
+    ps = kmin.stride()[1:3] if pages else (0, 0)
+    ptrs = (k, v, ring_k if ring else y, ring_v if ring else y, kmin if pages else y, kmax if pages else y, bounds)
+    scalars = (y.numel() - 2 * Hkv * D, Hkv * D, D, *k.stride()[1:3], *rs, *ps,
+               ring_k.shape[2] if ring else 1, page_size if pages else 1)
+    return ptrs + scalars, dict(APPEND=True, RING=ring, PAGES=pages)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: int = PLAIN,
          delta: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         rope: tuple | None = None, append=None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = prologue(x) @ weight.T (+ bias), then RoPE if given, for one row x [K] (SILU_MUL: [2K]);
     returns (the residual x + delta when prologue is ADD_NORM else x, y [N]).
-    rope = (cos, sin, positions [1], n_rot_heads, head_dim): rotate the first n_rot_heads heads."""
+    rope = (cos, sin, positions [1], n_rot_heads, head_dim): rotate the first n_rot_heads heads.
+    append (a reference.AppendTarget): y is a q|k|v row whose key and value are also stored there."""
     N, K = weight.shape
     assert weight.is_contiguous() and x.is_contiguous() and x.numel() == (2 * K if prologue == SILU_MUL else K)
     y = torch.empty(N, device=x.device, dtype=x.dtype)
@@ -122,9 +184,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         assert cos.shape[-1] == head_dim and N % head_dim == 0, "the fused rotation needs full-width rotary"
         half, n_rot_rows = head_dim // 2, n_rot_heads * head_dim
     P = rows // 2
+    append_args, append_flags = _append_args(append, y)
     _gemv[(triton.cdiv(N, 2 * P),)](
         x, delta if delta is not None else x, xout, norm_weight if norm_weight is not None else x, weight,
-        bias if bias is not None else y, y, cos, sin, pos, N, K, eps, n_rot_rows,
+        bias if bias is not None else y, y, cos, sin, pos, N, K, eps, n_rot_rows, *append_args,
         PROLOGUE=prologue, HAS_BIAS=bias is not None, ROPE=rope is not None, HALF=half, P=P, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        **append_flags, num_warps=warps, num_stages=stages)
     return xout, y
