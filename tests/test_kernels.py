@@ -49,7 +49,7 @@ def test_decode_attention(B, Hkv, G, D, n, dtype):
 def test_split_merge_leaves_its_counters_at_zero():
     """The last split of a KV head to finish merges the others (no reduction launch) and resets
     the head's counter, so the next launch merges too: two calls, same result, counters zero.
-    Eight splits merged four at a time (head dim 128) exercise the merge's loop."""
+    Eight splits merged two at a time (G = 8, head dim 128) exercise the merge's loop."""
     B, Hkv, G, D, n, dtype = 1, 1, 8, 128, 2100, torch.float32
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)

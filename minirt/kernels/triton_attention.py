@@ -39,7 +39,7 @@ def _attn_partial(
     W, n_gather, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr, S_BLOCK: tl.constexpr,
+    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr, GD: tl.constexpr, S_BLOCK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if SOME_GROUPS:  # only the KV groups flagged in GROUPS are needed (certified mode's fallback)
@@ -115,42 +115,43 @@ def _attn_partial(
     # and the acq_rel counter make every split's partials visible to it; it resets the counter.
     tl.debug_barrier()
     if tl.atomic_add(COUNT + pid_bh, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-        _merge(OP, LP, OUT, LSE, pid_bh, n_splits, G, G_PAD, D, D_PAD, S_BLOCK)
+        _merge(OP, LP, OUT, LSE, pid_bh, n_splits, G, G_PAD, D, D_PAD, GD, S_BLOCK)
         tl.atomic_xchg(COUNT + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _merge(OP, LP, OUT, LSE, bh, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-           D_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
-    """Out and log-sum-exp of KV head bh's G query heads from its n_splits partials: each split's
-    output weighted by exp(its lse - the max lse), S_BLOCK splits at a time."""
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    gmask = g < G
+           D_PAD: tl.constexpr, GD: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Out and log-sum-exp of KV head bh's G query heads from its n_splits partials, S_BLOCK splits
+    at a time with a running max (as flash attention merges blocks). Tiles are 2-D, [S_BLOCK,
+    GD] over (query head, dim) pairs, so a few registers suffice: the merge runs inside the
+    attention kernel, whose main loop must not lose occupancy to it."""
+    gd = tl.arange(0, GD)
+    g = gd // D_PAD
+    d = gd % D_PAD
+    ok = (g < G) & (d < D)
     first = bh * n_splits
-    mx = tl.full([G_PAD], float("-inf"), tl.float32)
+    m = tl.full([GD], float("-inf"), tl.float32)
+    total = tl.zeros([GD], tl.float32)
+    acc = tl.zeros([GD], tl.float32)
     for s0 in range(0, n_splits, S_BLOCK):
         s = s0 + tl.arange(0, S_BLOCK)
-        lse_s = tl.load(LP + (first + s)[:, None] * G_PAD + g[None, :], mask=(s < n_splits)[:, None] & gmask[None, :],
-                        other=float("-inf"), cache_modifier=".cg")
-        mx = tl.maximum(mx, tl.max(lse_s, 0))
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    total = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    for s0 in range(0, n_splits, S_BLOCK):
-        s = s0 + tl.arange(0, S_BLOCK)
-        smask = (s < n_splits)[:, None] & gmask[None, :]
-        w = tl.exp(tl.load(LP + (first + s)[:, None] * G_PAD + g[None, :], mask=smask, other=float("-inf"),
-                           cache_modifier=".cg") - mx_safe[None, :])
+        mask = (s < n_splits)[:, None] & ok[None, :]
         rows = (first + s)[:, None] * G_PAD + g[None, :]
-        o = tl.load(OP + rows[:, :, None] * D_PAD + d[None, None, :], mask=smask[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        total += tl.sum(w, 0)
-        acc += tl.sum(w[:, :, None] * o, 0)
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        lse = tl.load(LP + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(OP + rows * D_PAD + d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - m_safe)
+        w = tl.exp(lse - m_safe[None, :])
+        total = total * scale + tl.sum(w, 0)
+        acc = acc * scale + tl.sum(w * o, 0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    out = acc / tl.where(total > 0, total, 1.0)
     head = bh * G + g  # = b * Hq + query head
-    tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & (d < D)[None, :])
-    tl.store(LSE + head, mx_safe + tl.log(total), mask=gmask)
+    tl.store(OUT + head * D + d, out.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(LSE + head, m_safe + tl.log(total), mask=ok & (d == 0))
 
 
 LAUNCHES: list | None = None  # when a list, every launch appends (kernel, grid, scalar args, constexprs)
@@ -211,6 +212,7 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
     G = Hq // Hkv
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride()
     G_PAD, D_PAD = _pow2(G), _pow2(D)
+    GD = _pow2(G, 1) * D_PAD  # the merge's (query head, dim) pairs
     S = _splits(max_keys, B * Hkv, cfg, q.device)
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
@@ -232,7 +234,7 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
         W, n_gather, 1.0 / math.sqrt(D), Hkv,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None, **_precision(q),
-        DIRECT=direct, SOME_GROUPS=groups is not None, S_BLOCK=max(1, 8192 // (G_PAD * D_PAD)),
+        DIRECT=direct, SOME_GROUPS=groups is not None, GD=GD, S_BLOCK=max(1, 2048 // GD),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
