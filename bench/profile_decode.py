@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,20 +30,26 @@ def main() -> None:
     ap.add_argument("--attention", default="full", choices=list(NAMES))
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    cfg = replace(TINYLLAMA, max_seq_len=args.context + args.steps + 8)
+    capacity = args.context + 2 * args.steps + 8
+    cfg = replace(TINYLLAMA, max_seq_len=capacity)
     with torch.device("cuda"):
         model = Transformer(cfg).to(torch.bfloat16).eval()
     model.use_kernels(kernels.layer_implementation("cuda"))
     llm = LLM(model, None, Path("tinyllama-shaped-random"))
     attention, policy = SYSTEMS[NAMES[args.attention]]
-    cache = llm.new_cache(args.context + args.steps + 8, attention, policy)
+    cache = llm.new_cache(capacity, attention, policy)
     cache.k.normal_()
     cache.v.normal_()
     cache.hold(args.context)
     step = DecodeStep(llm, cache)
     step.choose(torch.randn(1, cfg.vocab_size, device="cuda"))
-    for _ in range(3):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2):  # the first runs eagerly (kernels compile), the second captures the graph and replays it
         step()
+    torch.cuda.synchronize()
+    first_two = time.perf_counter() - t0
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
@@ -50,8 +57,18 @@ def main() -> None:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events) / args.steps
+    # the same steps unprofiled, timed by CUDA events: the replay's wall time, gaps between kernels included
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    replay = start.elapsed_time(end) * 1000 / args.steps
     print(f"{NAMES[args.attention]}, context {args.context}: {total:.0f} us of kernels per step in "
-          f"{sum(e.count for e in events) / args.steps:.0f} launches")
+          f"{sum(e.count for e in events) / args.steps:.0f} launches; {replay:.0f} us per replayed step "
+          f"(CUDA events), so {replay - total:.0f} us between kernels; the first two steps (eager, capture) "
+          f"took {first_two * 1000:.0f} ms")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
         print(f"{e.count / args.steps:6.1f} x {e.device_time_total / args.steps:8.1f} us  {e.key[:110]}")
 

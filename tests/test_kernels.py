@@ -46,22 +46,6 @@ def test_decode_attention(B, Hkv, G, D, n, dtype):
     assert rel_err(lse, want_lse) <= TOL[dtype]
 
 
-def test_split_merge_leaves_its_counters_at_zero():
-    """The last split of a KV head to finish merges the others (no reduction launch) and resets
-    the head's counter, so the next launch merges too: two calls, same result, counters zero.
-    Eight splits merged two at a time (G = 8, head dim 128) exercise the merge's loop."""
-    B, Hkv, G, D, n, dtype = 1, 1, 8, 128, 2100, torch.float32
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(B, Hkv * G, D, generator=g).to(DEVICE)
-    k, v = make_cache(B, Hkv, n, D, dtype, g)
-    assert tri._splits(n, B * Hkv, tri.DECODE, q.device) > 4
-    want = ref.decode_attention(q.double(), k.double(), v.double())[0]
-    for _ in range(2):
-        got = tri.decode_attention(q, k, v, out=torch.full_like(q, float("nan")))[0]
-        assert rel_err(got, want) <= TOL[dtype]
-        assert not tri._COUNTERS[q.device].any()
-
-
 @pytest.mark.parametrize("n", [37, 3000])  # one split, several splits
 def test_decode_attention_of_flagged_groups_only(n):
     """Certified mode's fallback: with groups, flagged KV groups get full attention and the others'

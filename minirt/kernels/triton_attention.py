@@ -2,8 +2,8 @@
 
 Decode attention is flash-decoding: the key range is split across programs, each program serves
 all G query heads of one KV head (so each K/V byte is read once per step, GQA-aware), keeps an
-online softmax, and writes a partial output plus its log-sum-exp; the last split of a KV head to
-finish merges them (one launch, no reduction kernel).
+online softmax, and writes a partial output plus its log-sum-exp; a second kernel merges splits
+(merging inside the first, by the last split to finish, measured slower: BENCHMARKS.md).
 The sparse variant runs the same loop over a virtual sequence: W ring-buffer slots followed by K
 gathered history positions (anchor + top-k), loaded in place with no gathered copy of K/V.
 
@@ -34,12 +34,12 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS, GROUPS, COUNT,
+    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS, GROUPS,
     sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
     W, n_gather, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr, GD: tl.constexpr, S_BLOCK: tl.constexpr,
+    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if SOME_GROUPS:  # only the KV groups flagged in GROUPS are needed (certified mode's fallback)
@@ -103,7 +103,7 @@ def _attn_partial(
         m = m_new
     lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    if DIRECT:  # a single split: this is the final result, nothing to merge
+    if DIRECT:  # a single split: this is the final result, skip the reduction launch
         head = pid_bh * G + g  # = b * Hq + query head
         tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
         tl.store(LSE + head, lse, mask=gmask)
@@ -111,47 +111,29 @@ def _attn_partial(
     part = pid_bh * n_splits + split
     tl.store(OP + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], out)
     tl.store(LP + part * G_PAD + g, lse)
-    # The last split of this KV head to finish merges all of them: no second launch. The barrier
-    # and the acq_rel counter make every split's partials visible to it; it resets the counter.
-    tl.debug_barrier()
-    if tl.atomic_add(COUNT + pid_bh, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-        _merge(OP, LP, OUT, LSE, pid_bh, n_splits, G, G_PAD, D, D_PAD, GD, S_BLOCK)
-        tl.atomic_xchg(COUNT + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _merge(OP, LP, OUT, LSE, bh, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-           D_PAD: tl.constexpr, GD: tl.constexpr, S_BLOCK: tl.constexpr):
-    """Out and log-sum-exp of KV head bh's G query heads from its n_splits partials, S_BLOCK splits
-    at a time with a running max (as flash attention merges blocks). Tiles are 2-D, [S_BLOCK,
-    GD] over (query head, dim) pairs, so a few registers suffice: the merge runs inside the
-    attention kernel, whose main loop must not lose occupancy to it."""
-    gd = tl.arange(0, GD)
-    g = gd // D_PAD
-    d = gd % D_PAD
-    ok = (g < G) & (d < D)
-    first = bh * n_splits
-    m = tl.full([GD], float("-inf"), tl.float32)
-    total = tl.zeros([GD], tl.float32)
-    acc = tl.zeros([GD], tl.float32)
-    for s0 in range(0, n_splits, S_BLOCK):
-        s = s0 + tl.arange(0, S_BLOCK)
-        mask = (s < n_splits)[:, None] & ok[None, :]
-        rows = (first + s)[:, None] * G_PAD + g[None, :]
-        lse = tl.load(LP + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(OP + rows * D_PAD + d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale = tl.exp(m - m_safe)
-        w = tl.exp(lse - m_safe[None, :])
-        total = total * scale + tl.sum(w, 0)
-        acc = acc * scale + tl.sum(w * o, 0)
-        m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    out = acc / tl.where(total > 0, total, 1.0)
-    head = bh * G + g  # = b * Hq + query head
-    tl.store(OUT + head * D + d, out.to(OUT.dtype.element_ty), mask=ok)
-    tl.store(LSE + head, m_safe + tl.log(total), mask=ok & (d == 0))
+def _attn_reduce(OP, LP, OUT, LSE, GROUPS, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                 D_PAD: tl.constexpr, S_PAD: tl.constexpr, SOME_GROUPS: tl.constexpr):
+    pid = tl.program_id(0)  # = b * Hq + query head, since query head = kv head * G + g
+    bh = pid // G
+    if SOME_GROUPS:
+        if tl.load(GROUPS + bh) == 0:
+            return
+    g = pid % G
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    smask = s < n_splits
+    lse_s = tl.load(LP + (bh * n_splits + s) * G_PAD + g, mask=smask, other=float("-inf"))
+    mx = tl.max(lse_s, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse_s - mx_safe)
+    o = tl.load(OP + ((bh * n_splits + s) * G_PAD + g)[:, None] * D_PAD + d[None, :], mask=smask[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
+    tl.store(LSE + pid, mx_safe + tl.log(total))
 
 
 LAUNCHES: list | None = None  # when a list, every launch appends (kernel, grid, scalar args, constexprs)
@@ -191,18 +173,6 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
                       triton.cdiv(cfg["programs_per_sm"] * sms, programs), 256))
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Per KV head, how many splits have finished (zero between launches: the merging split
-    resets its own). One buffer per device, shared by every launch on its stream."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return counters
-
-
 def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, groups=None):
     """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
     groups [B, Hkv] (int32): if given, only the flagged KV groups are computed (the rest hold anything)."""
@@ -212,7 +182,6 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
     G = Hq // Hkv
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride() == k.stride()
     G_PAD, D_PAD = _pow2(G), _pow2(D)
-    GD = _pow2(G, 1) * D_PAD  # the merge's (query head, dim) pairs
     S = _splits(max_keys, B * Hkv, cfg, q.device)
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
@@ -230,13 +199,14 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
         W, n_gather = ring_k.shape[2], idx.shape[2]
     _launch(_attn_partial, (B * Hkv, S),
         q, k, v, ring_k, ring_v, idx, op, lp, out, lse, bounds, bounds if groups is None else groups,
-        _split_counters(B * Hkv, q.device),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
         W, n_gather, 1.0 / math.sqrt(D), Hkv,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None, **_precision(q),
-        DIRECT=direct, SOME_GROUPS=groups is not None, GD=GD, S_BLOCK=max(1, 2048 // GD),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DIRECT=direct, SOME_GROUPS=groups is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if not direct:
+        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, bounds if groups is None else groups, S, G=G, G_PAD=G_PAD,
+                D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1), SOME_GROUPS=groups is not None)
     return out, lse
 
 

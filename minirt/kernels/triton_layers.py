@@ -172,4 +172,5 @@ def greedy_choice(logits: torch.Tensor, logits_out: torch.Tensor, next_token: to
     B, V = logits.shape
     assert logits.stride(-1) == 1 and logits_out.is_contiguous() and logits_out.dtype == torch.float32
     assert next_token.is_contiguous() and token.is_contiguous()
-    _greedy_choice[(B,)](logits, logits_out, next_token, token, V, logits.stride(0), BLOCK=4096, num_warps=8)
+    # one program per row; 16K-wide blocks and 16 warps: 5.3 us for 32K logits, 23 us for 152K (H200)
+    _greedy_choice[(B,)](logits, logits_out, next_token, token, V, logits.stride(0), BLOCK=16384, num_warps=16)
