@@ -146,6 +146,7 @@ class DecodeStep:
         self.count = torch.zeros(1, dtype=torch.int64, device=device)  # steps taken, kept only to index dropped
         self.use_graph = cache.graphable if graph is None else graph
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm = False  # the first step ran (eagerly: Triton compiles, cuBLAS warms up)
         self.steps = 0
 
     def feed(self, token: int) -> None:
@@ -182,12 +183,13 @@ class DecodeStep:
         _check_positions(self.llm, self.cache.seq_len + 1)
         if not self.use_graph:
             self._run()
-        elif self.steps == 0:  # the first step runs eagerly on a side stream: Triton compiles, cuBLAS warms up
+        elif not self.warm:  # the first step runs eagerly on a side stream: Triton compiles, cuBLAS warms up
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._run()
             torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
         else:
             if self.graph is None:
                 self._capture()
@@ -227,6 +229,31 @@ def forced_steps(llm: LLM, prompt_ids: list[int], tokens: Sequence[int], cache: 
         yield step.logits[0].clone()
 
 
+SESSION_BLOCK = 1024  # generate() sizes its cache in blocks of positions, so calls of similar lengths share one
+
+
+def decode_session(llm: LLM, n_positions: int, attention: str, policy: CondensateConfig | None,
+                   sampling: Sampling) -> tuple[DenseCache, DecodeStep]:
+    """An empty cache for n_positions (rounded up to SESSION_BLOCK) and its decode step. With greedy
+    sampling and no certificate the pair is kept on the LLM and the next call of the same shape
+    gets it back emptied, its CUDA graph already captured: no eager first step and no capture
+    (tens of ms, which over 128 tokens cost more than the decode step's launch gaps). A call of
+    another shape frees it first."""
+    capacity = -(-n_positions // SESSION_BLOCK) * SESSION_BLOCK
+    key = (capacity, attention, policy)
+    reusable = sampling.temperature == 0 and (attention == "full" or (policy or CondensateConfig()).max_dropped_mass is None)
+    held = llm.decode_session
+    if reusable and held is not None and held[0] == key:
+        held[1].truncate(0)
+        return held[1], held[2]
+    llm.decode_session = None  # its memory goes before the new cache takes its own
+    cache = llm.new_cache(capacity, attention, policy)
+    step = DecodeStep(llm, cache, sampling)
+    if reusable:
+        llm.decode_session = (key, cache, step)
+    return cache, step
+
+
 def generate(model: LLM | str, prompt: str | Sequence[int], max_new_tokens: int = 128, *,
              sampling: Sampling = Sampling(), stop: Sequence[str] = (), attention: str = "sparse",
              policy: CondensateConfig | None = None, chat: bool = False, allow_long_context: bool = False,
@@ -235,19 +262,20 @@ def generate(model: LLM | str, prompt: str | Sequence[int], max_new_tokens: int 
 
     attention="sparse" uses the condensate cache with `policy` (defaults: CondensateConfig());
     "full" attends to everything. `on_text` receives decoded text pieces as they are produced;
-    `progress` shows a prefill bar for long prompts.
+    `progress` shows a prefill bar for long prompts. Greedy calls keep their cache and captured
+    decode step on the LLM for the next call of the same shape (decode_session); set
+    llm.decode_session = None to free that memory.
     """
     llm = model if isinstance(model, LLM) else LLM.load(model)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     ids = encode_prompt(llm, prompt, chat)
     check_length(llm, len(ids), max_new_tokens, allow_long_context)
-    cache = llm.new_cache(len(ids) + max_new_tokens, attention, policy)
     decoder = StreamDecoder(llm.tokenizer) if llm.tokenizer is not None else None
     longest_stop = max(map(len, stop), default=0)
     eos, out, text, reason = llm.eos_ids, [], "", "length"
     t0 = time.perf_counter()
-    step = DecodeStep(llm, cache, sampling)
+    cache, step = decode_session(llm, len(ids) + max_new_tokens, attention, policy, sampling)
     step.choose(prefill(llm, ids, cache, progress)[None])
     # Tokens reach the host through a pinned buffer, copied without blocking: the host reads token
     # i while the GPU already runs the step that makes token i + 1.

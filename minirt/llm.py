@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -43,6 +43,8 @@ class LLM:
     model: Transformer
     tokenizer: Tokenizer | None
     path: Path  # the checkpoint folder or .gguf file
+    # generate()'s last cache and decode step (CUDA graph), kept for the next call of the same shape
+    decode_session: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, name: str | Path, device: str = "auto", dtype: str = "auto", progress: bool = False) -> "LLM":

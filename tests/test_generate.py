@@ -93,3 +93,27 @@ def test_bad_inputs(smollm2_llm):
         generate(smollm2_llm, "hi", 0)
     with pytest.raises(ValueError, match="temperature"):
         Sampling(temperature=-1)
+
+
+def test_greedy_calls_reuse_one_cache_and_decode_step(smollm2_llm):
+    """A greedy generate() keeps its cache and decode step on the LLM; the next call of the same
+    shape (attention, policy, block of positions) gets them back emptied and decodes exactly what
+    a fresh pair does, even after a longer prompt left keys, ring slots and page summaries behind.
+    Another shape replaces the pair; sampled calls keep none."""
+    llm = smollm2_llm
+    long_prompt = " ".join(f"item{i} = {i * 7 % 13}" for i in range(120))  # past the window: pages and top-k work
+    short_prompt = " ".join(f"x{i}" for i in range(90))
+    llm.decode_session = None
+    first = generate(llm, long_prompt, 12, attention="sparse")
+    held = llm.decode_session
+    assert held is not None and first.prompt_tokens > 300
+    reused = generate(llm, short_prompt, 12, attention="sparse")
+    assert llm.decode_session is held
+    llm.decode_session = None
+    fresh = generate(llm, short_prompt, 12, attention="sparse")
+    assert reused.tokens == fresh.tokens and reused.text == fresh.text
+    assert generate(llm, long_prompt, 12, attention="sparse").tokens == first.tokens
+    generate(llm, short_prompt, 12, attention="full")
+    assert llm.decode_session is not None and llm.decode_session[0] != held[0]
+    generate(llm, short_prompt, 4, sampling=Sampling(temperature=0.8, seed=3))
+    assert llm.decode_session is None
