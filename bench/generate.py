@@ -10,7 +10,8 @@ torch.compile (transformers compiles its decoding forward itself when asked for 
 minirt rows call generate() (prefill, then the CUDA-graph decode step); at
 contexts past --synthetic-from the cache is filled with random keys/values instead of a prefill
 (labelled), and the same decode step is timed. Each generate() row is the second of two identical
-calls: the first compiles the Triton kernels for that cache size (a one-time cost per size). Columns: tok/s, ms/token, bytes read per token
+calls: the first compiles the Triton kernels and captures the decode step's CUDA graph, which the
+second gets back (generation.decode_session), as repeated calls of one shape do. Columns: tok/s, ms/token, bytes read per token
 (weights + the KV bytes the method reads, see bench/attention.py), achieved GB/s and % of the
 read bandwidth measured on the same GPU in the same run (a reduction over 4 GiB), prefill seconds,
 peak GPU memory. Writes JSON, Markdown and a PNG plot.
@@ -60,6 +61,7 @@ def kv_bytes(cfg: ModelConfig, n: int, attention: str, policy: CondensateConfig 
 
 def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool) -> dict:
     attention, policy = SYSTEMS[name]
+    llm.decode_session = None  # the previous row's cache: each row's peak memory is its own
     torch.cuda.reset_peak_memory_stats()
     if not synthetic:
         prompt = torch.randint(3, llm.cfg.vocab_size, (n,)).tolist()
