@@ -5,7 +5,7 @@ At batch 1 a projection reads its weight once and does almost no math, so what c
 and the pass over memory around it: RMSNorm (with the residual add) is recomputed in each
 program's prologue from the 2-16 KB input row, silu(gate) * up likewise, and RoPE is applied in
 the epilogue of the fused q|k|v projection, which also writes the new key and value into the
-cache. A decoder layer is then four projections and attention: five launches. Prefill (many
+cache. A decoder layer is then four projections and attention (two): six launches. Prefill (many
 rows) stays on cuBLAS.
 """
 from __future__ import annotations
