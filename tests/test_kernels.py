@@ -225,29 +225,6 @@ def test_page_select(n, P, lo, hi, k_top, oversample, G, D, summary, whole):
     assert ((got == -1) | ((got >= lo) & (got < hi))).all()  # never a position outside [lo, hi)
 
 
-@pytest.mark.parametrize("summary", [torch.float32, torch.float8_e4m3fn])
-@pytest.mark.parametrize("whole", [False, True])
-def test_page_select_in_one_launch_equals_two(monkeypatch, summary, whole):
-    """Page selection over few pages scans and ranks in one launch (_scan_pick); over many, in two
-    (_scan, _pick). Both give the same positions: 35 runs of 64 pages, a live range that starts
-    and ends inside a page, one key past fp8's range."""
-    n, P, lo, hi, k_top, G, D = 9000, 4, 5, 8899, 16, 7, 80
-    g = torch.Generator().manual_seed(11)
-    q = torch.randn(1, 2 * G, D, generator=g).to(DEVICE)
-    k = torch.randn(1, 2, n, D, generator=g).to(DEVICE)
-    k[0, 1, 4000, 3] = 600.0
-    kmin, kmax = (torch.empty(1, 2, -(-n // P), D, device=DEVICE, dtype=summary) for _ in range(2))
-    ref.update_pages(k, kmin, kmax, 0, n, P)
-    args = (q, k, kmin, kmax, ref.step_bounds(n, lo, hi, DEVICE), k_top, P, 16.0, "group", whole)
-    launches = {}
-    for fuse_pages in (4096, 0):
-        monkeypatch.setitem(tri.SELECT, "fuse_pages", fuse_pages)
-        monkeypatch.setattr(tri, "LAUNCHES", [])
-        launches[fuse_pages] = (tri.page_select(*args), [name for name, *_ in tri.LAUNCHES])
-    assert launches[4096][1] == ["_scan_pick"] and launches[0][1] == ["_scan", "_pick"]
-    assert torch.equal(launches[4096][0], launches[0][0])
-
-
 @pytest.mark.parametrize("policy, message", [
     (dict(top_k=100), "top_k=100 with exact selection is past the selection kernel's limits"),
     (dict(top_k=100, selection="pages", page_size=8), "top_k=100 with pages selection is past"),

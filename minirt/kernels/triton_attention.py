@@ -9,8 +9,7 @@ gathered history positions (anchor + top-k), loaded in place with no gathered co
 
 Selection is two launches and no full sort: a bandwidth-bound scan writes per-page maxima (of the
 group-max q·k for exact selection, of the Quest bound q+·kmax + q-·kmin for page selection) and
-per-run maxima; then one program per KV head ranks runs, pages, and the chosen pages' tokens. Page
-selection over a smaller capacity does both in one launch, each program scanning its own head.
+per-run maxima; then one program per KV head ranks runs, pages, and the chosen pages' tokens.
 """
 from __future__ import annotations
 
@@ -420,49 +419,11 @@ def _pick(
     FAN: tl.constexpr, S_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
     WHOLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Selection pass 2, one program per KV head (_pick_row)."""
-    _pick_row(tl.program_id(0), Q, K, V0, V1, SCR, OUT, BOUNDS, sqb, sqh, skb, skh, skn, n0, n1, P, n_pages, scale,
-              Hkv, k_out, G, G_PAD, D, D_PAD, N1_PAD, FAN, S_PAD, P_PAD, CHUNK, K_PAD, WHOLE, PRECISION, UPCAST)
-
-
-@triton.jit
-def _scan_pick(
-    Q, K, KMAX, KMIN, V0, V1, SCR, OUT, BOUNDS, sqb, sqh, skb, skh, skn, spb, sph, spn, n0, n1, P, n_pages, scale,
-    Hkv, k_out,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
-    FAN: tl.constexpr, S_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
-    WHOLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Both selection passes in one launch, for page summaries few enough that one program per KV
-    head reads them all quickly (a smaller capacity): the Quest bounds of every live page, run
-    by run (V0, V1 as _scan writes them), then _pick_row over them."""
+    """Selection pass 2, one program per KV head. The n_pages best pages (by V0) lie in the
+    n_pages best runs (by V1), so only those runs' pages are ranked; then the chosen pages'
+    tokens are scored exactly and the k_out best positions written (-1 where fewer are valid),
+    or with WHOLE every position of the chosen pages (k_out = n_pages * P; -1 outside [lo, hi))."""
     row = tl.program_id(0)
-    lo = tl.load(BOUNDS + 1) // P
-    n = tl.cdiv(tl.load(BOUNDS + 2), P)
-    i1 = tl.arange(0, N1_PAD)
-    tl.store(V1 + row * n1 + i1, float("-inf"), mask=(i1 >= tl.cdiv(n, FAN)) & (i1 < n1))  # runs past the live pages
-    for run in range(0, tl.cdiv(n, FAN)):
-        j = run * FAN + tl.arange(0, FAN)
-        v = _block_scores(Q, KMAX, KMIN, row // Hkv, row % Hkv, j, (j < n) & (j >= lo), sqb, sqh, spb, sph, spn, scale,
-                          G, G_PAD, D, D_PAD, True, PRECISION, UPCAST)
-        tl.store(V0 + row * n0 + j, v, mask=j < n0)
-        tl.store(V1 + row * n1 + run, tl.max(v, 0))
-    tl.debug_barrier()  # V0 and V1 are read back by other threads of this program
-    _pick_row(row, Q, K, V0, V1, SCR, OUT, BOUNDS, sqb, sqh, skb, skh, skn, n0, n1, P, n_pages, scale,
-              Hkv, k_out, G, G_PAD, D, D_PAD, N1_PAD, FAN, S_PAD, P_PAD, CHUNK, K_PAD, WHOLE, PRECISION, UPCAST)
-
-
-@triton.jit
-def _pick_row(
-    row, Q, K, V0, V1, SCR, OUT, BOUNDS, sqb, sqh, skb, skh, skn, n0, n1, P, n_pages, scale, Hkv, k_out,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, N1_PAD: tl.constexpr,
-    FAN: tl.constexpr, S_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
-    WHOLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Selection pass 2 for KV head `row`. The n_pages best pages (by V0) lie in the n_pages best
-    runs (by V1), so only those runs' pages are ranked; then the chosen pages' tokens are scored
-    exactly and the k_out best positions written (-1 where fewer are valid), or with WHOLE every
-    position of the chosen pages (k_out = n_pages * P; -1 outside [lo, hi))."""
     b = row // Hkv
     h = row % Hkv
     lo = tl.load(BOUNDS + 1)
@@ -500,8 +461,7 @@ def _pick_row(
 # Selection settings (bench/tune_select.py). FAN pages per pass-1 program bound pass 2's work: it
 # ranks n_pages * FAN page maxima and scores n_pages * page_size tokens in one program, so both
 # are capped; tokens are scored token_block at a time (as many bytes of keys for other sizes).
-# Page summaries of at most fuse_pages pages per KV head are ranked in one launch (_scan_pick).
-SELECT = {"scan_block": 128, "fan": 64, "token_block": 256, "scan_warps": 4, "pick_warps": 8, "fuse_pages": 4096}
+SELECT = {"scan_block": 128, "fan": 64, "token_block": 256, "scan_warps": 4, "pick_warps": 8}
 EXACT_PAGE = 32  # exact selection ranks virtual pages of this many positions by their exact max
 _MAX_RUNS, _MAX_RANKED, _MAX_TOKENS = 4096, 4096, 8192
 
@@ -528,28 +488,22 @@ def _select_topk(q: torch.Tensor, k: torch.Tensor, bounds: torch.Tensor, page_si
     consts = dict(G=Hq // Hkv, G_PAD=_pow2(Hq // Hkv), D=D, D_PAD=_pow2(D), **_precision(q))
     v0 = torch.empty(rows, n0, device=q.device, dtype=torch.float32)
     v1 = torch.empty(rows, n1, device=q.device, dtype=torch.float32)
-    fused = kmin is not None and n0 <= SELECT["fuse_pages"]
-    if not fused:
-        _launch(_scan, (rows, n1),
-            q, scan_k, scan_k2, v0, v1, bounds, q.stride(0), q.stride(1), *scan_k.stride()[:3], P,
-            1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan,
-            BOUND=kmin is not None, **consts, num_warps=SELECT["scan_warps"],
-        )
+    _launch(_scan, (rows, n1),
+        q, scan_k, scan_k2, v0, v1, bounds, q.stride(0), q.stride(1), *scan_k.stride()[:3], P,
+        1.0 / math.sqrt(D), Hkv, n0, n1, BLOCK_N=max(R, min(SELECT["scan_block"], fan * R)), R=R, FAN=fan,
+        BOUND=kmin is not None, **consts, num_warps=SELECT["scan_warps"],
+    )
     # sizes >= 2: tl.topk(x, 1) fails to compile in Triton 3.6
     S_PAD, P_PAD, K_PAD = _pow2(n_pages, 2), _pow2(P, 1), _pow2(take, 2)
     tokens = SELECT["token_block"] * 128 // (_pow2(D) * k.element_size())  # token_block is for 64 fp16 dims
     chunk = min(S_PAD, max(1, tokens // P_PAD))
     scratch = torch.empty(rows, S_PAD * P_PAD if S_PAD > chunk and not whole else 1, device=q.device, dtype=torch.int64)
     out = torch.empty(B, Hkv, take, device=q.device, dtype=torch.int64)
-    pick_args = (n0, n1, P, n_pages, 1.0 / math.sqrt(D), Hkv, take)
-    pick_meta = dict(N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, P_PAD=P_PAD, CHUNK=chunk, K_PAD=K_PAD,
-                     WHOLE=whole, **consts, num_warps=SELECT["pick_warps"])
-    if fused:
-        _launch(_scan_pick, (rows,), q, k, kmax, kmin, v0, v1, scratch, out, bounds, q.stride(0), q.stride(1),
-                *k.stride()[:3], *kmax.stride()[:3], *pick_args, **pick_meta)
-    else:
-        _launch(_pick, (rows,), q, k, v0, v1, scratch, out, bounds, q.stride(0), q.stride(1), *k.stride()[:3],
-                *pick_args, **pick_meta)
+    _launch(_pick, (rows,),
+        q, k, v0, v1, scratch, out, bounds, q.stride(0), q.stride(1), *k.stride()[:3], n0, n1, P, n_pages,
+        1.0 / math.sqrt(D), Hkv, take, N1_PAD=max(_pow2(n1, 1), S_PAD), FAN=fan, S_PAD=S_PAD, P_PAD=P_PAD,
+        CHUNK=chunk, K_PAD=K_PAD, WHOLE=whole, **consts, num_warps=SELECT["pick_warps"],
+    )
     return out
 
 
