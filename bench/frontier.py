@@ -215,20 +215,21 @@ def render(args) -> None:
     baseline = [r for r in rows if (r["model"], r["length"]) in at and r["variant"] in BASELINES]
     covered = {(r["model"], r["length"], r["variant"], r["workload"]) for r in baseline}
     swept = [r for r in swept if (r["model"], r["length"], r["variant"], r["workload"]) not in covered]
-    summary, tuned = (
-        "".join(f"| {m} | {v} | {100 * s['read']:.1f}% | {100 * s['match']:.1f}% | {100 * s['all']:.0f}% | "
-                f"{s['kl']:.2e} | {100 * s['passkey']:.0f}% | {100 * s['needles']:.0f}% |\n"
-                for (m, v), s in summarise(part).items()) for part in (rows, baseline + swept))
+    def table_rows(part: list[dict], by: tuple[str, ...]) -> str:
+        return "".join(f"| {' | '.join(map(str, key))} | {100 * s['read']:.1f}% | {100 * s['match']:.1f}% | "
+                       f"{100 * s['all']:.0f}% | {s['kl']:.2e} | {100 * s['passkey']:.0f}% | {100 * s['needles']:.0f}% |\n"
+                       for key, s in summarise(part, by).items())
+    summary = table_rows(rows, ("model", "variant"))
+    tuned = table_rows(sorted(baseline + swept, key=lambda r: (r["model"], r["length"])), ("model", "length", "variant"))
     sweep = "" if not swept else f"""
 ## Selection settings (tuning sweep)
 
-Settings around the main variants (`--set tuning`), on the lengths the sweep ran, after the
-baseline: the main runs' rows at those lengths, or where no main run covers a length the sweep's
-own run of the main variants (A=4, W=128, pages of 32, 16x oversampling, scope group, no dense
-layer).
+Settings around the main variants (`--set tuning`), per length the sweep ran, after the
+baseline: the main runs' rows at that length, or where no main run covers it the sweep's own run
+of the main variants (A=4, W=128, pages of 32, 16x oversampling, scope group, no dense layer).
 
-| model | variant | KV read | match | all 100% | KL | pass keys | needles |
-|---|---|---|---|---|---|---|---|
+| model | length | variant | KV read | match | all 100% | KL | pass keys | needles |
+|---|---|---|---|---|---|---|---|---|
 {tuned}"""
     Path(args.out).write_text(f"""# Long context: KV bytes read against fidelity (sparse vs full attention)
 
@@ -297,13 +298,15 @@ def against_oracle(cont: list[dict]) -> list[tuple[dict, dict, str]]:
     return out
 
 
-def summarise(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
-    out: dict[tuple[str, str], dict[str, float]] = {}
-    for (m, v) in dict.fromkeys((r["model"], r["variant"]) for r in rows):
-        cont = [r for r in rows if r["model"] == m and r["variant"] == v and r["workload"] != "retrieval"]
-        ret = [r for r in rows if r["model"] == m and r["variant"] == v and r["workload"] == "retrieval"]
+def summarise(rows: list[dict], by: tuple[str, ...] = ("model", "variant")) -> dict[tuple, dict[str, float]]:
+    """Means over the rows sharing the fields `by`."""
+    out: dict[tuple, dict[str, float]] = {}
+    for key in dict.fromkeys(tuple(r[f] for f in by) for r in rows):
+        group = [r for r in rows if tuple(r[f] for f in by) == key]
+        cont = [r for r in group if r["workload"] != "retrieval"]
+        ret = [r for r in group if r["workload"] == "retrieval"]
         mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))
-        out[(m, v)] = {"read": mean([r["read"] for r in cont]) if cont else 1.0,
+        out[key] = {"read": mean([r["read"] for r in cont]) if cont else 1.0,
                        "match": mean([r["token_match"] for r in cont]) if cont else 1.0,
                        "all": mean([float(r["token_match"] == 1.0) for r in cont]) if cont else 1.0,
                        "kl": mean([r["kl_mean"] for r in cont]) if cont else 0.0,
