@@ -146,6 +146,7 @@ class DecodeStep:
         self.count = torch.zeros(1, dtype=torch.int64, device=device)  # steps taken, kept only to index dropped
         self.use_graph = cache.graphable if graph is None else graph
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # kept for the graph (_capture)
         self.warm = False  # the first step ran (eagerly: Triton compiles, cuBLAS warms up)
         self.steps = 0
 
@@ -177,6 +178,10 @@ class DecodeStep:
         with torch.cuda.graph(graph):
             self._run()
         self.graph = graph
+        # the RoPE tables the graph reads: a later, larger cache replaces them in the model
+        # (Rotary.reserve), so the step keeps these alive for as long as it replays
+        rotary, model = self.llm.model.rotary, self.llm.model
+        self.rope_tables = rotary.table(model.device, model.dtype) if rotary is not None else None
 
     def __call__(self) -> None:
         self.cache.reserve(1)
