@@ -264,19 +264,24 @@ def _append(KN, VN, K, V, RK, RV, KMIN, KMAX, BOUNDS, W, P, snb, snh, svb, svh, 
         tl.store(RK + ring, kn, mask=dmask)
         tl.store(RV + ring, vn, mask=dmask)
     if PAGES:
-        page = b * spb + h * sph + (pos // P) * spn + d
-        first = pos % P == 0  # a new page starts with this key as its min and max
-        kf = kn.to(tl.float32)  # compare in fp32 (exact; the interpreter mishandles bf16 max)
-        lo = _widen(tl.load(KMIN + page, mask=dmask), tl.float32)
-        hi = _widen(tl.load(KMAX + page, mask=dmask), tl.float32)
-        # NaN (an fp8 summary past its range) must stay: by default tl.minimum drops it
-        lo = tl.where(first, kf, tl.minimum(lo, kf, propagate_nan=tl.PropagateNan.ALL))
-        hi = tl.where(first, kf, tl.maximum(hi, kf, propagate_nan=tl.PropagateNan.ALL))
-        if KMIN.dtype.element_ty == tl.float8e4nv:  # rounding is monotone: rounding the new min suffices
-            lo = _fp8_outward(lo, False)
-            hi = _fp8_outward(hi, True)
-        tl.store(KMIN + page, lo.to(KMIN.dtype.element_ty), mask=dmask)
-        tl.store(KMAX + page, hi.to(KMAX.dtype.element_ty), mask=dmask)
+        _update_page(KMIN, KMAX, b * spb + h * sph + (pos // P) * spn + d, kn, pos % P == 0, dmask)
+
+
+@triton.jit
+def _update_page(KMIN, KMAX, off, key, first, mask):
+    """Fold a new key (elements at off, where mask) into its page's min/max summaries; a key that
+    is first of its page (first) starts them."""
+    kf = key.to(tl.float32)  # compare in fp32 (exact; the interpreter mishandles bf16 max)
+    lo = _widen(tl.load(KMIN + off, mask=mask), tl.float32)
+    hi = _widen(tl.load(KMAX + off, mask=mask), tl.float32)
+    # NaN (an fp8 summary with no bound) must stay: by default tl.minimum drops it
+    lo = tl.where(first, kf, tl.minimum(lo, kf, propagate_nan=tl.PropagateNan.ALL))
+    hi = tl.where(first, kf, tl.maximum(hi, kf, propagate_nan=tl.PropagateNan.ALL))
+    if KMIN.dtype.element_ty == tl.float8e4nv:  # rounding is monotone: rounding the new min suffices
+        lo = _fp8_outward(lo, False)
+        hi = _fp8_outward(hi, True)
+    tl.store(KMIN + off, lo.to(KMIN.dtype.element_ty), mask=mask)
+    tl.store(KMAX + off, hi.to(KMAX.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _fp8_outward, _widen
+from .triton_attention import _update_page
 
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3  # the prologue: what the row multiplied by W is
 
@@ -47,18 +47,7 @@ def _append_rows(a, r, m, KC, VC, RK, RV, KMIN, KMAX, BOUNDS, k_first, kv_size, 
         tl.store(RK + h * srh + (pos % ring) * srn + d, x, mask=is_k)
         tl.store(RV + h * srh + (pos % ring) * srn + d, x, mask=is_v)
     if PAGES:
-        off = h * sph + (pos // page) * spn + d
-        first = pos % page == 0
-        xf = x.to(tl.float32)
-        lo = _widen(tl.load(KMIN + off, mask=is_k), tl.float32)
-        hi = _widen(tl.load(KMAX + off, mask=is_k), tl.float32)
-        lo = tl.where(first, xf, tl.minimum(lo, xf, propagate_nan=tl.PropagateNan.ALL))
-        hi = tl.where(first, xf, tl.maximum(hi, xf, propagate_nan=tl.PropagateNan.ALL))
-        if KMIN.dtype.element_ty == tl.float8e4nv:
-            lo = _fp8_outward(lo, False)
-            hi = _fp8_outward(hi, True)
-        tl.store(KMIN + off, lo.to(KMIN.dtype.element_ty), mask=is_k)
-        tl.store(KMAX + off, hi.to(KMAX.dtype.element_ty), mask=is_k)
+        _update_page(KMIN, KMAX, h * sph + (pos // page) * spn + d, x, pos % page == 0, is_k)
 
 
 @triton.jit
