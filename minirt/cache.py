@@ -97,7 +97,7 @@ class DenseCache:
 
     def _store_step(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
         if k is not None:
-            self.ops.append_kv(*self.append_target(layer)[:6], k, v, self.bounds, 0)
+            reference.append_new(self.append_target(layer), k, v, self.ops)
 
     def _dense_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds)[0]
@@ -149,13 +149,12 @@ class CondensateCache(DenseCache):
     def __init__(self, cfg: ModelConfig, policy: CondensateConfig, capacity: int, batch: int = 1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  certify: bool = False):
+        self.anchor, self.window = policy.anchor, policy.window  # before the base sets the first step's bounds
         super().__init__(cfg, capacity, batch, device, dtype)
         bad = [i for i in policy.dense_layers if i >= cfg.n_layers]
         if bad:
             raise ValueError(f"dense_layers {bad} out of range: the model has {cfg.n_layers} layers")
         self.policy = policy
-        self.anchor, self.window = policy.anchor, policy.window
-        self._set_length(0)  # the bounds again, now with the anchor and window
         # certify: measure every head's dropped mass exactly (scores every key); int8 selection's
         # certified mode decides fallbacks from its own bound and needs no exact scores
         self.certify = certify or (policy.max_dropped_mass is not None and policy.selection != "int8")
@@ -230,8 +229,7 @@ class CondensateCache(DenseCache):
                                       *self._pages(layer), self.bounds, self.policy.page_size)
 
     def _store_step(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
-        if k is not None:
-            self.ops.append_kv(*self.append_target(layer)[:6], k, v, self.bounds, self.policy.page_size)
+        super()._store_step(layer, k, v)
         if self.kq is not None:  # the new key's int8 copy, at the position held on the device
             position = (self.bounds[:1] - 1).long()
             kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position))

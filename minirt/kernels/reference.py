@@ -112,10 +112,16 @@ def kv_of_qkv(qkv: torch.Tensor, target: AppendTarget) -> tuple[torch.Tensor, to
     return kv[:, 0], kv[:, 1]
 
 
-def append_qkv(qkv: torch.Tensor, target: AppendTarget) -> None:
-    """Store the new key and value of a decode step's q|k|v row at target."""
+def append_new(target: AppendTarget, k: torch.Tensor, v: torch.Tensor, ops: ModuleType | None = None) -> None:
+    """Store a decode step's new key and value [B, Hkv, 1, D] at target with ops' append_kv (an
+    attention implementation's; this module's by default)."""
     t = target
-    append_kv(t.k, t.v, t.ring_k, t.ring_v, t.kmin, t.kmax, *kv_of_qkv(qkv, t), t.bounds, t.page_size)
+    (ops or sys.modules[__name__]).append_kv(t.k, t.v, t.ring_k, t.ring_v, t.kmin, t.kmax, k, v, t.bounds, t.page_size)
+
+
+def append_qkv(qkv: torch.Tensor, target: AppendTarget, ops: ModuleType | None = None) -> None:
+    """append_new of the new key and value of a decode step's q|k|v row."""
+    append_new(target, *kv_of_qkv(qkv, target), ops)
 
 
 def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,

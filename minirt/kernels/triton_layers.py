@@ -137,9 +137,7 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.
 
 def append_qkv(qkv: torch.Tensor, target: reference.AppendTarget) -> None:
     """See reference.append_qkv: one append launch (when the projection could not fuse it)."""
-    t = target
-    triton_attention.append_kv(t.k, t.v, t.ring_k, t.ring_v, t.kmin, t.kmax, *reference.kv_of_qkv(qkv, t), t.bounds,
-                               t.page_size)
+    reference.append_qkv(qkv, target, ops=triton_attention)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
