@@ -71,24 +71,36 @@ def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool) -> dict:
         assert len(out.tokens) == new, out.finish_reason
         seconds, prefill = out.decode_s / out.decode_steps, out.prefill_s
     else:  # the cache filled with random keys/values, then the same decode step generate() runs
-        cache = llm.new_cache(n + new, attention, policy)
-        cache.k.normal_()
-        cache.v.normal_()
-        cache.hold(n)  # as if n positions had been prefilled: their ring and page summaries too
-        step = DecodeStep(llm, cache)
-        step.choose(torch.randn(1, llm.cfg.vocab_size, device="cuda"))
+        step = synthetic_step(llm, n, n + new, attention, policy)
         for _ in range(3):  # eager first step (Triton compiles), capture, one replay
             step()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(new - 3):
-            step()
-        end.record()
-        end.synchronize()
-        seconds, prefill = start.elapsed_time(end) / 1e3 / (new - 3), float("nan")
+        seconds, prefill = seconds_per_step(step, new - 3), float("nan")
     read = model_bytes(llm.cfg) + kv_bytes(llm.cfg, n, attention, policy)
     return row(name + (" (synthetic cache)" if synthetic else ""), n, seconds, read, prefill)
+
+
+def synthetic_step(llm: LLM, n: int, capacity: int, attention: str, policy) -> DecodeStep:
+    """The decode step over a cache of `capacity` holding n random positions, as if prefilled
+    (their ring and page summaries too), its first token chosen from random logits."""
+    cache = llm.new_cache(capacity, attention, policy)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.hold(n)
+    step = DecodeStep(llm, cache)
+    step.choose(torch.randn(1, llm.cfg.vocab_size, device="cuda"))
+    return step
+
+
+def seconds_per_step(step: DecodeStep, n: int) -> float:
+    """Wall time per step of n steps in a row on the GPU (CUDA events), gaps between kernels included."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / n
 
 
 def row(system: str, n: int, seconds: float, read: int, prefill: float) -> dict:

@@ -15,9 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.generate import SYSTEMS, TINYLLAMA  # noqa: E402
+from bench.generate import SYSTEMS, TINYLLAMA, seconds_per_step, synthetic_step  # noqa: E402
 from minirt import Transformer, kernels  # noqa: E402
-from minirt.generation import DecodeStep  # noqa: E402
 from minirt.llm import LLM  # noqa: E402
 
 NAMES = {"full": "minirt full", "exact": "minirt sparse (exact)", "pages": "minirt sparse (pages)",
@@ -36,13 +35,7 @@ def main() -> None:
         model = Transformer(cfg).to(torch.bfloat16).eval()
     model.use_kernels(kernels.layer_implementation("cuda"))
     llm = LLM(model, None, Path("tinyllama-shaped-random"))
-    attention, policy = SYSTEMS[NAMES[args.attention]]
-    cache = llm.new_cache(capacity, attention, policy)
-    cache.k.normal_()
-    cache.v.normal_()
-    cache.hold(args.context)
-    step = DecodeStep(llm, cache)
-    step.choose(torch.randn(1, cfg.vocab_size, device="cuda"))
+    step = synthetic_step(llm, args.context, capacity, *SYSTEMS[NAMES[args.attention]])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(2):  # the first runs eagerly (kernels compile), the second captures the graph and replays it
@@ -57,14 +50,7 @@ def main() -> None:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events) / args.steps
-    # the same steps unprofiled, timed by CUDA events: the replay's wall time, gaps between kernels included
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    replay = start.elapsed_time(end) * 1000 / args.steps
+    replay = seconds_per_step(step, args.steps) * 1e6  # the same steps unprofiled: the replay's wall time
     print(f"{NAMES[args.attention]}, context {args.context}: {total:.0f} us of kernels per step in "
           f"{sum(e.count for e in events) / args.steps:.0f} launches; {replay:.0f} us per replayed step "
           f"(CUDA events), so {replay - total:.0f} us between kernels; the first two steps (eager, capture) "
