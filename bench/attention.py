@@ -63,19 +63,22 @@ def graphed(fn, inputs: list):
 
 
 def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int,
-                 fallback: float = 1.0) -> int:
+                 fallback: float = 1.0, attended: int | None = None, Hq: int = 0) -> int:
     """KV bytes one decode step of one layer reads; fallback: the fraction of KV groups that fall
-    back to full attention (certified mode reads their keys and values again)."""
+    back to full attention (certified mode reads their keys and values again); attended: the
+    distant keys per KV head a threshold selection kept (measured); Hq: query heads (their page bins)."""
     A, W, k, P = policy.anchor, policy.window, policy.top_k, policy.page_size
     pages = math.ceil(n / P)
     candidates = max(0, n - A - W)  # positions neither anchor nor window: the most top-k can attend
-    k = min(k, candidates)
+    k = min(k, candidates) if attended is None else attended
     if policy.whole_pages:  # page min/max, then the chosen pages' keys and values (and the tail's fp32 sums)
         k = min(candidates, reference.whole_pages(policy.top_k, P) * P)
         tail = 2 * Hkv * pages * D * 4 if policy.tail else 0
         return 2 * Hkv * (A + W + k + 1) * D * el + 2 * Hkv * pages * D * summary_el + tail
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
-    scored = Hkv * n * (D + 4) if policy.selection == "int8" else Hkv * n * D * el  # int8 keys + fp32 scales
+    scored = Hkv * n * (D + 4) if policy.shadowed else Hkv * n * D * el  # int8 keys + fp32 scales
+    if policy.selection == "int8-threshold":
+        scored += 2 * Hq * pages * 2  # each head's int16 page bins, written and read
     if policy.certified:  # every key scored, the list attended, and the fallback groups' whole cache
         return attend + scored + round(fallback * 2 * Hkv * n * D * el)
     if policy.selection in ("exact", "int8"):
@@ -146,7 +149,9 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
                 f"certified-eps{CERTIFIED_EPS:g}-k{CERTIFIED_K}": replace(POLICY, top_k=CERTIFIED_K,
                                                                         max_dropped_mass=CERTIFIED_EPS),
                 f"certified-int8-eps{CERTIFIED_EPS:g}-k{CERTIFIED_K}": replace(
-                    POLICY, selection="int8", top_k=CERTIFIED_K, max_dropped_mass=CERTIFIED_EPS)}
+                    POLICY, selection="int8", top_k=CERTIFIED_K, max_dropped_mass=CERTIFIED_EPS),
+                f"certified-int8-threshold-eps{CERTIFIED_EPS:g}": replace(
+                    POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=CERTIFIED_EPS)}
     for variant, policy in variants.items():
         # Certified modes also with peaked queries (q x PEAK): random keys and queries spread each
         # head's mass over the whole context, so every head falls back; peaked, a few keys hold it.
@@ -160,15 +165,21 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
             # every call rewrites it), update ring and page summary, select, attend.
             step = lambda inp: inp[1].attend(0, inp[0][:, :, None], new_kv[0], new_kv[1])  # noqa: E731
             step_qs = [q * peak for q in qs]
-            note, fallback = "", 1.0
+            note, fallback, attended = "", 1.0, None
             if policy.certified:  # one step first: which heads and KV groups fall back
                 step((step_qs[0], caches[0]))
                 fall = ~(caches[0].dropped[0] < policy.max_dropped_mass)  # [1, Hq]
                 fallback = float(fall.view(Hkv, -1).any(-1).float().mean())
                 note = f"heads falling back: {int(fall.sum())}/{Hq}"
+            if policy.selection == "int8-threshold":  # what the threshold kept, per KV head
+                c = caches[0]
+                kept = reference.kept_pages(*c.ops.page_threshold(step_qs[0], c.kq[0], c.kscale[0], c.bounds,
+                                                                  policy.max_dropped_mass, policy.page_size)[:2], Hkv)
+                attended = round(float(kept[..., :math.ceil(n / policy.page_size)].sum()) * policy.page_size / Hkv)
+                note += f"; distant keys kept per KV head: {attended}"
             summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()
             add(method, step, list(zip(step_qs, caches)),
-                sparse_bytes(n, Hkv, D, el, policy, summary_el, fallback), note)
+                sparse_bytes(n, Hkv, D, el, policy, summary_el, fallback, attended, Hq), note)
             del caches
     for r in rows:
         flash = next(f["ms"] for f in rows if f["method"] == "sdpa-flash" and f["mode"] == r["mode"])

@@ -52,6 +52,9 @@ def variants() -> dict[str, CondensateConfig | None]:
         out[f"certified eps={eps:g}"] = CondensateConfig(top_k=NO_CAP, max_dropped_mass=eps)
     for eps in (1e-2, 1e-3):
         out[f"certified int8 eps={eps:g}"] = CondensateConfig(selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
+    for eps in (1e-2, 1e-3):  # the GPU's certified mode: single keys by threshold, no sort
+        out[f"certified int8 threshold eps={eps:g}"] = CondensateConfig(selection="int8-threshold", page_size=1,
+                                                                        max_dropped_mass=eps)
     return out
 
 
@@ -97,7 +100,9 @@ def read_fraction(llm: LLM, policy: CondensateConfig | None, n: float, attended:
     cfg = llm.cfg
     full = 2 * cfg.n_kv_heads * n * cfg.head_dim * 2
     if policy.certified:  # every key scored (bf16, or int8 + an fp32 scale), then the attended keys
-        scored = (cfg.head_dim + 4) / (4 * cfg.head_dim) if policy.selection == "int8" else 0.5
+        scored = (cfg.head_dim + 4) / (4 * cfg.head_dim) if policy.shadowed else 0.5
+        if policy.selection == "int8-threshold":  # each head's int16 page bin, written and read
+            scored += 2 * 2 * (cfg.n_heads // cfg.n_kv_heads) / policy.page_size / (4 * cfg.head_dim)
         return min(1.0, scored + attended / n + fallback_rate)
     dense = len(policy.dense_layers) / cfg.n_layers  # dense layers read every key and value
     return dense + (1 - dense) * sparse_bytes(int(n), cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full
@@ -326,10 +331,11 @@ def plot(rows: list[dict], path: Path) -> None:
                 "whole pages": lambda v: v.startswith("whole") and "tail" not in v,
                 "whole pages + tail": lambda v: "tail" in v,
                 "certified": lambda v: v.startswith("certified") and "int8" not in v,
-                "certified int8": lambda v: v.startswith("certified int8")}
+                "certified int8": lambda v: v.startswith("certified int8 eps"),
+                "certified int8 threshold": lambda v: v.startswith("certified int8 threshold")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for (model, n), color in zip(prompts, plt.cm.tab10.colors):
-        for family, marker in zip(families, "sov^D"):
+        for family, marker in zip(families, "sov^DP"):
             pts = [r for r in cont if (r["model"], r["length"]) == (model, n) and families[family](r["variant"])]
             if not pts:
                 continue

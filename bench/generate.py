@@ -42,6 +42,10 @@ SYSTEMS = {
     "minirt sparse (exact)": ("sparse", CondensateConfig()),
     "minirt sparse (pages)": ("sparse", CondensateConfig(selection="pages")),
     "minirt sparse (whole pages, k=512)": ("sparse", CondensateConfig(selection="whole-pages", top_k=512)),
+    "minirt sparse (whole pages, k=1024, W=512)": ("sparse", CondensateConfig(selection="whole-pages", top_k=1024,
+                                                                             window=512)),
+    "minirt sparse (whole pages, k=1024, W=512, P=16)": ("sparse", CondensateConfig(
+        selection="whole-pages", top_k=1024, window=512, page_size=16)),
 }
 
 

@@ -157,7 +157,7 @@ class CondensateCache(DenseCache):
         self.policy = policy
         # certify: measure every head's dropped mass exactly (scores every key); int8 selection's
         # certified mode decides fallbacks from its own bound and needs no exact scores
-        self.certify = certify or (policy.max_dropped_mass is not None and policy.selection != "int8")
+        self.certify = certify or (policy.max_dropped_mass is not None and not policy.shadowed)
         self._check_plan(capacity)
         ring = (cfg.n_layers, batch, cfg.n_kv_heads, policy.window, cfg.head_dim)
         self.ring_k = torch.zeros(ring, device=device, dtype=dtype)
@@ -171,7 +171,7 @@ class CondensateCache(DenseCache):
             self.kmax = torch.empty(pages, device=device, dtype=summary)
         # int8 selection: each key's int8 copy and scale (kernels.reference.quantize_keys)
         self.kq = self.kscale = None
-        if policy.selection == "int8":
+        if policy.shadowed:
             self.kq = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim, device=device,
                                   dtype=torch.int8)
             self.kscale = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, device=device)
@@ -199,7 +199,7 @@ class CondensateCache(DenseCache):
             return
         k_top = min(p.top_k, capacity)
         fits = (self.ops.can_page_select(capacity, k_top, p.page_size, p.page_oversample, p.whole_pages) if p.paged
-                else self.certify or p.selection == "int8" or self.ops.can_exact_select(capacity, k_top))
+                else self.certify or p.shadowed or self.ops.can_exact_select(capacity, k_top))
         problems = [
             (p.scope == "head", "scope='head' (one top-k per query head) has no GPU kernel; use scope='group'"),
             (p.budget_alpha > 0, "a top-k that grows with the context (budget_alpha) has no GPU kernel"),
@@ -284,14 +284,13 @@ class CondensateCache(DenseCache):
 
     def _sparse_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         p = self.policy
-        B, Hq, D = q.shape
+        if p.selection == "int8-threshold":
+            return self._threshold_step(layer, q)
         ks, vs = self.k[layer], self.v[layer]
         k_top = self._top_k()
         scores = lse_all = shadow = None
         if self.certify or p.scope == "head":  # per head, every live key: the certificate's exact mass
-            j = torch.arange(ks.shape[2], device=q.device)
-            scores = kernels.group_scores(q, ks).masked_fill(j >= self.bounds[0], NEG_INF)
-            lse_all = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
+            scores, lse_all = self._exact_scores(layer, q)
         if self.kq is not None:  # every key's logit from its int8 copy, and its error bound
             shadow = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0])
         idx = self._select(layer, q, k_top, scores, lse_all, shadow)
@@ -318,11 +317,40 @@ class CondensateCache(DenseCache):
             self.dropped_bound[layer] = reference.dropped_mass_bound(
                 q, ks, *self._pages(layer), self.bounds, idx, lse, k_top, p.page_size,
                 1.0 if p.whole_pages else p.page_oversample)
-        dropped = (1 - torch.exp(lse - lse_all.reshape(B, Hq))).clamp(min=0)
-        self.dropped[layer] = dropped
+        dropped = self._exact_dropped(layer, q, lse, lse_all)
         if p.max_dropped_mass is None:
             return out
         return self._fall_back(layer, q, out, dropped if bound is None else bound)
+
+    def _exact_scores(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's logits over the cache [B, Hkv, G, capacity] (-inf past n), and their log-sum-exp [B, Hkv, G]."""
+        j = torch.arange(self.k.shape[3], device=q.device)
+        scores = kernels.group_scores(q, self.k[layer]).masked_fill(j >= self.bounds[0], NEG_INF)
+        return scores, torch.logsumexp(scores, dim=-1)
+
+    def _exact_dropped(self, layer: int, q: torch.Tensor, lse: torch.Tensor, lse_all: torch.Tensor) -> torch.Tensor:
+        """Each head's attention mass outside its attended set (lse) from every key's (lse_all), recorded."""
+        dropped = (1 - torch.exp(lse - lse_all.reshape(lse.shape))).clamp(min=0)
+        self.dropped[layer] = dropped
+        return dropped
+
+    def _threshold_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Certified whole pages from the int8 copies (kernels.reference.page_threshold): the bound
+        U / (Z_set + U) decides each head's fallback; with certify the exact dropped mass is recorded."""
+        p, ks, vs = self.policy, self.k[layer], self.v[layer]
+        page_bin, threshold, log_rest = self.ops.page_threshold(q, self.kq[layer], self.kscale[layer], self.bounds,
+                                                                p.max_dropped_mass, p.page_size)
+        out, lse = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, page_bin,
+                                                    threshold, self.bounds, p.anchor, p.page_size)
+        bound = torch.sigmoid(log_rest - lse)
+        self.dropped_bound[layer] = bound
+        if self.certify:  # measured for equivalence reports: keys attended, exact dropped mass
+            keep = reference.kept_pages(page_bin, threshold, ks.shape[1]).repeat_interleave(p.page_size, -1)
+            self.selected[layer] = (keep[..., :ks.shape[2]] & reference.candidates(ks[0, 0, :, 0], self.bounds)).sum(-1)
+            self._exact_dropped(layer, q, lse, self._exact_scores(layer, q)[1])
+        else:
+            self.dropped[layer] = bound
+        return self._fall_back(layer, q, out, bound)
 
     def _select(self, layer: int, q: torch.Tensor, k_top: int, scores: torch.Tensor | None,
                 lse_all: torch.Tensor | None, shadow: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

@@ -182,7 +182,7 @@ def _llama_like(hf: dict[str, Any]) -> ModelConfig:
 _BUILDERS = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like}
 
 
-SELECTIONS = ("exact", "int8", "pages", "whole-pages")
+SELECTIONS = ("exact", "int8", "int8-threshold", "pages", "whole-pages")
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,10 @@ class CondensateConfig:
     scope: str = "group"  # top-k shared by a KV group's query heads, or chosen per "head"
     # "exact": score every key; "int8": score every key's int8 copy (a quarter of the cache's bytes)
     # within a known error; "pages": rank pages by their Quest bound, then score the best pages'
-    # keys; "whole-pages": attend the ceil(top_k / page_size) best pages whole (no token scoring)
+    # keys; "whole-pages": attend the ceil(top_k / page_size) best pages whole (no token scoring);
+    # "int8-threshold" (certified mode only): from the int8 copies, attend every page (page_size keys;
+    # 1: single keys) whose best logit bound clears a per-head threshold set so that every head
+    # provably keeps all but max_dropped_mass (no top_k, no sort)
     selection: str = "exact"
     page_size: int = 32
     page_oversample: float = 16.0  # "pages": pages scored exactly = ceil(k * oversample / page_size)
@@ -219,7 +222,10 @@ class CondensateConfig:
             (0 <= self.budget_exponent <= 1, "budget_exponent must be in [0, 1]"),
             (self.scope in ("group", "head"), "scope must be 'group' or 'head'"),
             (self.selection in SELECTIONS, f"selection must be one of {', '.join(SELECTIONS)}"),
-            (self.selection != "int8" or self.scope == "group", "int8 selection keeps one list per KV group (scope='group')"),
+            (self.selection not in ("int8", "int8-threshold") or self.scope == "group",
+             f"{self.selection} selection keeps one list per KV group (scope='group')"),
+            (self.selection != "int8-threshold" or self.max_dropped_mass is not None,
+             "int8-threshold selection is certified mode: set max_dropped_mass"),
             (self.selection != "whole-pages" or self.scope == "group",
              "whole-pages selection keeps one page list per KV group (scope='group')"),
             (not self.tail or self.selection == "whole-pages", "the tail estimate needs selection='whole-pages'"),
@@ -242,7 +248,13 @@ class CondensateConfig:
     def certified(self) -> bool:
         """Certified mode: the top-k adapts to max_dropped_mass (one list per KV group), from exact
         scores or from the int8 copy's bounds."""
-        return self.max_dropped_mass is not None and self.selection in ("exact", "int8") and self.scope == "group"
+        return (self.max_dropped_mass is not None and self.selection in ("exact", "int8", "int8-threshold")
+                and self.scope == "group")
+
+    @property
+    def shadowed(self) -> bool:
+        """Whether selection scores the int8 copies of the keys (which the cache then keeps)."""
+        return self.selection in ("int8", "int8-threshold")
 
     @property
     def whole_pages(self) -> bool:

@@ -17,6 +17,8 @@ POLICIES = {
     "whole-pages-fp8": CondensateConfig(anchor=2, window=8, top_k=8, selection="whole-pages", page_size=4),
     "certified": CondensateConfig(anchor=2, window=8, top_k=4, max_dropped_mass=0.05),
     "certified-int8": CondensateConfig(anchor=2, window=8, top_k=4, selection="int8", max_dropped_mass=0.05),
+    "certified-int8-threshold": CondensateConfig(anchor=2, window=8, selection="int8-threshold", page_size=4,
+                                             max_dropped_mass=0.05),
 }
 
 

@@ -99,6 +99,76 @@ def test_sparse_attention_reference_is_exact_softmax_over_the_union():
         assert torch.allclose(got[0, h * G:(h + 1) * G], torch.softmax(s, -1) @ v[0, h], atol=1e-6)
 
 
+def dyadic_int8_keys(B, Hkv, G, D, cap, g):
+    """Queries on a 1/8 grid and int8 keys with power-of-two scales (and the keys they stand for):
+    every logit estimate is exact in both twins, so their page bins must agree bit for bit."""
+    k = torch.randn(B, Hkv, cap, D, generator=g) * torch.rand(B, Hkv, cap, 1, generator=g) * 3
+    kq, scale = ref.quantize_keys(k)
+    scale = torch.exp2(torch.round(torch.log2(scale)))
+    q = torch.round(torch.randn(B, Hkv * G, D, generator=g) * 8) / 8
+    return q.to(DEVICE), kq.to(DEVICE), scale.to(DEVICE), (kq.float() * scale[..., None]).to(DEVICE)
+
+
+@pytest.mark.parametrize("B, Hkv, G, n, P, window", [(1, 2, 3, 650, 16, 32), (2, 1, 7, 1500, 32, 128),
+                                                     (1, 2, 8, 90, 5, 8), (1, 1, 4, 2, 16, 8), (1, 2, 4, 1100, 1, 64)])
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 1e-2, 0.3, 1.0])
+def test_page_threshold(B, Hkv, G, n, P, window, eps):
+    """Certified page selection from int8 copies: the two-launch kernel (per-block histograms,
+    aligned and summed) gives the reference's page bins, thresholds and rest, at every eps (0 keeps
+    every page; 1 keeps none), with ragged last pages and a cache of 2 positions."""
+    g = torch.Generator().manual_seed(n + P)
+    q, kq, scale, _ = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g)
+    bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, window), DEVICE)
+    want = ref.page_threshold(q, kq, scale, bounds, eps, P)
+    got = tri.page_threshold(q, kq, scale, bounds, eps, P)
+    scored = -(-(n - 1) // P)  # pages holding positions [0, n - 1): the kernel writes only those
+    assert torch.equal(got[0][..., :scored], want[0][..., :scored])
+    assert torch.equal(got[1], want[1])
+    finite = torch.isfinite(want[2])
+    assert torch.equal(finite, torch.isfinite(got[2]))
+    assert torch.allclose(got[2][finite], want[2][finite], rtol=1e-5, atol=1e-5)
+
+
+def test_page_threshold_certifies_the_dropped_mass():
+    """After attending the pages page_threshold keeps, U / (Z_set + U) is never below the exact
+    dropped mass and is <= eps for every head (reference, random keys of a few magnitudes)."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, G, D, n, P, W = 1, 2, 4, 64, 1200, 16, 64
+    q, kq, scale, k = dyadic_int8_keys(B, Hkv, G, D, n, g)
+    q, k, v = 4 * q.cpu(), k.cpu(), torch.randn(B, Hkv, n, D, generator=g)  # peaked: logits spread over ~+-20
+    bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, W), "cpu")
+    ring_k, ring_v = torch.zeros(B, Hkv, W, D), torch.zeros(B, Hkv, W, D)
+    ref.fill_ring(ring_k, ring_v, k[:, :, n - W:], v[:, :, n - W:], n - W)
+    exact_lse = ref.decode_attention(q, k, v)[1]
+    for eps in (1e-3, 1e-2, 0.1):
+        page_bin, threshold, log_rest = ref.page_threshold(q, kq.cpu(), scale.cpu(), bounds, eps, P)
+        _, lse = ref.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, bounds, 4, P)
+        bound, dropped = torch.sigmoid(log_rest - lse), 1 - torch.exp(lse - exact_lse)
+        assert bool((bound >= dropped - 1e-6).all()) and bool((bound <= eps).all())
+        assert 0 < int(ref.kept_pages(page_bin, threshold, Hkv).sum()) < Hkv * (n - W) // P  # it chose, and left out
+
+
+@pytest.mark.parametrize("n, P, dtype", [(700, 16, torch.float32), (3000, 32, torch.bfloat16), (77, 5, torch.float16),
+                                         (900, 1, torch.bfloat16)])
+def test_page_filtered_attention(n, P, dtype):
+    """Window ∪ anchor ∪ the kept pages' candidates, with each head's own threshold (a page joins
+    when any head of the group keeps it)."""
+    g = torch.Generator().manual_seed(n)
+    B, Hkv, G, D, W, anchor = 2, 2, 4, 64, 16, 4
+    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
+    k, v = make_cache(B, Hkv, n, D, dtype, g)
+    ring_k, ring_v = make_cache(B, Hkv, W, D, dtype, g, capacity_extra=0)
+    pages = -(-n // P)
+    page_bin = torch.randint(-3, 4, (B, Hkv * G, pages), generator=g, dtype=torch.int16).to(DEVICE)
+    threshold = torch.randint(1, 5, (B, Hkv * G), generator=g, dtype=torch.int32).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    got, lse = tri.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, n, anchor, P, out=out)
+    want, want_lse = ref.page_filtered_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(),
+                                                 page_bin, threshold, n, anchor, P)
+    assert rel_err(got, want) <= TOL[dtype]
+    assert rel_err(lse, want_lse) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("summary", [torch.float32, torch.float8_e4m3fn])
 def test_page_bound_is_an_upper_bound(summary):
     """Also with fp8 summaries (rounded outward); a key past fp8's range (page 1) lifts its
@@ -285,6 +355,7 @@ def test_append_kv(pages, dtype):
     ("sparse", dict(anchor=2, window=8, top_k=4)),
     ("sparse", dict(anchor=2, window=8, top_k=4, selection="pages", page_size=4, summary_dtype="cache")),
     ("sparse", dict(anchor=2, window=8, top_k=4, selection="pages", page_size=4, summary_dtype="fp8")),
+    ("sparse", dict(anchor=2, window=8, selection="int8-threshold", page_size=4, max_dropped_mass=0.05)),
 ])
 def test_runtime_through_triton_kernels(tiny_checkpoint, monkeypatch, attention, policy):
     """The model's attention calls reach the Triton kernels and give the reference path's logits."""

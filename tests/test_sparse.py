@@ -228,12 +228,14 @@ def test_bounded_select_certifies_the_dropped_mass(eps):
     assert int((idx >= 0).sum()) < Hkv * (n - lo - W)  # it did leave keys out
 
 
-def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm):
-    """Certified mode from the int8 copy (eps = 1e-3) on 1K tokens of real Python source: the same
-    tokens as full attention, and in every layer, head and step the bound it decided by is >= the
-    exact dropped mass (measured beside it) and <= eps (no cap, so no head falls back)."""
+@pytest.mark.parametrize("selection, page_size", [("int8", 32), ("int8-threshold", 1), ("int8-threshold", 4)])
+def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm, selection, page_size):
+    """Certified mode from the int8 copy (eps = 1e-3; keys ranked, or keys / pages of 4 by threshold)
+    on 1K tokens of real Python source: the same tokens as full attention, and in every layer, head
+    and step the bound it decided by is >= the exact dropped mass (measured beside it) and <= eps (no
+    cap, so no head falls back)."""
     ids = long_prompt(smollm2_llm.tokenizer, "code", 1024)
-    policy = CondensateConfig(selection="int8", top_k=1024, max_dropped_mass=1e-3)
+    policy = CondensateConfig(selection=selection, top_k=1024, page_size=page_size, max_dropped_mass=1e-3)
     report = compare(smollm2_llm, ids, 8, policy)
     assert report.token_match == 1.0 and report.dropped_mass_max <= 1e-3
     assert report.attended_keys < 0.8 * report.context
@@ -244,6 +246,15 @@ def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm):
         exact, bound = cache.dropped[:, 0], cache.dropped_bound[:, 0]
         assert bool((bound >= exact - 1e-6).all()) and bool((bound <= 1e-3 * (1 + 1e-4)).all())
     assert cache.fallbacks == 0
+
+
+def test_int8_pages_at_zero_eps_is_full_attention(smollm2_llm):
+    """eps = 0: every page is kept and still no head is certified (0 < 0 fails), so every head falls
+    back to full attention: full attention's tokens and logits."""
+    ids = smollm2_llm.tokenizer.encode(PAPER_PROMPTS["retrieval"])
+    report = compare(smollm2_llm, ids, 8, CondensateConfig(anchor=4, window=16, selection="int8-threshold",
+                                                           page_size=8, max_dropped_mass=0.0))
+    assert report.token_match == 1.0 and report.kl_max < 1e-6 and report.fallbacks > 0
 
 
 def test_dense_layers_drop_nothing(smollm2_llm):

@@ -33,12 +33,28 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of keys into the online softmax (m, l, acc) of the group's query heads."""
+    k = tl.load(kp, mask=lmask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = tl.load(vp, mask=lmask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return m_new, l, acc
+
+
+@triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, OP, LP, OUT, LSE, BOUNDS, GROUPS,
-    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
-    W, n_gather, scale, Hkv,
+    Q, K, V, RK, RV, IDX, PB, TH, OP, LP, OUT, LSE, BOUNDS, GROUPS,
+    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih, spb,
+    W, n_gather, P, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPARSE: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -52,7 +68,12 @@ def _attn_partial(
     n_ctx = tl.load(BOUNDS)
     lo = tl.load(BOUNDS + 1)
     hi = tl.load(BOUNDS + 2)
-    n_keys = W + lo + n_gather if SPARSE else n_ctx
+    if PAGED:
+        n_keys = W + hi
+    elif SPARSE:
+        n_keys = W + lo + n_gather
+    else:
+        n_keys = n_ctx
     keys_per_split = tl.cdiv(tl.cdiv(n_keys, n_splits), BLOCK_N) * BLOCK_N
     b = pid_bh // Hkv
     h = pid_bh % Hkv
@@ -61,6 +82,8 @@ def _attn_partial(
     gmask = g < G
     dmask = d < D
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if PAGED:  # each head's page threshold (padding heads keep nothing)
+        th = tl.load(TH + pid_bh * G + g, mask=gmask, other=2147483647)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -69,17 +92,28 @@ def _attn_partial(
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         in_range = j < end
-        if SPARSE:
-            # virtual sequence: W ring slots | anchor positions [0, lo) | gathered entries
+        if SPARSE or PAGED:
+            # virtual sequence: W ring slots | anchor positions [0, lo) | gathered entries, or with
+            # PAGED every position [lo, hi), attended where some head keeps its page
             is_ring = j < W
             newest = n_ctx - 1
             ring_pos = newest - ((newest - j) % W + W) % W  # latest position in slot j; < 0 if empty
-            is_anchor = (j >= W) & (j < W + lo)
-            is_gather = j >= W + lo
-            pos = tl.load(IDX + b * sib + h * sih + (j - W - lo), mask=in_range & is_gather, other=-1)
-            gather_ok = is_gather & (pos >= lo) & (pos < hi)
-            valid = in_range & ((is_ring & (ring_pos >= lo) & (ring_pos >= 0)) | is_anchor | gather_ok)
-            hist_pos = tl.where(is_anchor, j - W, tl.where(gather_ok, pos, 0)).to(tl.int64)
+            if PAGED:
+                pos = j - W
+                is_cand = in_range & (pos >= lo)
+                page_bin = tl.load(PB + (pid_bh * G + g)[:, None] * spb + (pos // P)[None, :],
+                                   mask=gmask[:, None] & is_cand[None, :], other=0)
+                keep = tl.max((page_bin >= th[:, None]).to(tl.int32), 0) > 0
+                hist_ok = (j >= W) & ((pos < lo) | (is_cand & keep))
+                hist_pos = tl.where(hist_ok, pos, 0).to(tl.int64)
+            else:
+                is_anchor = (j >= W) & (j < W + lo)
+                is_gather = j >= W + lo
+                pos = tl.load(IDX + b * sib + h * sih + (j - W - lo), mask=in_range & is_gather, other=-1)
+                gather_ok = is_gather & (pos >= lo) & (pos < hi)
+                hist_ok = is_anchor | gather_ok
+                hist_pos = tl.where(is_anchor, j - W, tl.where(gather_ok, pos, 0)).to(tl.int64)
+            valid = in_range & ((is_ring & (ring_pos >= lo) & (ring_pos >= 0)) | hist_ok)
             ring_off = (b * srb + h * srh + j * srn)[:, None] + d[None, :]
             hist_off = (b * skb + h * skh + hist_pos * skn)[:, None] + d[None, :]
             kp = tl.where(is_ring[:, None], RK + ring_off, K + hist_off)
@@ -90,17 +124,11 @@ def _attn_partial(
             kp = K + off
             vp = V + off
         lmask = valid[:, None] & dmask[None, :]
-        k = tl.load(kp, mask=lmask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(vp, mask=lmask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m = m_new
+        if PAGED:  # most blocks of a long context are pages nobody keeps: skip them
+            if tl.max(valid.to(tl.int32), 0) > 0:
+                m, l, acc = _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION, UPCAST)
+        else:
+            m, l, acc = _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION, UPCAST)
     lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if DIRECT:  # a single split: this is the final result, skip the reduction launch
@@ -173,8 +201,11 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
                       triton.cdiv(cfg["programs_per_sm"] * sms, programs), 256))
 
 
-def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, groups=None):
+def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, groups=None,
+               paged=None):
     """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
+    sparse: (ring_k, ring_v, idx), the window and gathered positions; with paged (page_bin,
+    threshold, page_size) instead of idx, the kept pages of the candidate range.
     groups [B, Hkv] (int32): if given, only the flagged KV groups are computed (the rest hold anything)."""
     cfg = {**DECODE, **(config or {})}
     B, Hq, D = q.shape
@@ -190,19 +221,28 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
     if not direct:
         op = torch.empty(B * Hkv * S, G_PAD, D_PAD, device=q.device, dtype=torch.float32)
         lp = torch.empty(B * Hkv * S, G_PAD, device=q.device, dtype=torch.float32)
-    if sparse is None:
-        ring_k = ring_v = idx = k  # unused
-        W = n_gather = 0
-    else:
+    ring_k = ring_v = idx = page_bin = threshold = k  # unused unless sparse / paged
+    W = n_gather = page_size = 0
+    if sparse is not None:
         ring_k, ring_v, idx = sparse
-        assert ring_v.stride() == ring_k.stride() and ring_k.stride(-1) == 1 and idx.stride(-1) == 1
-        W, n_gather = ring_k.shape[2], idx.shape[2]
+        assert ring_v.stride() == ring_k.stride() and ring_k.stride(-1) == 1
+        W = ring_k.shape[2]
+        if idx is None:
+            idx = k
+        else:
+            assert idx.stride(-1) == 1
+            n_gather = idx.shape[2]
+    if paged is not None:
+        page_bin, threshold, page_size = paged
+        assert page_bin.is_contiguous() and threshold.is_contiguous()
     _launch(_attn_partial, (B * Hkv, S),
-        q, k, v, ring_k, ring_v, idx, op, lp, out, lse, bounds, bounds if groups is None else groups,
+        q, k, v, ring_k, ring_v, idx, page_bin, threshold, op, lp, out, lse, bounds,
+        bounds if groups is None else groups,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
-        W, n_gather, 1.0 / math.sqrt(D), Hkv,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None, **_precision(q),
-        DIRECT=direct, SOME_GROUPS=groups is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        page_bin.stride(1), W, n_gather, page_size, 1.0 / math.sqrt(D), Hkv,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None and paged is None,
+        PAGED=paged is not None, **_precision(q), DIRECT=direct, SOME_GROUPS=groups is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
         _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, bounds if groups is None else groups, S, G=G, G_PAD=G_PAD,
@@ -227,6 +267,15 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: tor
     bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
     return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + idx.shape[2], (ring_k, ring_v, idx.contiguous()),
                       out, SPARSE)
+
+
+def page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, bounds, anchor: int, page_size: int,
+                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window ∪ anchor ∪ the kept pages' candidates; see reference.page_filtered_attention. The
+    loop runs over every candidate position and skips blocks that no head of the group keeps."""
+    bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
+    return _attention(q, k, v, bounds, ring_k.shape[2] + k.shape[2], (ring_k, ring_v, None), out,
+                      paged=(page_bin, threshold, page_size))
 
 
 @triton.jit
@@ -536,3 +585,173 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
     bounds = reference.as_bounds(bounds, k.shape[2], q.device)
     n_sel = reference.pages_taken(k_top, page_size, oversample, whole)
     return _select_topk(q, k, bounds, page_size, n_sel, n_sel * page_size if whole else k_top, kmin, kmax, whole)
+
+
+NO_PAGE: tl.constexpr = tl.constexpr(reference.NO_PAGE)
+MAX_BIN: tl.constexpr = tl.constexpr(reference.MAX_BIN)
+
+
+@triton.jit
+def _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
+                 D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
+                 HALF: tl.constexpr, SLACK: tl.constexpr):
+    """Logit bounds u, l [G_PAD, CH * P_PAD] from the int8 copies of pages c0 .. c0 + CH - 1 (as
+    reference.shadow_scores), and which of their positions are candidates / scored non-candidates."""
+    i = tl.arange(0, CH * P_PAD)
+    t = i % P_PAD
+    pos = (c0 + i // P_PAD).to(tl.int64) * P + t
+    live = (t < P) & (pos < scored)
+    cand = live & (pos >= lo) & (pos < hi)
+    d = tl.arange(0, D_PAD)
+    k = tl.load(KQ + (b * skb + h * skh + pos * skn)[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :],
+                other=0).to(tl.float32)
+    s = tl.load(KS + b * ssb + h * ssh + pos, mask=live, other=0.0)
+    est = tl.dot(q, tl.trans(k), input_precision="ieee") * (s / sqrt_d)[None, :]
+    err = q_err[:, None] * s[None, :] * HALF + SLACK
+    return est + err, est - err, cand, live & ~cand
+
+
+@triton.jit
+def _page_bins(u, cand, G_PAD: tl.constexpr, CH: tl.constexpr, P_PAD: tl.constexpr, WIDTH: tl.constexpr):
+    """floor(max u / WIDTH) over each page's candidates, [G_PAD, CH] (int32, clamped as
+    reference.page_threshold; NO_PAGE if none)."""
+    best = tl.max(tl.reshape(tl.where(cand[None, :], u, float("-inf")), [G_PAD, CH, P_PAD]), 2)
+    return tl.where(best > float("-inf"), tl.clamp(tl.floor(best / WIDTH), -MAX_BIN, MAX_BIN), NO_PAGE).to(tl.int32)
+
+
+@triton.jit
+def _page_scan(
+    Q, KQ, KS, BOUNDS, PAGE_BIN, TOP, HREST, HKEPT, HBASE,
+    sqb, sqh, skb, skh, skn, ssb, ssh, n_pages, n_blocks, P, sqrt_d, Hkv,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr,
+    CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, WIDTH: tl.constexpr, HALF: tl.constexpr,
+    SLACK: tl.constexpr,
+):
+    """page_threshold pass 1, bandwidth-bound: one program reads the int8 copies of NPB pages of
+    one KV head and writes, per query head, each page's bin, the block's top bin, and the block's
+    histogram over bins counted down from its top (exp sums relative to that bin's upper edge):
+    suffix sums of exp(u) and prefix sums of exp(l) over the candidates, and the sum of exp(l)
+    over the scored non-candidates (anchor and window)."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    n = tl.load(BOUNDS)
+    lo = tl.load(BOUNDS + 1)
+    hi = tl.load(BOUNDS + 2)
+    scored = n - 1  # the newest key's int8 copy is written at the end of the step
+    if blk * NPB * P >= scored:
+        return
+    b = row // Hkv
+    h = row % Hkv
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    gmask = g < G
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & (d < D)[None, :],
+                other=0.0).to(tl.float32)
+    q_err = tl.sum(tl.abs(q), 1) / sqrt_d
+    top = tl.full([G_PAD], float("-inf"), tl.float32)
+    c = tl.arange(0, CH)
+    for c0 in range(blk * NPB, (blk + 1) * NPB, CH):
+        u, l, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
+                                        D, D_PAD, P_PAD, CH, HALF, SLACK)
+        tl.store(PAGE_BIN + (row * G + g)[:, None] * n_pages + (c0 + c)[None, :], _page_bins(u, cand, G_PAD, CH, P_PAD, WIDTH).to(tl.int16),
+                 mask=gmask[:, None] & (c0 + c < n_pages)[None, :])
+        top = tl.maximum(top, tl.max(tl.where((cand | base)[None, :], u, float("-inf")), 1))
+    top_bin = tl.clamp(tl.floor(top / WIDTH), -MAX_BIN, MAX_BIN)
+    ref = (top_bin + 1) * WIDTH
+    bins = tl.arange(0, NB)
+    rest = tl.zeros([G_PAD, NB], tl.float32)
+    kept = tl.zeros([G_PAD, NB], tl.float32)
+    base_mass = tl.zeros([G_PAD], tl.float32)
+    for c0 in range(blk * NPB, (blk + 1) * NPB, CH):  # the same keys again, from L2
+        u, l, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
+                                        D, D_PAD, P_PAD, CH, HALF, SLACK)
+        e_up = tl.sum(tl.reshape(tl.where(cand[None, :], tl.exp(u - ref[:, None]), 0.0), [G_PAD, CH, P_PAD]), 2)
+        e_lo = tl.sum(tl.reshape(tl.where(cand[None, :], tl.exp(l - ref[:, None]), 0.0), [G_PAD, CH, P_PAD]), 2)
+        base_mass += tl.sum(tl.where(base[None, :], tl.exp(l - ref[:, None]), 0.0), 1)
+        local = tl.minimum(top_bin[:, None] - _page_bins(u, cand, G_PAD, CH, P_PAD, WIDTH).to(tl.float32), NB - 1)
+        rest += tl.sum(tl.where(local[:, :, None] >= bins[None, None, :], e_up[:, :, None], 0.0), 1)
+        kept += tl.sum(tl.where(local[:, :, None] <= bins[None, None, :], e_lo[:, :, None], 0.0), 1)
+    at = (row * n_blocks + blk) * G_PAD + g
+    tl.store(TOP + at, top_bin.to(tl.int32))
+    tl.store(HREST + at[:, None] * NB + bins[None, :], rest)
+    tl.store(HKEPT + at[:, None] * NB + bins[None, :], kept)
+    tl.store(HBASE + at, base_mass)
+
+
+@triton.jit
+def _page_threshold(TOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST, n_blocks, block_keys, c,
+                    G: tl.constexpr, G_PAD: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr, WIDTH: tl.constexpr):
+    """page_threshold pass 2, one program per query head: the blocks' histograms aligned on the
+    head's top bin (bins are absolute multiples of WIDTH, so a block's shifts by a whole number
+    of bins) and summed, then the fewest top bins whose rest is <= c times the kept lower bound."""
+    pid = tl.program_id(0)  # = b * Hq + query head
+    row = pid // G
+    g = pid % G
+    live = tl.cdiv(tl.maximum(tl.load(BOUNDS) - 1, 0), block_keys)
+    i = tl.arange(0, CB)
+    top = tl.full([CB], NO_PAGE, tl.int32)
+    for i0 in range(0, live, CB):
+        top = tl.maximum(top, tl.load(TOP + (row * n_blocks + i0 + i) * G_PAD + g, mask=i0 + i < live, other=NO_PAGE))
+    top_bin = tl.max(top, 0)
+    bins = tl.arange(0, NB)
+    rest = tl.zeros([NB], tl.float32)
+    kept = tl.zeros([NB], tl.float32)  # kept[j]: the top j bins' lower bound
+    base_mass = tl.zeros([CB], tl.float32)
+    for i0 in range(0, live, CB):
+        ok = i0 + i < live
+        at = (row * n_blocks + i0 + i) * G_PAD + g
+        block_top = tl.load(TOP + at, mask=ok, other=0)
+        shift = top_bin - block_top
+        weight = tl.where(ok, tl.exp((block_top - top_bin).to(tl.float32) * WIDTH), 0.0)
+        r = tl.load(HREST + at[:, None] * NB + tl.maximum(bins[None, :] - shift[:, None], 0), mask=ok[:, None], other=0.0)
+        jk = bins[None, :] - 1 - shift[:, None]
+        k = tl.load(HKEPT + at[:, None] * NB + jk, mask=ok[:, None] & (jk >= 0), other=0.0)
+        rest += tl.sum(weight[:, None] * r, 0)
+        kept += tl.sum(weight[:, None] * k, 0)
+        base_mass += weight * tl.load(HBASE + at, mask=ok, other=0.0)
+    kept += tl.sum(base_mass, 0)
+    need = tl.sum((rest > c * kept).to(tl.int32), 0)  # keeping all NB bins leaves nothing: it always holds
+    tl.store(THRESHOLD + pid, tl.where(need < NB, top_bin - need + 1, NO_PAGE))
+    left = tl.sum(tl.where(bins == need, rest, 0.0), 0)
+    tl.store(LOG_REST + pid, tl.where(left > 0, tl.log(left) + (top_bin + 1).to(tl.float32) * WIDTH, float("-inf")))
+
+
+# page_threshold's launch settings: keys per pass-1 program and per tile, pass-2 blocks per tile.
+PAGE_SCAN = {"block_keys": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16}
+
+
+def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
+                   page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Certified page selection from the int8 copies in two launches; see reference.page_threshold.
+    page_bin is written for pages holding scored positions (those [0, n - 1) of bounds) only."""
+    B, Hq, D = q.shape
+    Hkv, cap = kq.shape[1], kq.shape[2]
+    G, rows = Hq // Hkv, B * Hkv
+    assert kq.stride(-1) == 1 and kscale.stride(-1) == 1
+    bounds = reference.as_bounds(bounds, None, q.device)
+    P_PAD = _pow2(page_size, 1)
+    CH = max(1, PAGE_SCAN["tile_keys"] // P_PAD)
+    NPB = max(CH, PAGE_SCAN["block_keys"] // P_PAD)
+    n_pages = triton.cdiv(cap, page_size)
+    n_blocks = triton.cdiv(n_pages, NPB)
+    G_PAD, NB = _pow2(G), reference.PAGE_BINS
+    page_bin = torch.empty(B, Hq, n_pages, device=q.device, dtype=torch.int16)
+    top = torch.empty(rows, n_blocks, G_PAD, device=q.device, dtype=torch.int32)
+    rest = torch.empty(rows, n_blocks, G_PAD, NB, device=q.device, dtype=torch.float32)
+    kept = torch.empty_like(rest)
+    base = torch.empty(rows, n_blocks, G_PAD, device=q.device, dtype=torch.float32)
+    width = reference.BIN_WIDTH
+    _launch(_page_scan, (rows, n_blocks),
+        q, kq, kscale, bounds, page_bin, top, rest, kept, base, q.stride(0), q.stride(1), *kq.stride()[:3],
+        *kscale.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB, WIDTH=width,
+        HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, num_warps=PAGE_SCAN["warps"],
+    )
+    threshold = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
+    log_rest = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
+    _launch(_page_threshold, (B * Hq,),
+        top, rest, kept, base, bounds, threshold, log_rest, n_blocks, NPB * page_size,
+        eps / (1 - eps) if eps < 1 else math.inf, G=G, G_PAD=G_PAD, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
+        WIDTH=width,
+    )
+    return page_bin, threshold, log_rest
