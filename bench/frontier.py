@@ -73,7 +73,8 @@ def tuning() -> dict[str, CondensateConfig | None]:
             "pages k=32 4x oversampling": replace(exact, selection="pages", page_oversample=4),
             "pages k=32 64x oversampling": replace(exact, selection="pages", page_oversample=64),
             "whole pages k=1024 P=16": replace(whole, page_size=16),
-            "whole pages k=1024 P=64": replace(whole, page_size=64)}
+            "whole pages k=1024 P=64": replace(whole, page_size=64),
+            "whole pages k=1024 W=512": replace(whole, window=512)}
 
 
 @contextmanager

@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dense-layers", type=_layers, default=d.dense_layers, help="layers attending to everything, e.g. 0,1")
     s.add_argument("--scope", choices=["group", "head"], default=d.scope, help="one top-k per KV group or per head")
     s.add_argument("--selection", choices=list(SELECTIONS), default=d.selection,
-                   help="top-k by scoring every key; by scoring every key's int8 copy; by page bounds first (Quest), "
-                        "then the best pages' keys; or the best pages attended whole")
-    s.add_argument("--page-size", type=int, default=d.page_size, help="keys per page (--selection pages)")
+                   help="top-k by scoring every key; by scoring every key's int8 copy; certified pages from the "
+                        "int8 copies by a threshold (needs --max-dropped-mass); by page bounds first (Quest), then "
+                        "the best pages' keys; or the best pages attended whole")
+    s.add_argument("--page-size", type=int, default=d.page_size,
+                   help="keys per page (--selection pages, whole-pages, int8-threshold)")
     s.add_argument("--summary-dtype", choices=["cache", "fp8"], default=d.summary_dtype,
                    help="page min/max summaries: fp8 rounded outward (half the bytes), or the cache dtype")
     s.add_argument("--max-dropped-mass", type=float,
