@@ -211,7 +211,8 @@ def render(args) -> None:
         for r in cont)
     ret = "".join(f"| {r['model']} | {r['length']} | {r['variant']} | {100 * r['passkey']:.0f}% | {100 * r['needles']:.0f}% |\n"
                   for r in rows if r["workload"] == "retrieval")
-    oracle = "".join(f"| {r['model']} | {r['workload']} {r['length']} | {eps} | {100 * o['attended']:.1f}% | "
+    oracle = "".join(f"| {r['model']} | {r['workload']} {r['length']} | {eps} | "
+                     f"{'threshold' if 'threshold' in r['variant'] else 'ranked'} | {100 * o['attended']:.1f}% | "
                      f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
                      f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
                      for r, o, eps in against_oracle(cont))
@@ -247,7 +248,7 @@ edit by hand. Plot: {Path(args.out).with_suffix(".png").name}.
 reads: the attended keys and values (anchor 4, window 128, the chosen keys or pages), fp8 page
 min/max summaries for page selection, every key for exact and certified selection (which score
 them all), every key's int8 copy and fp32 scale for int8 selection (about a quarter of the
-bytes), the tail's fp32 key/value sums per page, and, in certified mode, a whole group's cache
+bytes) and for threshold selection each query head's int16 page bins (written and read), the tail's fp32 key/value sums per page, and, in certified mode, a whole group's cache
 for each head that fell back. *Attended* is the fraction of the context in the exact softmax
 (measured per step and layer). *Token match* compares free-running greedy decodes; *agreement*,
 *KL* and *dropped mass* (attention mass outside the exactly attended set) are teacher-forced on
@@ -272,11 +273,13 @@ token for token; *KL*: mean of the mean KL.
 ## Certified modes against the oracle
 
 Certified mode from exact scores attends, per step and KV group, the fewest keys that keep every
-head within eps: the group's oracle. The int8 mode decides from bounds alone (no exact score), so
-it attends more; *ratio* is its keys over the oracle's at the same eps.
+head within eps: the group's oracle. The int8 modes decide from bounds alone (no exact score), so
+they attend more; *ratio* is their keys over the oracle's at the same eps. *ranked*: each head
+ranks keys by their upper bound (`--selection int8`); *threshold*: keys kept by a per-head
+threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`).
 
-| model | prompt | eps | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
-|---|---|---|---|---|---|---|---|---|
+| model | prompt | eps | int8 mode | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
+|---|---|---|---|---|---|---|---|---|---|
 {oracle}
 ## Continuations
 
@@ -296,7 +299,7 @@ def against_oracle(cont: list[dict]) -> list[tuple[dict, dict, str]]:
     """(int8 row, exact certified row, eps) for every continuation both ran at the same eps."""
     out = []
     for r in cont:
-        if r["variant"].startswith("certified int8 eps="):
+        if r["variant"].startswith(("certified int8 eps=", "certified int8 threshold eps=")):
             eps = r["variant"].rsplit("=", 1)[1]
             same = [o for o in cont if o["variant"] == f"certified eps={eps}"
                     and (o["model"], o["workload"], o["length"]) == (r["model"], r["workload"], r["length"])]
