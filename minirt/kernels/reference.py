@@ -417,10 +417,10 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     Per query head, each key has logit bounds l <= q·k / sqrt(D) <= u. A page's bin is
     floor(max u / BIN_WIDTH) over its candidates (positions [lo, hi)). The head keeps the fewest top
     bins after which U <= eps / (1 - eps) * Z, with U the sum of exp(u) over the candidates of the
-    other bins and Z the sum of exp(l) over the anchor, the window (but for the newest key, whose copy
-    is written at the end of the step) and the kept candidates: a lower bound on the attended mass,
-    so U / (Z_exact + U) <= eps once attended. A KV group attends the union of its heads' pages,
-    which leaves each head at most its own U.
+    other bins and Z the sum of exp(l) over the anchor, the window (but for the newest key, so its
+    int8 copy need not exist yet: leaving a key out only lowers Z) and the kept candidates: a lower
+    bound on the attended mass, so U / (Z_exact + U) <= eps once attended. A KV group attends the
+    union of its heads' pages, which leaves each head at most its own U.
 
     Returns page_bin [B, Hq, pages] (int16, NO_PAGE for a page without candidates), threshold
     [B, Hq] (int32: a head keeps the pages whose bin is >= it) and log_rest [B, Hq] = log U (-inf if
@@ -467,12 +467,18 @@ def kept_pages(page_bin: torch.Tensor, threshold: torch.Tensor, n_kv_heads: int)
     return (page_bin >= threshold[..., None]).view(B, n_kv_heads, Hq // n_kv_heads, pages).any(2)
 
 
+def kept_positions(page_bin: torch.Tensor, threshold: torch.Tensor, n_kv_heads: int, page_size: int,
+                   capacity: int) -> torch.Tensor:
+    """[B, Hkv, capacity]: the positions of the pages some query head of the KV group keeps."""
+    return kept_pages(page_bin, threshold, n_kv_heads).repeat_interleave(page_size, -1)[..., :capacity]
+
+
 def page_filtered_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, page_bin: torch.Tensor, threshold: torch.Tensor, bounds, anchor: int,
                             page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over window ∪ anchor ∪ the candidates of every page some head of the KV group
     keeps (page_bin >= threshold, from page_threshold): out [B, Hq, D] and its log-sum-exp [B, Hq]."""
-    keep = kept_pages(page_bin, threshold, k.shape[1]).repeat_interleave(page_size, -1)[..., :k.shape[2]]
+    keep = kept_positions(page_bin, threshold, k.shape[1], page_size, k.shape[2])
     idx = torch.where(keep, torch.arange(k.shape[2], device=q.device), -1)
     return sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor)
 

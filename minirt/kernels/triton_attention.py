@@ -637,7 +637,7 @@ def _page_scan(
     n = tl.load(BOUNDS)
     lo = tl.load(BOUNDS + 1)
     hi = tl.load(BOUNDS + 2)
-    scored = n - 1  # the newest key's int8 copy is written at the end of the step
+    scored = n - 1  # the newest key is left out: its int8 copy need not exist yet (see the reference)
     if blk * NPB * P >= scored:
         return
     b = row // Hkv
