@@ -62,6 +62,11 @@ def graphed(fn, inputs: list):
     return graphs
 
 
+def page_bin_bytes(Hq: int, n: int, page_size: int) -> int:
+    """Threshold selection's int16 page bins of every query head, written by its scan and read by attention."""
+    return 2 * Hq * math.ceil(n / page_size) * 2
+
+
 def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int,
                  fallback: float = 1.0, attended: int | None = None, Hq: int = 0) -> int:
     """KV bytes one decode step of one layer reads; fallback: the fraction of KV groups that fall
@@ -78,7 +83,7 @@ def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, su
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
     scored = Hkv * n * (D + 4) if policy.shadowed else Hkv * n * D * el  # int8 keys + fp32 scales
     if policy.selection == "int8-threshold":
-        scored += 2 * Hq * pages * 2  # each head's int16 page bins, written and read
+        scored += page_bin_bytes(Hq, n, P)
     if policy.certified:  # every key scored, the list attended, and the fallback groups' whole cache
         return attend + scored + round(fallback * 2 * Hkv * n * D * el)
     if policy.selection in ("exact", "int8"):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.attention import sparse_bytes  # noqa: E402
+from bench.attention import page_bin_bytes, sparse_bytes  # noqa: E402
 from minirt import LLM, CondensateConfig  # noqa: E402
 from minirt.equivalence import compare, full_reference  # noqa: E402
 from minirt import generation  # noqa: E402
@@ -102,8 +102,8 @@ def read_fraction(llm: LLM, policy: CondensateConfig | None, n: float, attended:
     full = 2 * cfg.n_kv_heads * n * cfg.head_dim * 2
     if policy.certified:  # every key scored (bf16, or int8 + an fp32 scale), then the attended keys
         scored = (cfg.head_dim + 4) / (4 * cfg.head_dim) if policy.shadowed else 0.5
-        if policy.selection == "int8-threshold":  # each head's int16 page bin, written and read
-            scored += 2 * 2 * (cfg.n_heads // cfg.n_kv_heads) / policy.page_size / (4 * cfg.head_dim)
+        if policy.selection == "int8-threshold":
+            scored += page_bin_bytes(cfg.n_heads, int(n), policy.page_size) / full
         return min(1.0, scored + attended / n + fallback_rate)
     dense = len(policy.dense_layers) / cfg.n_layers  # dense layers read every key and value
     return dense + (1 - dense) * sparse_bytes(int(n), cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full
