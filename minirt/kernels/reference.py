@@ -410,6 +410,11 @@ NO_PAGE = -(1 << 15)  # the bin of a page without candidate keys; bins are store
 MAX_BIN = (1 << 15) - 1  # bins clamp to [-MAX_BIN, MAX_BIN] (+-16K nats): a key's bin is ranked as stored
 
 
+def rest_ratio(eps: float) -> float:
+    """eps / (1 - eps): U <= it * Z gives U / (Z + U) <= eps (inf at eps = 1: nothing need be kept)."""
+    return eps / (1 - eps) if eps < 1 else math.inf
+
+
 def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
                    page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified mode's page selection from every key's int8 copy (kq, kscale: shadow_scores), no sort.
@@ -453,8 +458,7 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     base_mass = torch.exp(torch.where(base, low, NEG_INF) - ref[..., None]).double().sum(-1, keepdim=True)
     rest = F.pad(rest_hist.flip(-1).cumsum(-1).flip(-1), (0, 1))  # rest[j]: outside the top j bins, j = 0..PAGE_BINS
     kept = base_mass + F.pad(kept_hist.cumsum(-1), (1, 0))
-    c = eps / (1 - eps) if eps < 1 else math.inf
-    need = (rest > c * kept).sum(-1)  # the first j that holds: rest falls and kept grows with j
+    need = (rest > rest_ratio(eps) * kept).sum(-1)  # the first j that holds: rest falls and kept grows with j
     threshold = torch.where(need < PAGE_BINS, top_bin - need + 1, float(NO_PAGE))
     log_rest = torch.log(rest.gather(-1, need[..., None])[..., 0]) + ref
     return (page_bin.to(torch.int16).view(B, Hkv * G, pages), threshold.to(torch.int32).view(B, Hkv * G),

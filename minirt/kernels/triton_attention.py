@@ -753,7 +753,7 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     log_rest = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
     _launch(_page_threshold, (B * Hq,),
         top, rest, kept, base, bounds, threshold, log_rest, n_blocks, NPB * page_size,
-        eps / (1 - eps) if eps < 1 else math.inf, G=G, G_PAD=G_PAD, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
+        reference.rest_ratio(eps), G=G, G_PAD=G_PAD, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
         WIDTH=width,
     )
     return page_bin, threshold, log_rest
