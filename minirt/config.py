@@ -225,7 +225,7 @@ class CondensateConfig:
             (self.selection not in ("int8", "int8-threshold") or self.scope == "group",
              f"{self.selection} selection keeps one list per KV group (scope='group')"),
             (self.selection != "int8-threshold" or self.max_dropped_mass is not None,
-             "int8-threshold selection is certified mode: set max_dropped_mass"),
+             "max_dropped_mass must be set for int8-threshold selection (it is certified mode)"),
             (self.selection != "whole-pages" or self.scope == "group",
              "whole-pages selection keeps one page list per KV group (scope='group')"),
             (not self.tail or self.selection == "whole-pages", "the tail estimate needs selection='whole-pages'"),

@@ -97,6 +97,7 @@ FLAG_CASES = [  # (argv, message): usage errors, exit 2, before any model loads
     (["--scope", "layer"], "--scope: invalid choice: 'layer'"),
     (["--selection", "random"], "--selection: invalid choice: 'random'"),
     (["--page-size", "0"], "--page-size must be >= 1"),
+    (["--selection", "int8-threshold"], "--max-dropped-mass must be set for int8-threshold selection"),
     (["--max-dropped-mass", "2"], "--max-dropped-mass must be in [0, 1]"),
     (["--max-dropped-mass", "-0.1"], "--max-dropped-mass must be in [0, 1]"),
     (["--budget-exponent", "1.5"], "--budget-exponent must be in [0, 1]"),

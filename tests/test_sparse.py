@@ -274,6 +274,8 @@ def test_growing_budget():
     ({"selection": "random"}, "selection"), ({"max_dropped_mass": 2.0}, "max_dropped_mass"),
     ({"budget_exponent": 1.5}, "budget_exponent"), ({"summary_dtype": "fp16"}, "summary_dtype"),
     ({"selection": "int8", "scope": "head"}, "int8"),
+    ({"selection": "int8-threshold"}, "max_dropped_mass"),
+    ({"selection": "int8-threshold", "scope": "head", "max_dropped_mass": 0.01}, "scope"),
 ])
 def test_bad_policy(kwargs, message):
     with pytest.raises(ValueError, match=message):
