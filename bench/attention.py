@@ -62,16 +62,16 @@ def graphed(fn, inputs: list):
     return graphs
 
 
-def page_bin_bytes(Hq: int, n: int, page_size: int) -> int:
-    """Threshold selection's int16 page bins of every query head, written by its scan and read by attention."""
-    return 2 * Hq * math.ceil(n / page_size) * 2
+def page_bin_bytes(Hkv: int, n: int, page_size: int) -> int:
+    """Threshold selection's int16 page bins of every KV head, written by its scan and read by attention."""
+    return 2 * Hkv * math.ceil(n / page_size) * 2
 
 
 def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, summary_el: int,
-                 fallback: float = 1.0, attended: int | None = None, Hq: int = 0) -> int:
+                 fallback: float = 1.0, attended: int | None = None) -> int:
     """KV bytes one decode step of one layer reads; fallback: the fraction of KV groups that fall
     back to full attention (certified mode reads their keys and values again); attended: the
-    distant keys per KV head a threshold selection kept (measured); Hq: query heads (their page bins)."""
+    distant keys per KV head a threshold selection kept (measured)."""
     A, W, k, P = policy.anchor, policy.window, policy.top_k, policy.page_size
     pages = math.ceil(n / P)
     candidates = max(0, n - A - W)  # positions neither anchor nor window: the most top-k can attend
@@ -83,7 +83,7 @@ def sparse_bytes(n: int, Hkv: int, D: int, el: int, policy: CondensateConfig, su
     attend = 2 * Hkv * (A + W + k + 1) * D * el  # K and V of the attended set, and the appended one
     scored = Hkv * n * (D + 4) if policy.shadowed else Hkv * n * D * el  # int8 keys + fp32 scales
     if policy.selection == "int8-threshold":
-        scored += page_bin_bytes(Hq, n, P)
+        scored += page_bin_bytes(Hkv, n, P)
     if policy.certified:  # every key scored, the list attended, and the fallback groups' whole cache
         return attend + scored + round(fallback * 2 * Hkv * n * D * el)
     if policy.selection in ("exact", "int8"):
@@ -179,12 +179,12 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
             if policy.selection == "int8-threshold":  # what the threshold kept, per KV head
                 c = caches[0]
                 kept = reference.kept_pages(*c.ops.page_threshold(step_qs[0], c.kq[0], c.kscale[0], c.bounds,
-                                                                  policy.max_dropped_mass, policy.page_size)[:2], Hkv)
+                                                                  policy.max_dropped_mass, policy.page_size)[:2])
                 attended = round(float(kept[..., :math.ceil(n / policy.page_size)].sum()) * policy.page_size / Hkv)
                 note += f"; distant keys kept per KV head: {attended}"
             summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()
             add(method, step, list(zip(step_qs, caches)),
-                sparse_bytes(n, Hkv, D, el, policy, summary_el, fallback, attended, Hq), note)
+                sparse_bytes(n, Hkv, D, el, policy, summary_el, fallback, attended), note)
             del caches
     for r in rows:
         flash = next(f["ms"] for f in rows if f["method"] == "sdpa-flash" and f["mode"] == r["mode"])

@@ -103,7 +103,7 @@ def read_fraction(llm: LLM, policy: CondensateConfig | None, n: float, attended:
     if policy.certified:  # every key scored (bf16, or int8 + an fp32 scale), then the attended keys
         scored = (cfg.head_dim + 4) / (4 * cfg.head_dim) if policy.shadowed else 0.5
         if policy.selection == "int8-threshold":
-            scored += page_bin_bytes(cfg.n_heads, int(n), policy.page_size) / full
+            scored += page_bin_bytes(cfg.n_kv_heads, int(n), policy.page_size) / full
         return min(1.0, scored + attended / n + fallback_rate)
     dense = len(policy.dense_layers) / cfg.n_layers  # dense layers read every key and value
     return dense + (1 - dense) * sparse_bytes(int(n), cfg.n_kv_heads, cfg.head_dim, 2, policy, 1) / full

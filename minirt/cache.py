@@ -345,7 +345,7 @@ class CondensateCache(DenseCache):
         bound = torch.sigmoid(log_rest - lse)
         self.dropped_bound[layer] = bound
         if self.certify:  # measured for equivalence reports: keys attended, exact dropped mass
-            keep = reference.kept_positions(page_bin, threshold, ks.shape[1], p.page_size, ks.shape[2])
+            keep = reference.kept_positions(page_bin, threshold, p.page_size, ks.shape[2])
             self.selected[layer] = (keep & reference.candidates(keep, self.bounds)).sum(-1)
             self._exact_dropped(layer, q, lse, self._exact_scores(layer, q)[1])
         else:

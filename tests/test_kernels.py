@@ -145,21 +145,21 @@ def test_page_threshold_certifies_the_dropped_mass():
         _, lse = ref.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, bounds, 4, P)
         bound, dropped = torch.sigmoid(log_rest - lse), 1 - torch.exp(lse - exact_lse)
         assert bool((bound >= dropped - 1e-6).all()) and bool((bound <= eps).all())
-        assert 0 < int(ref.kept_pages(page_bin, threshold, Hkv).sum()) < Hkv * (n - W) // P  # it chose, and left out
+        assert 0 < int(ref.kept_pages(page_bin, threshold).sum()) < Hkv * (n - W) // P  # it chose, and left out
 
 
 @pytest.mark.parametrize("n, P, dtype", [(700, 16, torch.float32), (3000, 32, torch.bfloat16), (77, 5, torch.float16),
                                          (900, 1, torch.bfloat16)])
 def test_page_filtered_attention(n, P, dtype):
-    """Window ∪ anchor ∪ the kept pages' candidates, with each head's own threshold (a page joins
-    when any head of the group keeps it)."""
+    """Window ∪ anchor ∪ the kept pages' candidates, with each head's own threshold on its group's
+    page bins (a page joins when any head of the group keeps it)."""
     g = torch.Generator().manual_seed(n)
     B, Hkv, G, D, W, anchor = 2, 2, 4, 64, 16, 4
     q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
     k, v = make_cache(B, Hkv, n, D, dtype, g)
     ring_k, ring_v = make_cache(B, Hkv, W, D, dtype, g, capacity_extra=0)
     pages = -(-n // P)
-    page_bin = torch.randint(-3, 4, (B, Hkv * G, pages), generator=g, dtype=torch.int16).to(DEVICE)
+    page_bin = torch.randint(-3, 4, (B, Hkv, pages), generator=g, dtype=torch.int16).to(DEVICE)
     threshold = torch.randint(1, 5, (B, Hkv * G), generator=g, dtype=torch.int32).to(DEVICE)
     out = torch.full_like(q, float("nan"))
     got, lse = tri.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, n, anchor, P, out=out)

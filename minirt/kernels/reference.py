@@ -401,9 +401,11 @@ def shadow_bound(est: torch.Tensor, err: torch.Tensor, bounds, idx: torch.Tensor
     return torch.sigmoid(log_u - lse)
 
 
-# Certified page selection from the int8 copies (selection "int8-threshold"), with no sort: a head
-# bins pages by their best key's logit upper bound, BIN_WIDTH nats per bin counted down from the top
-# bin, the last of PAGE_BINS bins holding the rest. The width is a power of two, so the twins bin alike.
+# Certified page selection from the int8 copies (selection "int8-threshold"), with no sort: a KV
+# group bins pages by their best key's logit upper bound over its query heads, BIN_WIDTH nats per
+# bin counted down from the group's top bin, the last of PAGE_BINS bins holding the rest. Sharing
+# the bins across the group makes a block's histogram one matrix product for all its heads (3% more
+# keys than per-head bins on SmolLM2 at 4K). The width is a power of two, so the twins bin alike.
 BIN_WIDTH = 0.5
 PAGE_BINS = 64
 NO_PAGE = -(1 << 15)  # the bin of a page without candidate keys; bins are stored as int16
@@ -415,19 +417,24 @@ def rest_ratio(eps: float) -> float:
     return eps / (1 - eps) if eps < 1 else math.inf
 
 
+def to_bin(x: torch.Tensor) -> torch.Tensor:
+    """floor(x / BIN_WIDTH), clamped; NO_PAGE where x is -inf."""
+    return torch.where(x > NEG_INF, torch.floor(x / BIN_WIDTH).clamp(-MAX_BIN, MAX_BIN), float(NO_PAGE))
+
+
 def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
                    page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified mode's page selection from every key's int8 copy (kq, kscale: shadow_scores), no sort.
 
     Per query head, each key has logit bounds l <= q·k / sqrt(D) <= u. A page's bin is
-    floor(max u / BIN_WIDTH) over its candidates (positions [lo, hi)). The head keeps the fewest top
-    bins after which U <= eps / (1 - eps) * Z, with U the sum of exp(u) over the candidates of the
-    other bins and Z the sum of exp(l) over the anchor, the window (but for the newest key, so its
-    int8 copy need not exist yet: leaving a key out only lowers Z) and the kept candidates: a lower
-    bound on the attended mass, so U / (Z_exact + U) <= eps once attended. A KV group attends the
-    union of its heads' pages, which leaves each head at most its own U.
+    to_bin(max u) over its candidates (positions [lo, hi)) and the query heads of its KV group. Each
+    head keeps the fewest top bins after which U <= eps / (1 - eps) * Z, with U the sum of its exp(u)
+    over the candidates of the other bins and Z the sum of its exp(l) over the anchor, the window
+    (but for the newest key, so its int8 copy need not exist yet: leaving a key out only lowers Z)
+    and the kept candidates: a lower bound on the attended mass, so U / (Z_exact + U) <= eps once
+    attended. A KV group attends the pages any of its heads keeps, which leaves each at most its U.
 
-    Returns page_bin [B, Hq, pages] (int16, NO_PAGE for a page without candidates), threshold
+    Returns page_bin [B, Hkv, pages] (int16, NO_PAGE for a page without candidates), threshold
     [B, Hq] (int32: a head keeps the pages whose bin is >= it) and log_rest [B, Hq] = log U (-inf if
     nothing is left out). eps = 0 keeps every page and still leaves U = 0 < eps false: full attention."""
     n, lo, hi = _ints(as_bounds(bounds, None, "cpu"))
@@ -438,9 +445,9 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     cand = (pos >= lo) & (pos < hi)
     base = (pos < n - 1) & ~cand
     up, low = est + err, est - err
-    top = torch.where(cand | base, up, NEG_INF).amax(-1)
-    top_bin = torch.where(top > NEG_INF, torch.floor(top / BIN_WIDTH).clamp(-MAX_BIN, MAX_BIN), float(NO_PAGE))
-    ref = (top_bin + 1) * BIN_WIDTH  # every exp below is <= 1
+    head_top = to_bin(torch.where(cand | base, up, NEG_INF).amax(-1))  # [B, Hkv, G]
+    group_top = head_top.amax(-1, keepdim=True)
+    ref = (head_top + 1) * BIN_WIDTH  # each head's exps are <= 1
 
     def by_page(x: torch.Tensor) -> torch.Tensor:  # candidates only, [B, Hkv, G, pages, page_size]
         x = F.pad(torch.where(cand, x, NEG_INF), (0, pages * page_size - cap), value=NEG_INF)
@@ -449,9 +456,8 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     def page_mass(x: torch.Tensor) -> torch.Tensor:  # per page, the sum of exp(x - ref)
         return torch.exp(by_page(x) - ref[..., None, None]).double().sum(-1)
 
-    page_max = by_page(up).amax(-1)
-    page_bin = torch.where(page_max > NEG_INF, torch.floor(page_max / BIN_WIDTH).clamp(-MAX_BIN, MAX_BIN), float(NO_PAGE))
-    bins = (top_bin[..., None] - page_bin).clamp(max=PAGE_BINS - 1).long()
+    page_bin = to_bin(by_page(up).amax(-1).amax(2))  # [B, Hkv, pages]
+    bins = (group_top - page_bin).clamp(max=PAGE_BINS - 1).long()[:, :, None].expand(B, Hkv, G, pages)
     hist = torch.zeros(B, Hkv, G, PAGE_BINS, dtype=torch.float64, device=q.device)
     rest_hist = hist.scatter_add(-1, bins, page_mass(up))
     kept_hist = hist.scatter_add(-1, bins, page_mass(low))
@@ -459,22 +465,20 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     rest = F.pad(rest_hist.flip(-1).cumsum(-1).flip(-1), (0, 1))  # rest[j]: outside the top j bins, j = 0..PAGE_BINS
     kept = base_mass + F.pad(kept_hist.cumsum(-1), (1, 0))
     need = (rest > rest_ratio(eps) * kept).sum(-1)  # the first j that holds: rest falls and kept grows with j
-    threshold = torch.where(need < PAGE_BINS, top_bin - need + 1, float(NO_PAGE))
+    threshold = torch.where(need < PAGE_BINS, group_top - need + 1, float(NO_PAGE))
     log_rest = torch.log(rest.gather(-1, need[..., None])[..., 0]) + ref
-    return (page_bin.to(torch.int16).view(B, Hkv * G, pages), threshold.to(torch.int32).view(B, Hkv * G),
-            log_rest.float().view(B, Hkv * G))
+    return page_bin.to(torch.int16), threshold.to(torch.int32).view(B, Hkv * G), log_rest.float().view(B, Hkv * G)
 
 
-def kept_pages(page_bin: torch.Tensor, threshold: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+def kept_pages(page_bin: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, pages]: the pages some query head of the KV group keeps (see page_threshold)."""
-    B, Hq, pages = page_bin.shape
-    return (page_bin >= threshold[..., None]).view(B, n_kv_heads, Hq // n_kv_heads, pages).any(2)
+    B, Hkv, _ = page_bin.shape
+    return page_bin >= threshold.view(B, Hkv, -1).amin(-1, keepdim=True)
 
 
-def kept_positions(page_bin: torch.Tensor, threshold: torch.Tensor, n_kv_heads: int, page_size: int,
-                   capacity: int) -> torch.Tensor:
+def kept_positions(page_bin: torch.Tensor, threshold: torch.Tensor, page_size: int, capacity: int) -> torch.Tensor:
     """[B, Hkv, capacity]: the positions of the pages some query head of the KV group keeps."""
-    return kept_pages(page_bin, threshold, n_kv_heads).repeat_interleave(page_size, -1)[..., :capacity]
+    return kept_pages(page_bin, threshold).repeat_interleave(page_size, -1)[..., :capacity]
 
 
 def page_filtered_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor,
@@ -482,7 +486,7 @@ def page_filtered_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch
                             page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over window ∪ anchor ∪ the candidates of every page some head of the KV group
     keeps (page_bin >= threshold, from page_threshold): out [B, Hq, D] and its log-sum-exp [B, Hq]."""
-    keep = kept_positions(page_bin, threshold, k.shape[1], page_size, k.shape[2])
+    keep = kept_positions(page_bin, threshold, page_size, k.shape[2])
     idx = torch.where(keep, torch.arange(k.shape[2], device=q.device), -1)
     return sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor)
 

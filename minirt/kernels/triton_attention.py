@@ -82,8 +82,8 @@ def _attn_partial(
     gmask = g < G
     dmask = d < D
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if PAGED:  # each head's page threshold (padding heads keep nothing)
-        th = tl.load(TH + pid_bh * G + g, mask=gmask, other=2147483647)
+    if PAGED:  # a page joins if some head keeps it: its bin reaches the group's lowest threshold
+        th = tl.min(tl.load(TH + pid_bh * G + g, mask=gmask, other=2147483647), 0)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -101,9 +101,7 @@ def _attn_partial(
             if PAGED:
                 pos = j - W
                 is_cand = in_range & (pos >= lo)
-                page_bin = tl.load(PB + (pid_bh * G + g)[:, None] * spb + (pos // P)[None, :],
-                                   mask=gmask[:, None] & is_cand[None, :], other=0)
-                keep = tl.max((page_bin >= th[:, None]).to(tl.int32), 0) > 0
+                keep = tl.load(PB + pid_bh * spb + pos // P, mask=is_cand, other=0) >= th
                 hist_ok = (j >= W) & ((pos < lo) | (is_cand & keep))
                 hist_pos = tl.where(hist_ok, pos, 0).to(tl.int64)
             else:
@@ -589,12 +587,13 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
 
 NO_PAGE: tl.constexpr = tl.constexpr(reference.NO_PAGE)
 MAX_BIN: tl.constexpr = tl.constexpr(reference.MAX_BIN)
+BIN_WIDTH: tl.constexpr = tl.constexpr(reference.BIN_WIDTH)
 
 
 @triton.jit
 def _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
                  D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
-                 HALF: tl.constexpr, SLACK: tl.constexpr):
+                 HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Logit bounds u, l [G_PAD, CH * P_PAD] from the int8 copies of pages c0 .. c0 + CH - 1 (as
     reference.shadow_scores), and which of their positions are candidates / scored non-candidates."""
     i = tl.arange(0, CH * P_PAD)
@@ -604,34 +603,43 @@ def _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb,
     cand = live & (pos >= lo) & (pos < hi)
     d = tl.arange(0, D_PAD)
     k = tl.load(KQ + (b * skb + h * skh + pos * skn)[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :],
-                other=0).to(tl.float32)
+                other=0)
     s = tl.load(KS + b * ssb + h * ssh + pos, mask=live, other=0.0)
-    est = tl.dot(q, tl.trans(k), input_precision="ieee") * (s / sqrt_d)[None, :]
+    # in q's dtype: int8 values are exact in bf16 and fp16, so each product is exact in fp32
+    est = _dot(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * (s / sqrt_d)[None, :]
     err = q_err[:, None] * s[None, :] * HALF + SLACK
     return est + err, est - err, cand, live & ~cand
 
 
 @triton.jit
-def _page_bins(u, cand, G_PAD: tl.constexpr, CH: tl.constexpr, P_PAD: tl.constexpr, WIDTH: tl.constexpr):
-    """floor(max u / WIDTH) over each page's candidates, [G_PAD, CH] (int32, clamped as
-    reference.page_threshold; NO_PAGE if none)."""
-    best = tl.max(tl.reshape(tl.where(cand[None, :], u, float("-inf")), [G_PAD, CH, P_PAD]), 2)
-    return tl.where(best > float("-inf"), tl.clamp(tl.floor(best / WIDTH), -MAX_BIN, MAX_BIN), NO_PAGE).to(tl.int32)
+def _to_bin(x):
+    """reference.to_bin: floor(x / BIN_WIDTH), clamped; NO_PAGE where x is -inf."""
+    return tl.where(x > float("-inf"), tl.clamp(tl.floor(x / BIN_WIDTH), -MAX_BIN, MAX_BIN), NO_PAGE).to(tl.int32)
+
+
+@triton.jit
+def _group_bins(u, cand, gmask, CH: tl.constexpr, P_PAD: tl.constexpr):
+    """Each page's bin over its candidates and the group's query heads, [CH] (int32)."""
+    best = tl.max(tl.where(gmask[:, None] & cand[None, :], u, float("-inf")), 0)
+    if P_PAD > 1:
+        best = tl.max(tl.reshape(best, [CH, P_PAD]), 1)
+    return _to_bin(best)
 
 
 @triton.jit
 def _page_scan(
-    Q, KQ, KS, BOUNDS, PAGE_BIN, TOP, HREST, HKEPT, HBASE,
+    Q, KQ, KS, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE,
     sqb, sqh, skb, skh, skn, ssb, ssh, n_pages, n_blocks, P, sqrt_d, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr,
-    CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, WIDTH: tl.constexpr, HALF: tl.constexpr,
-    SLACK: tl.constexpr,
+    CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """page_threshold pass 1, bandwidth-bound: one program reads the int8 copies of NPB pages of
-    one KV head and writes, per query head, each page's bin, the block's top bin, and the block's
-    histogram over bins counted down from its top (exp sums relative to that bin's upper edge):
-    suffix sums of exp(u) and prefix sums of exp(l) over the candidates, and the sum of exp(l)
-    over the scored non-candidates (anchor and window)."""
+    one KV head and writes each page's group bin, the block's top bin (the group's and each head's),
+    and per query head the block's histogram over bins counted down from the group's top (exp
+    relative to the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l)
+    over the candidates, and the sum of exp(l) over the scored non-candidates (anchor and window).
+    A tile's histogram for all heads is one matrix product, [heads, keys] @ one-hot [keys, bins]."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     n = tl.load(BOUNDS)
@@ -646,53 +654,65 @@ def _page_scan(
     d = tl.arange(0, D_PAD)
     gmask = g < G
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & (d < D)[None, :],
-                other=0.0).to(tl.float32)
-    q_err = tl.sum(tl.abs(q), 1) / sqrt_d
+                other=0.0)
+    q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
     top = tl.full([G_PAD], float("-inf"), tl.float32)
     c = tl.arange(0, CH)
     for c0 in range(blk * NPB, (blk + 1) * NPB, CH):
         u, l, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
-                                        D, D_PAD, P_PAD, CH, HALF, SLACK)
-        tl.store(PAGE_BIN + (row * G + g)[:, None] * n_pages + (c0 + c)[None, :], _page_bins(u, cand, G_PAD, CH, P_PAD, WIDTH).to(tl.int16),
-                 mask=gmask[:, None] & (c0 + c < n_pages)[None, :])
+                                        D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
+        tl.store(PAGE_BIN + row * n_pages + c0 + c, _group_bins(u, cand, gmask, CH, P_PAD).to(tl.int16),
+                 mask=c0 + c < n_pages)
         top = tl.maximum(top, tl.max(tl.where((cand | base)[None, :], u, float("-inf")), 1))
-    top_bin = tl.clamp(tl.floor(top / WIDTH), -MAX_BIN, MAX_BIN)
-    ref = (top_bin + 1) * WIDTH
+    head_top = _to_bin(tl.where(gmask, top, float("-inf")))
+    group_top = tl.max(head_top, 0)
+    ref = (head_top + 1).to(tl.float32) * BIN_WIDTH
     bins = tl.arange(0, NB)
     rest = tl.zeros([G_PAD, NB], tl.float32)
     kept = tl.zeros([G_PAD, NB], tl.float32)
     base_mass = tl.zeros([G_PAD], tl.float32)
     for c0 in range(blk * NPB, (blk + 1) * NPB, CH):  # the same keys again, from L2
         u, l, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
-                                        D, D_PAD, P_PAD, CH, HALF, SLACK)
-        e_up = tl.sum(tl.reshape(tl.where(cand[None, :], tl.exp(u - ref[:, None]), 0.0), [G_PAD, CH, P_PAD]), 2)
-        e_lo = tl.sum(tl.reshape(tl.where(cand[None, :], tl.exp(l - ref[:, None]), 0.0), [G_PAD, CH, P_PAD]), 2)
-        base_mass += tl.sum(tl.where(base[None, :], tl.exp(l - ref[:, None]), 0.0), 1)
-        local = tl.minimum(top_bin[:, None] - _page_bins(u, cand, G_PAD, CH, P_PAD, WIDTH).to(tl.float32), NB - 1)
-        rest += tl.sum(tl.where(local[:, :, None] >= bins[None, None, :], e_up[:, :, None], 0.0), 1)
-        kept += tl.sum(tl.where(local[:, :, None] <= bins[None, None, :], e_lo[:, :, None], 0.0), 1)
+                                        D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
+        live = gmask[:, None] & cand[None, :]
+        e_up = tl.where(live, tl.exp(u - ref[:, None]), 0.0)
+        e_lo = tl.where(live, tl.exp(l - ref[:, None]), 0.0)
+        base_mass += tl.sum(tl.where(gmask[:, None] & base[None, :], tl.exp(l - ref[:, None]), 0.0), 1)
+        local = tl.minimum(group_top - _group_bins(u, cand, gmask, CH, P_PAD), NB - 1)
+        key_bin = local  # each key in its page's bin
+        if P_PAD > 1:
+            key_bin = tl.reshape(tl.broadcast_to(local[:, None], [CH, P_PAD]), [CH * P_PAD])
+        one_hot = (key_bin[:, None] == bins[None, :]).to(tl.float32)
+        rest += tl.dot(e_up, one_hot, input_precision="tf32x3")  # 3 tf32 products: fp32's accuracy
+        kept += tl.dot(e_lo, one_hot, input_precision="tf32x3")
     at = (row * n_blocks + blk) * G_PAD + g
-    tl.store(TOP + at, top_bin.to(tl.int32))
-    tl.store(HREST + at[:, None] * NB + bins[None, :], rest)
-    tl.store(HKEPT + at[:, None] * NB + bins[None, :], kept)
+    tl.store(GTOP + row * n_blocks + blk, group_top)
+    tl.store(HTOP + at, head_top)
+    tl.store(HREST + at[:, None] * NB + bins[None, :], tl.cumsum(rest, 1, reverse=True))
+    tl.store(HKEPT + at[:, None] * NB + bins[None, :], tl.cumsum(kept, 1))
     tl.store(HBASE + at, base_mass)
 
 
 @triton.jit
-def _page_threshold(TOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST, n_blocks, block_keys, c,
-                    G: tl.constexpr, G_PAD: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr, WIDTH: tl.constexpr):
+def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST, n_blocks, block_keys, c,
+                    G: tl.constexpr, G_PAD: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr):
     """page_threshold pass 2, one program per query head: the blocks' histograms aligned on the
-    head's top bin (bins are absolute multiples of WIDTH, so a block's shifts by a whole number
-    of bins) and summed, then the fewest top bins whose rest is <= c times the kept lower bound."""
+    group's top bin (bins are absolute multiples of BIN_WIDTH, so a block's shifts by a whole
+    number of bins), rescaled to the head's top and summed, then the fewest top bins whose rest is
+    <= c times the kept lower bound."""
     pid = tl.program_id(0)  # = b * Hq + query head
     row = pid // G
     g = pid % G
     live = tl.cdiv(tl.maximum(tl.load(BOUNDS) - 1, 0), block_keys)
     i = tl.arange(0, CB)
-    top = tl.full([CB], NO_PAGE, tl.int32)
+    group_top = tl.full([CB], NO_PAGE, tl.int32)
+    head_top = tl.full([CB], NO_PAGE, tl.int32)
     for i0 in range(0, live, CB):
-        top = tl.maximum(top, tl.load(TOP + (row * n_blocks + i0 + i) * G_PAD + g, mask=i0 + i < live, other=NO_PAGE))
-    top_bin = tl.max(top, 0)
+        ok = i0 + i < live
+        group_top = tl.maximum(group_top, tl.load(GTOP + row * n_blocks + i0 + i, mask=ok, other=NO_PAGE))
+        head_top = tl.maximum(head_top, tl.load(HTOP + (row * n_blocks + i0 + i) * G_PAD + g, mask=ok, other=NO_PAGE))
+    group_top = tl.max(group_top, 0)
+    head_top = tl.max(head_top, 0)
     bins = tl.arange(0, NB)
     rest = tl.zeros([NB], tl.float32)
     kept = tl.zeros([NB], tl.float32)  # kept[j]: the top j bins' lower bound
@@ -700,9 +720,8 @@ def _page_threshold(TOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST, n_blo
     for i0 in range(0, live, CB):
         ok = i0 + i < live
         at = (row * n_blocks + i0 + i) * G_PAD + g
-        block_top = tl.load(TOP + at, mask=ok, other=0)
-        shift = top_bin - block_top
-        weight = tl.where(ok, tl.exp((block_top - top_bin).to(tl.float32) * WIDTH), 0.0)
+        shift = group_top - tl.load(GTOP + row * n_blocks + i0 + i, mask=ok, other=0)
+        weight = tl.where(ok, tl.exp((tl.load(HTOP + at, mask=ok, other=0) - head_top).to(tl.float32) * BIN_WIDTH), 0.0)
         r = tl.load(HREST + at[:, None] * NB + tl.maximum(bins[None, :] - shift[:, None], 0), mask=ok[:, None], other=0.0)
         jk = bins[None, :] - 1 - shift[:, None]
         k = tl.load(HKEPT + at[:, None] * NB + jk, mask=ok[:, None] & (jk >= 0), other=0.0)
@@ -711,15 +730,13 @@ def _page_threshold(TOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST, n_blo
         base_mass += weight * tl.load(HBASE + at, mask=ok, other=0.0)
     kept += tl.sum(base_mass, 0)
     need = tl.sum((rest > c * kept).to(tl.int32), 0)  # keeping all NB bins leaves nothing: it always holds
-    tl.store(THRESHOLD + pid, tl.where(need < NB, top_bin - need + 1, NO_PAGE))
+    tl.store(THRESHOLD + pid, tl.where(need < NB, group_top - need + 1, NO_PAGE))
     left = tl.sum(tl.where(bins == need, rest, 0.0), 0)
-    tl.store(LOG_REST + pid, tl.where(left > 0, tl.log(left) + (top_bin + 1).to(tl.float32) * WIDTH, float("-inf")))
+    tl.store(LOG_REST + pid, tl.where(left > 0, tl.log(left) + (head_top + 1).to(tl.float32) * BIN_WIDTH, float("-inf")))
 
 
 # page_threshold's launch settings: keys per pass-1 program and per tile, pass-2 blocks per tile.
-# Tiles of 32 keys: 1.25 ms at 128K (H200, 4 KV heads of 8) against 12.8 ms with 128 (the per-head
-# histogram's [heads, keys, bins] comparison spills registers); still far slower than attention.
-PAGE_SCAN = {"block_keys": 1024, "tile_keys": 32, "warps": 4, "blocks_per_tile": 16}
+PAGE_SCAN = {"block_keys": 1024, "tile_keys": 64, "warps": 4, "blocks_per_tile": 16}
 
 
 def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
@@ -737,23 +754,22 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     n_pages = triton.cdiv(cap, page_size)
     n_blocks = triton.cdiv(n_pages, NPB)
     G_PAD, NB = _pow2(G), reference.PAGE_BINS
-    page_bin = torch.empty(B, Hq, n_pages, device=q.device, dtype=torch.int16)
-    top = torch.empty(rows, n_blocks, G_PAD, device=q.device, dtype=torch.int32)
+    page_bin = torch.empty(B, Hkv, n_pages, device=q.device, dtype=torch.int16)
+    group_top = torch.empty(rows, n_blocks, device=q.device, dtype=torch.int32)
+    head_top = torch.empty(rows, n_blocks, G_PAD, device=q.device, dtype=torch.int32)
     rest = torch.empty(rows, n_blocks, G_PAD, NB, device=q.device, dtype=torch.float32)
     kept = torch.empty_like(rest)
     base = torch.empty(rows, n_blocks, G_PAD, device=q.device, dtype=torch.float32)
-    width = reference.BIN_WIDTH
     _launch(_page_scan, (rows, n_blocks),
-        q, kq, kscale, bounds, page_bin, top, rest, kept, base, q.stride(0), q.stride(1), *kq.stride()[:3],
-        *kscale.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB, WIDTH=width,
-        HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, num_warps=PAGE_SCAN["warps"],
+        q, kq, kscale, bounds, page_bin, group_top, head_top, rest, kept, base, q.stride(0), q.stride(1),
+        *kq.stride()[:3], *kscale.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
+        HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), num_warps=PAGE_SCAN["warps"],
     )
     threshold = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
     log_rest = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
     _launch(_page_threshold, (B * Hq,),
-        top, rest, kept, base, bounds, threshold, log_rest, n_blocks, NPB * page_size,
+        group_top, head_top, rest, kept, base, bounds, threshold, log_rest, n_blocks, NPB * page_size,
         reference.rest_ratio(eps), G=G, G_PAD=G_PAD, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
-        WIDTH=width,
     )
     return page_bin, threshold, log_rest
