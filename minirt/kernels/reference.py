@@ -422,6 +422,15 @@ def to_bin(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > NEG_INF, torch.floor(x / BIN_WIDTH).clamp(-MAX_BIN, MAX_BIN), float(NO_PAGE))
 
 
+def bf16_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """x >= 0 (fp32) to the nearest bf16 value above (up) or below it, as fp32: the histogram's sums
+    of exps are products of bf16 values with a one-hot matrix, exact on tensor cores, and rounding
+    outward keeps U an upper bound and Z a lower one (each looser by at most 2^-8 of itself)."""
+    bits = x.float().view(torch.int32)
+    down = bits & -65536
+    return torch.where((down != bits) & up, down + 65536, down).view(torch.float32)
+
+
 def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
                    page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified mode's page selection from every key's int8 copy (kq, kscale: shadow_scores), no sort.
@@ -453,14 +462,14 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
         x = F.pad(torch.where(cand, x, NEG_INF), (0, pages * page_size - cap), value=NEG_INF)
         return x.view(B, Hkv, G, pages, page_size)
 
-    def page_mass(x: torch.Tensor) -> torch.Tensor:  # per page, the sum of exp(x - ref)
-        return torch.exp(by_page(x) - ref[..., None, None]).double().sum(-1)
+    def page_mass(x: torch.Tensor, up: bool) -> torch.Tensor:  # per page, the sum of exp(x - ref), rounded outward
+        return bf16_outward(torch.exp(by_page(x) - ref[..., None, None]), up).double().sum(-1)
 
     page_bin = to_bin(by_page(up).amax(-1).amax(2))  # [B, Hkv, pages]
     bins = (group_top - page_bin).clamp(max=PAGE_BINS - 1).long()[:, :, None].expand(B, Hkv, G, pages)
     hist = torch.zeros(B, Hkv, G, PAGE_BINS, dtype=torch.float64, device=q.device)
-    rest_hist = hist.scatter_add(-1, bins, page_mass(up))
-    kept_hist = hist.scatter_add(-1, bins, page_mass(low))
+    rest_hist = hist.scatter_add(-1, bins, page_mass(up, True))
+    kept_hist = hist.scatter_add(-1, bins, page_mass(low, False))
     base_mass = torch.exp(torch.where(base, low, NEG_INF) - ref[..., None]).double().sum(-1, keepdim=True)
     rest = F.pad(rest_hist.flip(-1).cumsum(-1).flip(-1), (0, 1))  # rest[j]: outside the top j bins, j = 0..PAGE_BINS
     kept = base_mass + F.pad(kept_hist.cumsum(-1), (1, 0))

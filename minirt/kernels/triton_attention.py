@@ -50,11 +50,11 @@ def _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION: tl.cons
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, PB, TH, OP, LP, OUT, LSE, BOUNDS, GROUPS,
-    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih, spb,
-    W, n_gather, P, scale, Hkv,
+    Q, K, V, RK, RV, IDX, COUNT, OP, LP, OUT, LSE, BOUNDS, GROUPS,
+    sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
+    W, n_gather, scale, Hkv,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPARSE: tl.constexpr, COUNTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -68,9 +68,9 @@ def _attn_partial(
     n_ctx = tl.load(BOUNDS)
     lo = tl.load(BOUNDS + 1)
     hi = tl.load(BOUNDS + 2)
-    if PAGED:
-        n_keys = W + hi
-    elif SPARSE:
+    if COUNTED:  # the gathered list's length is the step's (page_filtered_attention's compaction)
+        n_gather = tl.load(COUNT + pid_bh)
+    if SPARSE:
         n_keys = W + lo + n_gather
     else:
         n_keys = n_ctx
@@ -82,8 +82,6 @@ def _attn_partial(
     gmask = g < G
     dmask = d < D
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if PAGED:  # a page joins if some head keeps it: its bin reaches the group's lowest threshold
-        th = tl.min(tl.load(TH + pid_bh * G + g, mask=gmask, other=2147483647), 0)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -92,25 +90,17 @@ def _attn_partial(
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         in_range = j < end
-        if SPARSE or PAGED:
-            # virtual sequence: W ring slots | anchor positions [0, lo) | gathered entries, or with
-            # PAGED every position [lo, hi), attended where some head keeps its page
+        if SPARSE:
+            # virtual sequence: W ring slots | anchor positions [0, lo) | gathered entries
             is_ring = j < W
             newest = n_ctx - 1
             ring_pos = newest - ((newest - j) % W + W) % W  # latest position in slot j; < 0 if empty
-            if PAGED:
-                pos = j - W
-                is_cand = in_range & (pos >= lo)
-                keep = tl.load(PB + pid_bh * spb + pos // P, mask=is_cand, other=0) >= th
-                hist_ok = (j >= W) & ((pos < lo) | (is_cand & keep))
-                hist_pos = tl.where(hist_ok, pos, 0).to(tl.int64)
-            else:
-                is_anchor = (j >= W) & (j < W + lo)
-                is_gather = j >= W + lo
-                pos = tl.load(IDX + b * sib + h * sih + (j - W - lo), mask=in_range & is_gather, other=-1)
-                gather_ok = is_gather & (pos >= lo) & (pos < hi)
-                hist_ok = is_anchor | gather_ok
-                hist_pos = tl.where(is_anchor, j - W, tl.where(gather_ok, pos, 0)).to(tl.int64)
+            is_anchor = (j >= W) & (j < W + lo)
+            is_gather = j >= W + lo
+            pos = tl.load(IDX + b * sib + h * sih + (j - W - lo), mask=in_range & is_gather, other=-1)
+            gather_ok = is_gather & (pos >= lo) & (pos < hi)
+            hist_ok = is_anchor | gather_ok
+            hist_pos = tl.where(is_anchor, j - W, tl.where(gather_ok, pos, 0)).to(tl.int64)
             valid = in_range & ((is_ring & (ring_pos >= lo) & (ring_pos >= 0)) | hist_ok)
             ring_off = (b * srb + h * srh + j * srn)[:, None] + d[None, :]
             hist_off = (b * skb + h * skh + hist_pos * skn)[:, None] + d[None, :]
@@ -122,11 +112,7 @@ def _attn_partial(
             kp = K + off
             vp = V + off
         lmask = valid[:, None] & dmask[None, :]
-        if PAGED:  # most blocks of a long context are pages nobody keeps: skip them
-            if tl.max(valid.to(tl.int32), 0) > 0:
-                m, l, acc = _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION, UPCAST)
-        else:
-            m, l, acc = _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION, UPCAST)
+        m, l, acc = _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION, UPCAST)
     lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if DIRECT:  # a single split: this is the final result, skip the reduction launch
@@ -200,10 +186,10 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
 
 
 def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, groups=None,
-               paged=None):
+               count=None):
     """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
-    sparse: (ring_k, ring_v, idx), the window and gathered positions; with paged (page_bin,
-    threshold, page_size) instead of idx, the kept pages of the candidate range.
+    sparse: (ring_k, ring_v, idx), the window and gathered positions; count [B, Hkv] (int32): if
+    given, only the first count entries of each group's idx are read.
     groups [B, Hkv] (int32): if given, only the flagged KV groups are computed (the rest hold anything)."""
     cfg = {**DECODE, **(config or {})}
     B, Hq, D = q.shape
@@ -219,27 +205,21 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
     if not direct:
         op = torch.empty(B * Hkv * S, G_PAD, D_PAD, device=q.device, dtype=torch.float32)
         lp = torch.empty(B * Hkv * S, G_PAD, device=q.device, dtype=torch.float32)
-    ring_k = ring_v = idx = page_bin = threshold = k  # unused unless sparse / paged
-    W = n_gather = page_size = 0
+    ring_k = ring_v = idx = k  # unused unless sparse
+    W = n_gather = 0
     if sparse is not None:
         ring_k, ring_v, idx = sparse
         assert ring_v.stride() == ring_k.stride() and ring_k.stride(-1) == 1
         W = ring_k.shape[2]
-        if idx is None:
-            idx = k
-        else:
-            assert idx.stride(-1) == 1
-            n_gather = idx.shape[2]
-    if paged is not None:
-        page_bin, threshold, page_size = paged
-        assert page_bin.is_contiguous() and threshold.is_contiguous()
+        assert idx.stride(-1) == 1
+        n_gather = idx.shape[2]
     _launch(_attn_partial, (B * Hkv, S),
-        q, k, v, ring_k, ring_v, idx, page_bin, threshold, op, lp, out, lse, bounds,
+        q, k, v, ring_k, ring_v, idx, bounds if count is None else count, op, lp, out, lse, bounds,
         bounds if groups is None else groups,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
-        page_bin.stride(1), W, n_gather, page_size, 1.0 / math.sqrt(D), Hkv,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None and paged is None,
-        PAGED=paged is not None, **_precision(q), DIRECT=direct, SOME_GROUPS=groups is not None,
+        W, n_gather, 1.0 / math.sqrt(D), Hkv,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None,
+        COUNTED=count is not None, **_precision(q), DIRECT=direct, SOME_GROUPS=groups is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
@@ -269,11 +249,12 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: tor
 
 def page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, bounds, anchor: int, page_size: int,
                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window ∪ anchor ∪ the kept pages' candidates; see reference.page_filtered_attention. The
-    loop runs over every candidate position and skips blocks that no head of the group keeps."""
+    """Window ∪ anchor ∪ the kept pages' candidates; see reference.page_filtered_attention. The kept
+    positions are first compacted, in order, into a list the gathering kernel reads: it reads only them."""
     bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
-    return _attention(q, k, v, bounds, ring_k.shape[2] + k.shape[2], (ring_k, ring_v, None), out,
-                      paged=(page_bin, threshold, page_size))
+    idx, count = kept_list(page_bin, threshold, bounds, page_size, k.shape[2])
+    return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + k.shape[2], (ring_k, ring_v, idx), out, SPARSE,
+                      count=count)
 
 
 @triton.jit
@@ -594,8 +575,9 @@ BIN_WIDTH: tl.constexpr = tl.constexpr(reference.BIN_WIDTH)
 def _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
                  D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
                  HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Logit bounds u, l [G_PAD, CH * P_PAD] from the int8 copies of pages c0 .. c0 + CH - 1 (as
-    reference.shadow_scores), and which of their positions are candidates / scored non-candidates."""
+    """Logit estimates and their error bounds [rows of q, CH * P_PAD] from the int8 copies of pages
+    c0 .. c0 + CH - 1 (as reference.shadow_scores), and which of their positions are candidates /
+    scored non-candidates."""
     i = tl.arange(0, CH * P_PAD)
     t = i % P_PAD
     pos = (c0 + i // P_PAD).to(tl.int64) * P + t
@@ -608,7 +590,7 @@ def _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb,
     # in q's dtype: int8 values are exact in bf16 and fp16, so each product is exact in fp32
     est = _dot(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * (s / sqrt_d)[None, :]
     err = q_err[:, None] * s[None, :] * HALF + SLACK
-    return est + err, est - err, cand, live & ~cand
+    return est, err, cand, live & ~cand
 
 
 @triton.jit
@@ -618,28 +600,37 @@ def _to_bin(x):
 
 
 @triton.jit
-def _group_bins(u, cand, gmask, CH: tl.constexpr, P_PAD: tl.constexpr):
-    """Each page's bin over its candidates and the group's query heads, [CH] (int32)."""
-    best = tl.max(tl.where(gmask[:, None] & cand[None, :], u, float("-inf")), 0)
+def _group_bins(u, cand, rows, CH: tl.constexpr, P_PAD: tl.constexpr):
+    """Each page's bin over its candidates and the group's query heads (rows), [CH] (int32)."""
+    best = tl.max(tl.where(rows[:, None] & cand[None, :], u, float("-inf")), 0)
     if P_PAD > 1:
         best = tl.max(tl.reshape(best, [CH, P_PAD]), 1)
     return _to_bin(best)
 
 
 @triton.jit
+def _bf16_outward(x, up):
+    """reference.bf16_outward: x >= 0 to bf16, rounded up where `up`, down elsewhere."""
+    bits = x.to(tl.int32, bitcast=True)
+    down = bits & -65536
+    return tl.where(up & (down != bits), down + 65536, down).to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
 def _page_scan(
     Q, KQ, KS, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE,
     sqb, sqh, skb, skh, skn, ssb, ssh, n_pages, n_blocks, P, sqrt_d, Hkv,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr,
-    CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
+    SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
 ):
     """page_threshold pass 1, bandwidth-bound: one program reads the int8 copies of NPB pages of
     one KV head and writes each page's group bin, the block's top bin (the group's and each head's),
     and per query head the block's histogram over bins counted down from the group's top (exp
     relative to the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l)
     over the candidates, and the sum of exp(l) over the scored non-candidates (anchor and window).
-    A tile's histogram for all heads is one matrix product, [heads, keys] @ one-hot [keys, bins]."""
+    Rows 0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their lower bounds l,
+    so one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     n = tl.load(BOUNDS)
@@ -650,52 +641,53 @@ def _page_scan(
         return
     b = row // Hkv
     h = row % Hkv
-    g = tl.arange(0, G_PAD)
+    r = tl.arange(0, M)
+    head = r % G2
+    upper = r < G2
+    real = (r < 2 * G2) & (head < G)
     d = tl.arange(0, D_PAD)
-    gmask = g < G
-    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & (d < D)[None, :],
+    q = tl.load(Q + b * sqb + (h * G + head)[:, None] * sqh + d[None, :], mask=real[:, None] & (d < D)[None, :],
                 other=0.0)
     q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
-    top = tl.full([G_PAD], float("-inf"), tl.float32)
+    sign = tl.where(upper, 1.0, -1.0)
+    top = tl.full([M], float("-inf"), tl.float32)
     c = tl.arange(0, CH)
     for c0 in range(blk * NPB, (blk + 1) * NPB, CH):
-        u, l, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
-                                        D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
-        tl.store(PAGE_BIN + row * n_pages + c0 + c, _group_bins(u, cand, gmask, CH, P_PAD).to(tl.int16),
+        est, err, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P,
+                                            sqrt_d, D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
+        u = est + err  # every row has its head's upper bound
+        tl.store(PAGE_BIN + row * n_pages + c0 + c, _group_bins(u, cand, real, CH, P_PAD).to(tl.int16),
                  mask=c0 + c < n_pages)
         top = tl.maximum(top, tl.max(tl.where((cand | base)[None, :], u, float("-inf")), 1))
-    head_top = _to_bin(tl.where(gmask, top, float("-inf")))
+    head_top = _to_bin(tl.where(real, top, float("-inf")))
     group_top = tl.max(head_top, 0)
     ref = (head_top + 1).to(tl.float32) * BIN_WIDTH
     bins = tl.arange(0, NB)
-    rest = tl.zeros([G_PAD, NB], tl.float32)
-    kept = tl.zeros([G_PAD, NB], tl.float32)
-    base_mass = tl.zeros([G_PAD], tl.float32)
+    hist = tl.zeros([M, NB], tl.float32)
+    base_mass = tl.zeros([M], tl.float32)
     for c0 in range(blk * NPB, (blk + 1) * NPB, CH):  # the same keys again, from L2
-        u, l, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
-                                        D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
-        live = gmask[:, None] & cand[None, :]
-        e_up = tl.where(live, tl.exp(u - ref[:, None]), 0.0)
-        e_lo = tl.where(live, tl.exp(l - ref[:, None]), 0.0)
-        base_mass += tl.sum(tl.where(gmask[:, None] & base[None, :], tl.exp(l - ref[:, None]), 0.0), 1)
-        local = tl.minimum(group_top - _group_bins(u, cand, gmask, CH, P_PAD), NB - 1)
+        est, err, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P,
+                                            sqrt_d, D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
+        e = tl.exp(est + sign[:, None] * err - ref[:, None])
+        base_mass += tl.sum(tl.where(real[:, None] & base[None, :], e, 0.0), 1)
+        local = tl.minimum(group_top - _group_bins(est + err, cand, real, CH, P_PAD), NB - 1)
         key_bin = local  # each key in its page's bin
         if P_PAD > 1:
             key_bin = tl.reshape(tl.broadcast_to(local[:, None], [CH, P_PAD]), [CH * P_PAD])
-        one_hot = (key_bin[:, None] == bins[None, :]).to(tl.float32)
-        rest += tl.dot(e_up, one_hot, input_precision="tf32x3")  # 3 tf32 products: fp32's accuracy
-        kept += tl.dot(e_lo, one_hot, input_precision="tf32x3")
-    at = (row * n_blocks + blk) * G_PAD + g
+        one_hot = tl.where(key_bin[:, None] == bins[None, :], 1.0, 0.0).to(tl.bfloat16)  # (bool to bf16 is 0 interpreted)
+        w = _bf16_outward(tl.where(real[:, None] & cand[None, :], e, 0.0), upper[:, None])
+        hist += _dot(w, one_hot, "tf32", INTERP)
+    at = (row * n_blocks + blk) * G2 + head
     tl.store(GTOP + row * n_blocks + blk, group_top)
-    tl.store(HTOP + at, head_top)
-    tl.store(HREST + at[:, None] * NB + bins[None, :], tl.cumsum(rest, 1, reverse=True))
-    tl.store(HKEPT + at[:, None] * NB + bins[None, :], tl.cumsum(kept, 1))
-    tl.store(HBASE + at, base_mass)
+    tl.store(HTOP + at, head_top, mask=upper & real)
+    tl.store(HREST + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1, reverse=True), mask=(upper & real)[:, None])
+    tl.store(HKEPT + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1), mask=(~upper & real)[:, None])
+    tl.store(HBASE + at, base_mass, mask=~upper & real)
 
 
 @triton.jit
 def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST, n_blocks, block_keys, c,
-                    G: tl.constexpr, G_PAD: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr):
+                    G: tl.constexpr, G2: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr):
     """page_threshold pass 2, one program per query head: the blocks' histograms aligned on the
     group's top bin (bins are absolute multiples of BIN_WIDTH, so a block's shifts by a whole
     number of bins), rescaled to the head's top and summed, then the fewest top bins whose rest is
@@ -710,7 +702,7 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST
     for i0 in range(0, live, CB):
         ok = i0 + i < live
         group_top = tl.maximum(group_top, tl.load(GTOP + row * n_blocks + i0 + i, mask=ok, other=NO_PAGE))
-        head_top = tl.maximum(head_top, tl.load(HTOP + (row * n_blocks + i0 + i) * G_PAD + g, mask=ok, other=NO_PAGE))
+        head_top = tl.maximum(head_top, tl.load(HTOP + (row * n_blocks + i0 + i) * G2 + g, mask=ok, other=NO_PAGE))
     group_top = tl.max(group_top, 0)
     head_top = tl.max(head_top, 0)
     bins = tl.arange(0, NB)
@@ -719,7 +711,7 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST
     base_mass = tl.zeros([CB], tl.float32)
     for i0 in range(0, live, CB):
         ok = i0 + i < live
-        at = (row * n_blocks + i0 + i) * G_PAD + g
+        at = (row * n_blocks + i0 + i) * G2 + g
         shift = group_top - tl.load(GTOP + row * n_blocks + i0 + i, mask=ok, other=0)
         weight = tl.where(ok, tl.exp((tl.load(HTOP + at, mask=ok, other=0) - head_top).to(tl.float32) * BIN_WIDTH), 0.0)
         r = tl.load(HREST + at[:, None] * NB + tl.maximum(bins[None, :] - shift[:, None], 0), mask=ok[:, None], other=0.0)
@@ -735,8 +727,74 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST
     tl.store(LOG_REST + pid, tl.where(left > 0, tl.log(left) + (head_top + 1).to(tl.float32) * BIN_WIDTH, float("-inf")))
 
 
-# page_threshold's launch settings: keys per pass-1 program and per tile, pass-2 blocks per tile.
-PAGE_SCAN = {"block_keys": 1024, "tile_keys": 64, "warps": 4, "blocks_per_tile": 16}
+@triton.jit
+def _kept(PAGE_BIN, TH, row, chunk, lo, hi, spb, P, G: tl.constexpr, G2: tl.constexpr, CHUNK: tl.constexpr):
+    """Positions chunk * CHUNK + [0, CHUNK) and which of them some head of KV group `row` keeps."""
+    th = tl.min(tl.load(TH + row * G + tl.arange(0, G2), mask=tl.arange(0, G2) < G, other=2147483647), 0)
+    pos = chunk * CHUNK + tl.arange(0, CHUNK)
+    cand = (pos >= lo) & (pos < hi)
+    return pos, cand & (tl.load(PAGE_BIN + row * spb + pos // P, mask=cand, other=0) >= th)
+
+
+@triton.jit
+def _kept_count(PAGE_BIN, TH, BOUNDS, CNT, spb, P, n_chunks, G: tl.constexpr, G2: tl.constexpr, CHUNK: tl.constexpr):
+    """How many positions of each chunk the KV group keeps (0 past the candidates)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    _, keep = _kept(PAGE_BIN, TH, row, chunk, tl.load(BOUNDS + 1), tl.load(BOUNDS + 2), spb, P, G, G2, CHUNK)
+    tl.store(CNT + row * n_chunks + chunk, tl.sum(keep.to(tl.int32), 0))
+
+
+@triton.jit
+def _kept_scatter(PAGE_BIN, TH, BOUNDS, CNT, IDX, COUNT, spb, sib, P, n_chunks, G: tl.constexpr, G2: tl.constexpr,
+                  CHUNK: tl.constexpr, CB: tl.constexpr):
+    """Each chunk's kept positions, in order, after those of the chunks before it; chunk 0 also
+    writes the list's length."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pos, keep = _kept(PAGE_BIN, TH, row, chunk, tl.load(BOUNDS + 1), tl.load(BOUNDS + 2), spb, P, G, G2, CHUNK)
+    i = tl.arange(0, CB)
+    before = tl.zeros([CB], tl.int32)
+    total = tl.zeros([CB], tl.int32)
+    for i0 in range(0, n_chunks, CB):
+        c = tl.load(CNT + row * n_chunks + i0 + i, mask=i0 + i < n_chunks, other=0)
+        before += tl.where(i0 + i < chunk, c, 0)
+        total += c
+    at = tl.sum(before, 0) + tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(IDX + row * sib + at, pos, mask=keep)
+    if chunk == 0:
+        tl.store(COUNT + row, tl.sum(total, 0))
+
+
+KEPT = {"chunk": 1024, "counts_per_tile": 1024}  # kept_list: positions per program, counts summed per step
+
+
+def kept_list(page_bin: torch.Tensor, threshold: torch.Tensor, bounds: torch.Tensor, page_size: int,
+              capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate positions some head of each KV group keeps (page_bin >= its threshold), in
+    order: idx [B, Hkv, capacity] (int32, valid up to count) and count [B, Hkv] (int32), in two
+    launches (counts per chunk, then each chunk writes after the chunks before it)."""
+    B, Hkv, _ = page_bin.shape
+    G = threshold.shape[1] // Hkv
+    chunk = KEPT["chunk"]
+    n_chunks = triton.cdiv(capacity, chunk)
+    counts = torch.empty(B * Hkv, n_chunks, device=page_bin.device, dtype=torch.int32)
+    idx = torch.empty(B, Hkv, capacity, device=page_bin.device, dtype=torch.int32)
+    count = torch.empty(B, Hkv, device=page_bin.device, dtype=torch.int32)
+    assert page_bin.is_contiguous() and threshold.is_contiguous()
+    meta = dict(G=G, G2=_pow2(G, 1), CHUNK=chunk)
+    _launch(_kept_count, (B * Hkv, n_chunks), page_bin, threshold, bounds, counts, page_bin.stride(1), page_size,
+            n_chunks, **meta)
+    _launch(_kept_scatter, (B * Hkv, n_chunks), page_bin, threshold, bounds, counts, idx, count, page_bin.stride(1),
+            idx.stride(1), page_size, n_chunks, **meta, CB=KEPT["counts_per_tile"])
+    return idx, count
+
+
+# page_threshold's launch settings (H200, 32q/4kv x64): keys per pass-1 program (at least
+# block_keys, more once the capacity would need over `programs` of them: pass 2 reads every
+# block's histogram, 136 us at 1M with blocks of 1024 against 29 with 4096), keys per tile (each
+# tile's one-hot product), pass-2 blocks per tile.
+PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16}
 
 
 def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
@@ -750,26 +808,28 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     bounds = reference.as_bounds(bounds, None, q.device)
     P_PAD = _pow2(page_size, 1)
     CH = max(1, PAGE_SCAN["tile_keys"] // P_PAD)
-    NPB = max(CH, PAGE_SCAN["block_keys"] // P_PAD)
+    block_keys = max(PAGE_SCAN["block_keys"], _pow2(triton.cdiv(cap * rows, PAGE_SCAN["programs"]), 1))
+    NPB = max(CH, block_keys // P_PAD)
     n_pages = triton.cdiv(cap, page_size)
     n_blocks = triton.cdiv(n_pages, NPB)
-    G_PAD, NB = _pow2(G), reference.PAGE_BINS
+    G2, NB = _pow2(G, 1), reference.PAGE_BINS
     page_bin = torch.empty(B, Hkv, n_pages, device=q.device, dtype=torch.int16)
     group_top = torch.empty(rows, n_blocks, device=q.device, dtype=torch.int32)
-    head_top = torch.empty(rows, n_blocks, G_PAD, device=q.device, dtype=torch.int32)
-    rest = torch.empty(rows, n_blocks, G_PAD, NB, device=q.device, dtype=torch.float32)
+    head_top = torch.empty(rows, n_blocks, G2, device=q.device, dtype=torch.int32)
+    rest = torch.empty(rows, n_blocks, G2, NB, device=q.device, dtype=torch.float32)
     kept = torch.empty_like(rest)
-    base = torch.empty(rows, n_blocks, G_PAD, device=q.device, dtype=torch.float32)
+    base = torch.empty(rows, n_blocks, G2, device=q.device, dtype=torch.float32)
     _launch(_page_scan, (rows, n_blocks),
         q, kq, kscale, bounds, page_bin, group_top, head_top, rest, kept, base, q.stride(0), q.stride(1),
         *kq.stride()[:3], *kscale.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
-        HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), num_warps=PAGE_SCAN["warps"],
+        G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
+        HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), INTERP=INTERPRETED.value,
+        num_warps=PAGE_SCAN["warps"],
     )
     threshold = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
     log_rest = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
     _launch(_page_threshold, (B * Hq,),
         group_top, head_top, rest, kept, base, bounds, threshold, log_rest, n_blocks, NPB * page_size,
-        reference.rest_ratio(eps), G=G, G_PAD=G_PAD, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
+        reference.rest_ratio(eps), G=G, G2=G2, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
     )
     return page_bin, threshold, log_rest
