@@ -7,7 +7,7 @@ close sparse decoding stays to full attention (the bytes-vs-fidelity frontier), 
 Workloads at each length: continuation of a long Python source and of long prose (free-running
 greedy token match over --steps tokens, first divergence, teacher-forced KL and dropped mass); a
 pass key at depths 10..90% and five needles spread through a haystack (retrieval accuracy, greedy
-answers). Variants: exact top-k (the default), token-level page selection, whole pages at two
+answers). Variants: exact top-k, token-level page selection, whole pages at two
 budgets, whole pages with the tail estimate, and certified mode at three eps. `run` writes one JSON
 per model; `render` joins them.
 """
@@ -38,23 +38,26 @@ from minirt.workloads import NEEDLES, PASSKEY_DEPTHS, PASSKEYS, haystack_prompts
 NO_CAP = 1 << 30  # certified mode's top_k: never cut the list (the cache's capacity bounds it)
 
 
-BASELINES = ("exact k=32 (default)", "pages k=32", "whole pages k=1024")  # the main variants the sweep varies
+BASELINES = ("exact k=32", "pages k=32", "whole pages k=1024")  # the main variants the sweep varies
+PAPER = CondensateConfig(window=128)  # the paper's A=4 W=128 k=32: every main variant's window
+# rows of earlier runs under the names they had then
+RENAMED = {"exact k=32 (default)": "exact k=32", "exact k=32 W=512": "exact k=32 W=512 (default)"}
 
 
 def variants() -> dict[str, CondensateConfig | None]:
     whole = dict(selection="whole-pages")
-    out: dict[str, CondensateConfig | None] = {"full": None, "exact k=32 (default)": CondensateConfig(),
-                                               "pages k=32": CondensateConfig(selection="pages")}
+    out: dict[str, CondensateConfig | None] = {"full": None, "exact k=32": PAPER,
+                                               "pages k=32": replace(PAPER, selection="pages")}
     for k in (512, 1024):
-        out[f"whole pages k={k}"] = CondensateConfig(top_k=k, **whole)
-    out["whole pages k=512 + tail"] = CondensateConfig(top_k=512, tail=True, **whole)
+        out[f"whole pages k={k}"] = replace(PAPER, top_k=k, **whole)
+    out["whole pages k=512 + tail"] = replace(PAPER, top_k=512, tail=True, **whole)
     for eps in (1e-1, 1e-2, 1e-3):
-        out[f"certified eps={eps:g}"] = CondensateConfig(top_k=NO_CAP, max_dropped_mass=eps)
+        out[f"certified eps={eps:g}"] = replace(PAPER, top_k=NO_CAP, max_dropped_mass=eps)
     for eps in (1e-2, 1e-3):
-        out[f"certified int8 eps={eps:g}"] = CondensateConfig(selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
+        out[f"certified int8 eps={eps:g}"] = replace(PAPER, selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
     for eps in (1e-2, 1e-3):  # the GPU's certified mode: single keys by threshold, no sort
-        out[f"certified int8 threshold eps={eps:g}"] = CondensateConfig(selection="int8-threshold", page_size=1,
-                                                                        max_dropped_mass=eps)
+        out[f"certified int8 threshold eps={eps:g}"] = replace(PAPER, selection="int8-threshold", page_size=1,
+                                                               max_dropped_mass=eps)
     return out
 
 
@@ -62,10 +65,10 @@ def tuning() -> dict[str, CondensateConfig | None]:
     """Selection settings around the main variants (issue #11, item 4): window, dense first layers
     (Quest keeps two), per-head scope, oversampling, page size; with the main variants they vary,
     for lengths no main run covers (render takes a main run's rows where there is one)."""
-    exact, whole = CondensateConfig(), CondensateConfig(selection="whole-pages", top_k=1024)
+    exact, whole = PAPER, replace(PAPER, selection="whole-pages", top_k=1024)
     main = variants()
     return {"full": None, **{name: main[name] for name in BASELINES},
-            "exact k=32 W=512": replace(exact, window=512),
+            "exact k=32 W=512 (default)": replace(exact, window=512),
             "exact k=32 dense layers 0,1": replace(exact, dense_layers=(0, 1)),
             # SmolLM2's layers 0-11 leave out 10-100% of the mass at every step (compare --plot, haystack)
             "exact k=32 dense layers 0-11": replace(exact, dense_layers=tuple(range(12))),
@@ -196,6 +199,8 @@ def commit() -> str:
 
 def render(args) -> None:
     results = [json.loads(Path(p).read_text()) for p in args.results]
+    for r in (r for res in results for r in res["rows"]):
+        r["variant"] = RENAMED.get(r["variant"], r["variant"])
     rows = [r for res in results if res["meta"].get("set", "main") == "main" for r in res["rows"]]
     swept = [r for res in results if res["meta"].get("set") == "tuning" for r in res["rows"]]
     runs = "".join(f"- {m['model']}: `{m['command']}` on {m['date']} at commit {m['commit']}, {m['device']}, {m['dtype']}, "
@@ -245,10 +250,10 @@ edit by hand. Plot: {Path(args.out).with_suffix(".png").name}.
 
 {runs}
 *KV read* is the fraction of full attention's cache bytes (bf16 keys and values) one decode step
-reads: the attended keys and values (anchor 4, window 128, the chosen keys or pages), fp8 page
+reads: the attended keys and values (anchor 4, window 128 unless named, the chosen keys or pages), fp8 page
 min/max summaries for page selection, every key for exact and certified selection (which score
 them all), every key's int8 copy and fp32 scale for int8 selection (about a quarter of the
-bytes) and for threshold selection each query head's int16 page bins (written and read), the tail's fp32 key/value sums per page, and, in certified mode, a whole group's cache
+bytes) and for threshold selection the int16 page bins (written and read; runs before 2026-11-30's b0fd441 kept one per query head, since then one per KV head), the tail's fp32 key/value sums per page, and, in certified mode, a whole group's cache
 for each head that fell back. *Attended* is the fraction of the context in the exact softmax
 (measured per step and layer). *Token match* compares free-running greedy decodes; *agreement*,
 *KL* and *dropped mass* (attention mass outside the exactly attended set) are teacher-forced on
@@ -276,7 +281,8 @@ Certified mode from exact scores attends, per step and KV group, the fewest keys
 head within eps: the group's oracle. The int8 modes decide from bounds alone (no exact score), so
 they attend more; *ratio* is their keys over the oracle's at the same eps. *ranked*: each head
 ranks keys by their upper bound (`--selection int8`); *threshold*: keys kept by a per-head
-threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`).
+threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`; bins per query
+head before b0fd441, shared by the KV group since).
 
 | model | prompt | eps | int8 mode | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
 |---|---|---|---|---|---|---|---|---|---|
@@ -331,7 +337,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     cont = [r for r in rows if r["workload"] != "retrieval"]
     prompts = list(dict.fromkeys((r["model"], r["length"]) for r in cont))
-    families = {"exact / pages k=32": lambda v: v.endswith("k=32") or "default" in v,
+    families = {"exact / pages k=32": lambda v: v.endswith("k=32"),
                 "whole pages": lambda v: v.startswith("whole") and "tail" not in v,
                 "whole pages + tail": lambda v: "tail" in v,
                 "certified": lambda v: v.startswith("certified") and "int8" not in v,

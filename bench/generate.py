@@ -4,8 +4,8 @@
 
 A TinyLlama-shaped model (22 layers, 32q/4kv heads of 64, dim 2048, ffn 5632, vocab 32000) in bf16
 with random weights (speed does not depend on the values; no trained TinyLlama is reachable here),
-batch 1. Rows: minirt full attention, minirt sparse (exact and page selection, the defaults
-otherwise), transformers generate() with its dynamic cache, and with a static cache +
+batch 1. Rows: minirt full attention, minirt sparse (the default, and exact, page and whole-page
+selection with the paper's window of 128), transformers generate() with its dynamic cache, and with a static cache +
 torch.compile (transformers compiles its decoding forward itself when asked for a static cache).
 minirt rows call generate() (prefill, then the CUDA-graph decode step); at
 contexts past --synthetic-from the cache is filled with random keys/values instead of a prefill
@@ -39,9 +39,10 @@ TINYLLAMA = ModelConfig(family="llama", vocab_size=32000, dim=2048, n_layers=22,
                         head_dim=64, ffn_dim=5632, max_seq_len=2048, rotary_dim=64, rope_theta=10000.0)
 SYSTEMS = {
     "minirt full": ("full", None),
-    "minirt sparse (exact)": ("sparse", CondensateConfig()),
-    "minirt sparse (pages)": ("sparse", CondensateConfig(selection="pages")),
-    "minirt sparse (whole pages, k=512)": ("sparse", CondensateConfig(selection="whole-pages", top_k=512)),
+    "minirt sparse (default: exact, k=32, W=512)": ("sparse", CondensateConfig()),
+    "minirt sparse (exact)": ("sparse", CondensateConfig(window=128)),
+    "minirt sparse (pages)": ("sparse", CondensateConfig(window=128, selection="pages")),
+    "minirt sparse (whole pages, k=512)": ("sparse", CondensateConfig(window=128, selection="whole-pages", top_k=512)),
     "minirt sparse (whole pages, k=1024, W=512)": ("sparse", CondensateConfig(selection="whole-pages", top_k=1024,
                                                                              window=512)),
     "minirt sparse (whole pages, k=1024, W=512, P=16)": ("sparse", CondensateConfig(

@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/page_recall")
     args = ap.parse_args()
     llm = LLM.load(args.model, device=args.device, dtype="fp32")
-    base_policy = CondensateConfig()
+    base_policy = CondensateConfig(window=128)  # the paper's window, as measured in the README
     rows = []
     for name, text in texts().items():
         ids = llm.tokenizer.encode(text)[: args.context + args.steps]

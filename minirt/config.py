@@ -188,7 +188,9 @@ SELECTIONS = ("exact", "int8", "int8-threshold", "pages", "whole-pages")
 @dataclass(frozen=True)
 class CondensateConfig:
     anchor: int = 4  # first positions always attended (the attention sink)
-    window: int = 128  # most recent positions, kept in a ring buffer
+    # most recent positions, kept in a ring buffer. 512, not the paper's 128: at 8K on both real
+    # models it cuts exact top-32's mean KL 2-4x and keeps retrieval (FRONTIER.md) for 5% more bytes
+    window: int = 512
     top_k: int = 32  # distant positions chosen by Q·K
     budget_alpha: float = 0.0  # if > 0: k = max(top_k, ceil(alpha * n ** budget_exponent))
     budget_exponent: float = 0.5

@@ -32,7 +32,7 @@ def test_stdin_prompt_sparse(smollm2, smollm2_llm):
     done = run("--model", str(smollm2), "--prompt", "-", "--max-new-tokens", "5", "--quiet", stdin="Hello, my name is")
     assert done.returncode == 0, done.stderr
     assert done.stdout == generate(smollm2_llm, "Hello, my name is", 5).text + "\n"
-    assert "attention sparse A=4 W=128 k=32 (exact)" in done.stderr
+    assert "attention sparse A=4 W=512 k=32 (exact)" in done.stderr
     assert "loaded" not in done.stderr  # --quiet
 
 
