@@ -624,13 +624,15 @@ def _page_scan(
     P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
     SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """page_threshold pass 1, bandwidth-bound: one program reads the int8 copies of NPB pages of
-    one KV head and writes each page's group bin, the block's top bin (the group's and each head's),
-    and per query head the block's histogram over bins counted down from the group's top (exp
-    relative to the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l)
-    over the candidates, and the sum of exp(l) over the scored non-candidates (anchor and window).
-    Rows 0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their lower bounds l,
-    so one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head."""
+    """page_threshold pass 1: one program reads the int8 copies of NPB pages of one KV head, once,
+    and writes each page's group bin, the block's top bin (the group's and each head's), and per
+    query head the block's histogram over bins counted down from the group's top (exp relative to
+    the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
+    candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Rows
+    0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their lower bounds l, so
+    one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head. The tops
+    are running maxima: when they rise, what is binned so far is shifted down and rescaled (the
+    product's own rounding aside, the same sums as binning on the final tops: the reference's)."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     n = tl.load(BOUNDS)
@@ -651,29 +653,36 @@ def _page_scan(
     q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
     sign = tl.where(upper, 1.0, -1.0)
     top = tl.full([M], float("-inf"), tl.float32)
+    head_top = tl.full([M], NO_PAGE, tl.int32)
+    group_top = tl.max(head_top, 0)
     c = tl.arange(0, CH)
+    bins = tl.arange(0, NB)
+    hist = tl.zeros([M, NB], tl.float32)
+    base_mass = tl.zeros([M], tl.float32)
     for c0 in range(blk * NPB, (blk + 1) * NPB, CH):
         est, err, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P,
                                             sqrt_d, D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
         u = est + err  # every row has its head's upper bound
-        tl.store(PAGE_BIN + row * n_pages + c0 + c, _group_bins(u, cand, real, CH, P_PAD).to(tl.int16),
-                 mask=c0 + c < n_pages)
+        page_bins = _group_bins(u, cand, real, CH, P_PAD)
+        tl.store(PAGE_BIN + row * n_pages + c0 + c, page_bins.to(tl.int16), mask=c0 + c < n_pages)
         top = tl.maximum(top, tl.max(tl.where((cand | base)[None, :], u, float("-inf")), 1))
-    head_top = _to_bin(tl.where(real, top, float("-inf")))
-    group_top = tl.max(head_top, 0)
-    ref = (head_top + 1).to(tl.float32) * BIN_WIDTH
-    bins = tl.arange(0, NB)
-    hist = tl.zeros([M, NB], tl.float32)
-    base_mass = tl.zeros([M], tl.float32)
-    for c0 in range(blk * NPB, (blk + 1) * NPB, CH):  # the same keys again, from L2
-        est, err, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P,
-                                            sqrt_d, D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
-        e = tl.exp(est + sign[:, None] * err - ref[:, None])
+        new_head = _to_bin(tl.where(real, top, float("-inf")))
+        new_group = tl.max(new_head, 0)
+        # the tops rose: what is binned so far moves down by as many bins, its exps to the new tops
+        shift = new_group - group_top
+        if shift > 0:
+            move = tl.where(tl.minimum(bins[:, None] + shift, NB - 1) == bins[None, :], 1.0, 0.0)
+            hist = tl.dot(hist, move, input_precision="ieee")
+        scale = tl.exp((head_top - new_head).to(tl.float32) * BIN_WIDTH)
+        hist = hist * scale[:, None]
+        base_mass = base_mass * scale
+        head_top = new_head
+        group_top = new_group
+        e = tl.exp(est + sign[:, None] * err - ((head_top + 1).to(tl.float32) * BIN_WIDTH)[:, None])
         base_mass += tl.sum(tl.where(real[:, None] & base[None, :], e, 0.0), 1)
-        local = tl.minimum(group_top - _group_bins(est + err, cand, real, CH, P_PAD), NB - 1)
-        key_bin = local  # each key in its page's bin
+        key_bin = tl.minimum(group_top - page_bins, NB - 1)  # each key in its page's bin
         if P_PAD > 1:
-            key_bin = tl.reshape(tl.broadcast_to(local[:, None], [CH, P_PAD]), [CH * P_PAD])
+            key_bin = tl.reshape(tl.broadcast_to(key_bin[:, None], [CH, P_PAD]), [CH * P_PAD])
         one_hot = tl.where(key_bin[:, None] == bins[None, :], 1.0, 0.0).to(tl.bfloat16)  # (bool to bf16 is 0 interpreted)
         w = _bf16_outward(tl.where(real[:, None] & cand[None, :], e, 0.0), upper[:, None])
         hist += _dot(w, one_hot, "tf32", INTERP)
