@@ -230,7 +230,8 @@ class CondensateCache(DenseCache):
 
     def _store_step(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
         super()._store_step(layer, k, v)
-        if self.kq is not None:  # the new key's int8 copy, at the position held on the device
+        if self.kq is not None and self.policy.selection != "int8-threshold":  # (page_threshold writes its own)
+            # the new key's int8 copy, at the position held on the device
             position = (self.bounds[:1] - 1).long()
             kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position))
             self.kq[layer].index_copy_(2, position, kq)
@@ -338,7 +339,7 @@ class CondensateCache(DenseCache):
         """Certified whole pages from the int8 copies (kernels.reference.page_threshold): the bound
         U / (Z_set + U) decides each head's fallback; with certify the exact dropped mass is recorded."""
         p, ks, vs = self.policy, self.k[layer], self.v[layer]
-        page_bin, threshold, log_rest = self.ops.page_threshold(q, self.kq[layer], self.kscale[layer], self.bounds,
+        page_bin, threshold, log_rest = self.ops.page_threshold(q, ks, self.kq[layer], self.kscale[layer], self.bounds,
                                                                 p.max_dropped_mass, p.page_size)
         out, lse = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, page_bin,
                                                     threshold, self.bounds, p.anchor, p.page_size)

@@ -117,12 +117,19 @@ def dyadic_int8_keys(B, Hkv, G, D, cap, g):
 def test_page_threshold(B, Hkv, G, n, P, window, eps):
     """Certified page selection from int8 copies: the two-launch kernel (per-block histograms,
     aligned and summed) gives the reference's page bins, thresholds and rest, at every eps (0 keeps
-    every page; 1 keeps none), with ragged last pages and a cache of 2 positions."""
+    every page; 1 keeps none), with ragged last pages and a cache of 2 positions; both write the
+    newest key's int8 copy alike."""
     g = torch.Generator().manual_seed(n + P)
-    q, kq, scale, _ = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g)
+    q, kq, scale, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g)
+    k[:, :, n - 1] = torch.randn(B, Hkv, 64, generator=g).to(DEVICE) * 3  # a key without its copy yet
     bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, window), DEVICE)
-    want = ref.page_threshold(q, kq, scale, bounds, eps, P)
-    got = tri.page_threshold(q, kq, scale, bounds, eps, P)
+    copies = {twin: (kq.clone(), scale.clone()) for twin in ("ref", "tri")}
+    want = ref.page_threshold(q, k, *copies["ref"], bounds, eps, P)
+    got = tri.page_threshold(q, k, *copies["tri"], bounds, eps, P)
+    new_kq, new_scale = ref.quantize_keys(k[:, :, n - 1])
+    for twin_kq, twin_scale in copies.values():
+        assert torch.equal(twin_kq[:, :, n - 1], new_kq) and torch.equal(twin_scale[:, :, n - 1], new_scale)
+        assert torch.equal(twin_kq[:, :, :n - 1], kq[:, :, :n - 1])  # nothing else written
     scored = -(-(n - 1) // P)  # pages holding positions [0, n - 1): the kernel writes only those
     assert torch.equal(got[0][..., :scored], want[0][..., :scored])
     assert torch.equal(got[1], want[1])
@@ -145,7 +152,7 @@ def test_page_threshold_certifies_the_dropped_mass():
     ref.fill_ring(ring_k, ring_v, k[:, :, n - W:], v[:, :, n - W:], n - W)
     exact_lse = ref.decode_attention(q, k, v)[1]
     for eps in (1e-3, 1e-2, 0.1):
-        page_bin, threshold, log_rest = ref.page_threshold(q, kq.cpu(), scale.cpu(), bounds, eps, P)
+        page_bin, threshold, log_rest = ref.page_threshold(q, k, kq.cpu(), scale.cpu(), bounds, eps, P)
         _, lse = ref.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, bounds, 4, P)
         bound, dropped = torch.sigmoid(log_rest - lse), 1 - torch.exp(lse - exact_lse)
         assert bool((bound >= dropped - 1e-6).all()) and bool((bound <= eps).all())

@@ -431,9 +431,10 @@ def bf16_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where((down != bits) & up, down + 65536, down).view(torch.float32)
 
 
-def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
+def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
                    page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified mode's page selection from every key's int8 copy (kq, kscale: shadow_scores), no sort.
+    It first writes the int8 copy of the newest key (position n - 1 of k), which it does not score.
 
     Per query head, each key has logit bounds l <= q·k / sqrt(D) <= u. A page's bin is
     to_bin(max u) over its candidates (positions [lo, hi)) and the query heads of its KV group. Each
@@ -447,6 +448,7 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     [B, Hq] (int32: a head keeps the pages whose bin is >= it) and log_rest [B, Hq] = log U (-inf if
     nothing is left out). eps = 0 keeps every page and still leaves U = 0 < eps false: full attention."""
     n, lo, hi = _ints(as_bounds(bounds, None, "cpu"))
+    kq[:, :, n - 1], kscale[:, :, n - 1] = quantize_keys(k[:, :, n - 1])
     est, err = shadow_scores(q, kq, kscale, n)
     B, Hkv, G, cap = est.shape
     pages = -(-cap // page_size)

@@ -617,9 +617,23 @@ def _bf16_outward(x, up):
 
 
 @triton.jit
+def _quantize_newest(K, KQ, KS, b, h, pos, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D: tl.constexpr,
+                     D_PAD: tl.constexpr):
+    """reference.quantize_keys of the key at pos (round half to even, as torch.round)."""
+    d = tl.arange(0, D_PAD)
+    x = tl.load(K + b * sxb + h * sxh + pos * sxn + d, mask=d < D, other=0.0).to(tl.float32)
+    scale = tl.max(tl.abs(x), 0) / 127
+    y = x / tl.maximum(scale, 1.1754943508222875e-38)
+    r = tl.floor(y + 0.5)
+    r = tl.where((r - y == 0.5) & (r - 2 * tl.floor(r / 2) == 1), r - 1, r)
+    tl.store(KQ + b * skb + h * skh + pos * skn + d, tl.clamp(r, -127.0, 127.0).to(tl.int8), mask=d < D)
+    tl.store(KS + b * ssb + h * ssh + pos, scale)
+
+
+@triton.jit
 def _page_scan(
-    Q, KQ, KS, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE,
-    sqb, sqh, skb, skh, skn, ssb, ssh, n_pages, n_blocks, P, sqrt_d, Hkv,
+    Q, K, KQ, KS, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE,
+    sqb, sqh, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, n_pages, n_blocks, P, sqrt_d, Hkv,
     G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
     SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
@@ -639,10 +653,12 @@ def _page_scan(
     lo = tl.load(BOUNDS + 1)
     hi = tl.load(BOUNDS + 2)
     scored = n - 1  # the newest key is left out: its int8 copy need not exist yet (see the reference)
-    if blk * NPB * P >= scored:
-        return
     b = row // Hkv
     h = row % Hkv
+    if blk == 0:  # so this launch writes it, for the steps after this one
+        _quantize_newest(K, KQ, KS, b, h, scored, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D, D_PAD)
+    if blk * NPB * P >= scored:
+        return
     r = tl.arange(0, M)
     head = r % G2
     upper = r < G2
@@ -806,14 +822,15 @@ def kept_list(page_bin: torch.Tensor, threshold: torch.Tensor, bounds: torch.Ten
 PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16}
 
 
-def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
+def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
                    page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Certified page selection from the int8 copies in two launches; see reference.page_threshold.
-    page_bin is written for pages holding scored positions (those [0, n - 1) of bounds) only."""
+    """Certified page selection from the int8 copies in two launches, the newest key's copy written
+    by the first; see reference.page_threshold. page_bin is written for pages holding scored
+    positions (those [0, n - 1) of bounds) only."""
     B, Hq, D = q.shape
     Hkv, cap = kq.shape[1], kq.shape[2]
     G, rows = Hq // Hkv, B * Hkv
-    assert kq.stride(-1) == 1 and kscale.stride(-1) == 1
+    assert kq.stride(-1) == 1 and kscale.stride(-1) == 1 and k.stride(-1) == 1
     bounds = reference.as_bounds(bounds, None, q.device)
     P_PAD = _pow2(page_size, 1)
     CH = max(1, PAGE_SCAN["tile_keys"] // P_PAD)
@@ -829,8 +846,8 @@ def page_threshold(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, boun
     kept = torch.empty_like(rest)
     base = torch.empty(rows, n_blocks, G2, device=q.device, dtype=torch.float32)
     _launch(_page_scan, (rows, n_blocks),
-        q, kq, kscale, bounds, page_bin, group_top, head_top, rest, kept, base, q.stride(0), q.stride(1),
-        *kq.stride()[:3], *kscale.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
+        q, k, kq, kscale, bounds, page_bin, group_top, head_top, rest, kept, base, q.stride(0), q.stride(1),
+        *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
         G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
         HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), INTERP=INTERPRETED.value,
         num_warps=PAGE_SCAN["warps"],
