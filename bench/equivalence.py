@@ -4,9 +4,10 @@
 
 Every number in EQUIVALENCE.md comes from this script; re-run it instead of editing the file.
 Rows, per model: the paper's three prompts at the paper's policy (A=4 W=128 k=32); the default
-(a window of 512) and variants of the paper's policy on the retrieval prompt (top-k shared per KV group vs per head, page selection, a dense first layer, a growing
-budget, certified mode from exact scores and from int8 copies); the multi-needle haystack; and
-the random-weight control. Long contexts (2K-32K) are bench/frontier.py's (FRONTIER.md).
+(a window of 512) and variants of the paper's policy on the retrieval prompt (top-k shared per KV
+group vs per head, page selection, a dense first layer, a growing budget, certified mode from
+exact scores, from int8 copies and by threshold); the multi-needle haystack; and the random-weight
+control. Long contexts (2K-32K) are bench/frontier.py's (FRONTIER.md).
 """
 from __future__ import annotations
 
