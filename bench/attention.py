@@ -27,13 +27,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt.cache import CondensateCache, CondensateConfig  # noqa: E402
-from minirt.config import ModelConfig  # noqa: E402
+from minirt.config import PAPER_POLICY, ModelConfig  # noqa: E402
 from minirt.kernels import triton_attention as tri  # noqa: E402
 from minirt.kernels import reference  # noqa: E402
 from minirt.kernels.reference import step_bounds  # noqa: E402
 
 SHAPES = {"32q/4kv x64 (TinyLlama)": (32, 4, 64), "8q/8kv x64 (paper)": (8, 8, 64)}
-POLICY = CondensateConfig(window=128)  # the paper's A=4, W=128, k=32; pages of 32, 16x oversampling
+POLICY = PAPER_POLICY  # A=4, W=128, k=32; pages of 32, 16x oversampling
 WHOLE_K = 512  # whole-page selection's budget: 16 pages of 32, the keys "pages" scores at 16x oversampling
 # certified mode: exact scores of every key, a device-side sort per head, at most 4096 keys, and
 # dense attention for the fallback (computed every step: a static graph has no branches)

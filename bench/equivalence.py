@@ -24,23 +24,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt import LLM, CondensateConfig  # noqa: E402
+from minirt.config import PAPER_POLICY  # noqa: E402
 from minirt.equivalence import compare, full_reference, needle_retrieval  # noqa: E402
 from bench.frontier import NO_CAP  # noqa: E402
 from minirt.workloads import PAPER_PROMPTS  # noqa: E402
 
-PAPER = CondensateConfig(window=128)
 VARIANTS = {
-    "paper": PAPER,
+    "paper": PAPER_POLICY,
     "default": CondensateConfig(),
-    "scope=head": replace(PAPER, scope="head"),
-    "selection=pages (16x oversampling)": replace(PAPER, selection="pages"),
-    "selection=pages, 4x oversampling": replace(PAPER, selection="pages", page_oversample=4),
-    "dense layer 0": replace(PAPER, dense_layers=(0,)),
-    "k=2*sqrt(n)": replace(PAPER, budget_alpha=2.0, budget_exponent=0.5),
-    "certified eps=1e-2": replace(PAPER, top_k=NO_CAP, max_dropped_mass=1e-2),
-    "certified int8 eps=1e-2": replace(PAPER, selection="int8", top_k=NO_CAP, max_dropped_mass=1e-2),
-    "certified int8 threshold eps=1e-2": replace(PAPER, selection="int8-threshold", page_size=1, max_dropped_mass=1e-2),
-    "k=0 (anchor+window)": replace(PAPER, top_k=0),
+    "scope=head": replace(PAPER_POLICY, scope="head"),
+    "selection=pages (16x oversampling)": replace(PAPER_POLICY, selection="pages"),
+    "selection=pages, 4x oversampling": replace(PAPER_POLICY, selection="pages", page_oversample=4),
+    "dense layer 0": replace(PAPER_POLICY, dense_layers=(0,)),
+    "k=2*sqrt(n)": replace(PAPER_POLICY, budget_alpha=2.0, budget_exponent=0.5),
+    "certified eps=1e-2": replace(PAPER_POLICY, top_k=NO_CAP, max_dropped_mass=1e-2),
+    "certified int8 eps=1e-2": replace(PAPER_POLICY, selection="int8", top_k=NO_CAP, max_dropped_mass=1e-2),
+    "certified int8 threshold eps=1e-2": replace(PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=1e-2),
+    "k=0 (anchor+window)": replace(PAPER_POLICY, top_k=0),
 }
 
 
@@ -69,13 +69,13 @@ def measure(model: str, args, t0: float) -> dict:
     for prompt, text in PAPER_PROMPTS.items():
         ids = llm.tokenizer.encode(text)
         ref = full_reference(llm, ids, args.steps)
-        for variant, policy in (VARIANTS.items() if prompt == "retrieval" else [("paper", PAPER)]):
+        for variant, policy in (VARIANTS.items() if prompt == "retrieval" else [("paper", PAPER_POLICY)]):
             rows.append(row(name, prompt, variant, compare(llm, ids, args.steps, policy, ref)))
             log(f"{prompt} {variant}", rows[-1])
     needles = {v: needle_retrieval(llm, VARIANTS[v] if v != "full" else None)
                for v in ("full", "paper", "default", "k=0 (anchor+window)")}
     control = row(name + " (random weights)", "retrieval", "paper",
-                  compare(randomized(llm), llm.tokenizer.encode(PAPER_PROMPTS["retrieval"]), args.steps, PAPER))
+                  compare(randomized(llm), llm.tokenizer.encode(PAPER_PROMPTS["retrieval"]), args.steps, PAPER_POLICY))
     return {"model": name, "rows": rows, "needles": needles, "control": control}
 
 

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.attention import page_bin_bytes, sparse_bytes  # noqa: E402
 from minirt import LLM, CondensateConfig  # noqa: E402
+from minirt.config import PAPER_POLICY  # noqa: E402
 from minirt.equivalence import compare, full_reference  # noqa: E402
 from minirt import generation  # noqa: E402
 from minirt.generation import prefill, stream_tokens  # noqa: E402
@@ -39,24 +40,23 @@ NO_CAP = 1 << 30  # certified mode's top_k: never cut the list (the cache's capa
 
 
 BASELINES = ("exact k=32", "pages k=32", "whole pages k=1024")  # the main variants the sweep varies
-PAPER = CondensateConfig(window=128)  # the paper's A=4 W=128 k=32: every main variant's window
 # rows of earlier runs under the names they had then
 RENAMED = {"exact k=32 (default)": "exact k=32", "exact k=32 W=512": "exact k=32 W=512 (default)"}
 
 
 def variants() -> dict[str, CondensateConfig | None]:
     whole = dict(selection="whole-pages")
-    out: dict[str, CondensateConfig | None] = {"full": None, "exact k=32": PAPER,
-                                               "pages k=32": replace(PAPER, selection="pages")}
+    out: dict[str, CondensateConfig | None] = {"full": None, "exact k=32": PAPER_POLICY,
+                                               "pages k=32": replace(PAPER_POLICY, selection="pages")}
     for k in (512, 1024):
-        out[f"whole pages k={k}"] = replace(PAPER, top_k=k, **whole)
-    out["whole pages k=512 + tail"] = replace(PAPER, top_k=512, tail=True, **whole)
+        out[f"whole pages k={k}"] = replace(PAPER_POLICY, top_k=k, **whole)
+    out["whole pages k=512 + tail"] = replace(PAPER_POLICY, top_k=512, tail=True, **whole)
     for eps in (1e-1, 1e-2, 1e-3):
-        out[f"certified eps={eps:g}"] = replace(PAPER, top_k=NO_CAP, max_dropped_mass=eps)
+        out[f"certified eps={eps:g}"] = replace(PAPER_POLICY, top_k=NO_CAP, max_dropped_mass=eps)
     for eps in (1e-2, 1e-3):
-        out[f"certified int8 eps={eps:g}"] = replace(PAPER, selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
+        out[f"certified int8 eps={eps:g}"] = replace(PAPER_POLICY, selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
     for eps in (1e-2, 1e-3):  # the GPU's certified mode: single keys by threshold, no sort
-        out[f"certified int8 threshold eps={eps:g}"] = replace(PAPER, selection="int8-threshold", page_size=1,
+        out[f"certified int8 threshold eps={eps:g}"] = replace(PAPER_POLICY, selection="int8-threshold", page_size=1,
                                                                max_dropped_mass=eps)
     return out
 
@@ -65,7 +65,7 @@ def tuning() -> dict[str, CondensateConfig | None]:
     """Selection settings around the main variants (issue #11, item 4): window, dense first layers
     (Quest keeps two), per-head scope, oversampling, page size; with the main variants they vary,
     for lengths no main run covers (render takes a main run's rows where there is one)."""
-    exact, whole = PAPER, replace(PAPER, selection="whole-pages", top_k=1024)
+    exact, whole = PAPER_POLICY, replace(PAPER_POLICY, selection="whole-pages", top_k=1024)
     main = variants()
     return {"full": None, **{name: main[name] for name in BASELINES},
             "exact k=32 W=512 (default)": replace(exact, window=512),

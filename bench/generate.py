@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.attention import sparse_bytes  # noqa: E402
 from minirt import CondensateConfig, Transformer, generate, kernels  # noqa: E402
-from minirt.config import ModelConfig  # noqa: E402
+from minirt.config import PAPER_POLICY, ModelConfig  # noqa: E402
 from minirt.generation import DecodeStep  # noqa: E402
 from minirt.llm import LLM  # noqa: E402
 
@@ -40,9 +40,9 @@ TINYLLAMA = ModelConfig(family="llama", vocab_size=32000, dim=2048, n_layers=22,
 SYSTEMS = {
     "minirt full": ("full", None),
     "minirt sparse (default: exact, k=32, W=512)": ("sparse", CondensateConfig()),
-    "minirt sparse (exact)": ("sparse", CondensateConfig(window=128)),
-    "minirt sparse (pages)": ("sparse", CondensateConfig(window=128, selection="pages")),
-    "minirt sparse (whole pages, k=512)": ("sparse", CondensateConfig(window=128, selection="whole-pages", top_k=512)),
+    "minirt sparse (exact)": ("sparse", PAPER_POLICY),
+    "minirt sparse (pages)": ("sparse", replace(PAPER_POLICY, selection="pages")),
+    "minirt sparse (whole pages, k=512)": ("sparse", replace(PAPER_POLICY, selection="whole-pages", top_k=512)),
     "minirt sparse (whole pages, k=1024, W=512)": ("sparse", CondensateConfig(selection="whole-pages", top_k=1024,
                                                                              window=512)),
     "minirt sparse (whole pages, k=1024, W=512, P=16)": ("sparse", CondensateConfig(

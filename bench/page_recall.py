@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt import LLM, CondensateConfig  # noqa: E402
+from minirt.config import PAPER_POLICY  # noqa: E402
 from minirt.generation import forced_steps, prefill  # noqa: E402
 from minirt.workloads import haystack  # noqa: E402
 
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/page_recall")
     args = ap.parse_args()
     llm = LLM.load(args.model, device=args.device, dtype="fp32")
-    base_policy = CondensateConfig(window=128)  # the paper's window, as measured in the README
+    base_policy = PAPER_POLICY  # as measured in the README
     rows = []
     for name, text in texts().items():
         ids = llm.tokenizer.encode(text)[: args.context + args.steps]

@@ -9,7 +9,7 @@ import torch
 from parity import max_logit_diff, minirt_greedy
 
 from minirt import CondensateCache, CondensateConfig, DenseCache
-from minirt.config import ModelConfig
+from minirt.config import PAPER_POLICY, ModelConfig
 from minirt.equivalence import compare, full_reference, needle_retrieval
 from minirt.generation import forced_steps
 from minirt.kernels.reference import (bounded_select, certified_select, quantize_keys, ring_positions, shadow_bound,
@@ -187,7 +187,7 @@ def test_certified_mode_matches_full_on_a_long_prompt(smollm2_llm):
     Python source: the same greedy tokens as full attention, every head within eps with no
     fallback, and fewer keys attended than the context."""
     ids = long_prompt(smollm2_llm.tokenizer, "code", 1024)
-    report = compare(smollm2_llm, ids, 16, CondensateConfig(window=128, top_k=1024, max_dropped_mass=1e-3))
+    report = compare(smollm2_llm, ids, 16, replace(PAPER_POLICY, top_k=1024, max_dropped_mass=1e-3))
     assert report.token_match == 1.0 and report.fallbacks == 0
     assert report.dropped_mass_max <= 1e-3 * (1 + 1e-4)
     assert report.attended_keys < 0.8 * report.context
@@ -237,7 +237,7 @@ def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm, sele
     and step the bound it decided by is >= the exact dropped mass (measured beside it) and <= eps (no
     cap, so no head falls back)."""
     ids = long_prompt(smollm2_llm.tokenizer, "code", 1024)
-    policy = CondensateConfig(window=128, selection=selection, top_k=1024, page_size=page_size, max_dropped_mass=1e-3)
+    policy = replace(PAPER_POLICY, selection=selection, top_k=1024, page_size=page_size, max_dropped_mass=1e-3)
     report = compare(smollm2_llm, ids, 8, policy)
     assert report.token_match == 1.0 and report.dropped_mass_max <= 1e-3
     assert report.attended_keys < 0.8 * report.context
@@ -288,19 +288,17 @@ def test_bad_policy(kwargs, message):
 # Thresholds set from measurement (EQUIVALENCE.md, SmolLM2-135M-Instruct, fp32, 200 steps): code
 # and narrative matched 100% with max KL < 1e-3; retrieval (434-token prompt) agreed on 98.5% of
 # teacher-forced steps, max KL 0.118, first divergence at step 29.
-PAPER = CondensateConfig(window=128)
-
 
 @pytest.mark.parametrize("prompt", ["code", "narrative"])
 def test_paper_prompts_short_context(smollm2_llm, prompt):
-    report = compare(smollm2_llm, smollm2_llm.tokenizer.encode(PAPER_PROMPTS[prompt]), 200, PAPER)
+    report = compare(smollm2_llm, smollm2_llm.tokenizer.encode(PAPER_PROMPTS[prompt]), 200, PAPER_POLICY)
     assert report.token_match >= 0.95
     assert report.teacher_forced_agreement >= 0.98
     assert report.kl_max <= 1e-2
 
 
 def test_paper_retrieval_prompt(smollm2_llm):
-    report = compare(smollm2_llm, smollm2_llm.tokenizer.encode(PAPER_PROMPTS["retrieval"]), 200, PAPER)
+    report = compare(smollm2_llm, smollm2_llm.tokenizer.encode(PAPER_PROMPTS["retrieval"]), 200, PAPER_POLICY)
     assert report.full_text.lstrip().startswith("PHOENIX") and report.sparse_text.lstrip().startswith("PHOENIX")
     assert report.teacher_forced_agreement >= 0.95
     assert report.kl_max <= 0.3
@@ -309,8 +307,8 @@ def test_paper_retrieval_prompt(smollm2_llm):
 
 def test_multi_needle(smollm2_llm):
     full = needle_retrieval(smollm2_llm, None)
-    sparse = needle_retrieval(smollm2_llm, PAPER)
-    window_only = needle_retrieval(smollm2_llm, replace(PAPER, top_k=0))
+    sparse = needle_retrieval(smollm2_llm, PAPER_POLICY)
+    window_only = needle_retrieval(smollm2_llm, replace(PAPER_POLICY, top_k=0))
     found = [a for a, ok in full.items() if ok]
     assert len(found) >= 3, full  # the model can do the task at all
     assert all(sparse[a] for a in found), (full, sparse)
@@ -327,7 +325,7 @@ def test_qwen_long_context(qwen_llm, n):
     ref = full_reference(qwen_llm, ids, 6)
     certified = compare(qwen_llm, ids, 6, CondensateConfig(max_dropped_mass=0.0), ref)
     assert certified.token_match == 1.0 and certified.kl_max < 1e-6 and certified.fallbacks > 0
-    plain = compare(qwen_llm, ids, 6, PAPER, ref)
+    plain = compare(qwen_llm, ids, 6, PAPER_POLICY, ref)
     assert plain.dropped_mass_max > 0.5 and plain.attended_keys < 0.2 * plain.context
 
 
