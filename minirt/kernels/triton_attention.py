@@ -623,7 +623,7 @@ def _quantize_newest(K, KQ, KS, b, h, pos, sxb, sxh, sxn, skb, skh, skn, ssb, ss
     d = tl.arange(0, D_PAD)
     x = tl.load(K + b * sxb + h * sxh + pos * sxn + d, mask=d < D, other=0.0).to(tl.float32)
     scale = tl.max(tl.abs(x), 0) / 127
-    y = x / tl.maximum(scale, 1.1754943508222875e-38)
+    y = x / tl.maximum(scale, 1.1754943508222875e-38)  # float32's smallest normal, the reference's clamp
     r = tl.floor(y + 0.5)
     r = tl.where((r - y == 0.5) & (r - 2 * tl.floor(r / 2) == 1), r - 1, r)
     tl.store(KQ + b * skb + h * skh + pos * skn + d, tl.clamp(r, -127.0, 127.0).to(tl.int8), mask=d < D)
@@ -645,8 +645,9 @@ def _page_scan(
     candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Rows
     0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their lower bounds l, so
     one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head. The tops
-    are running maxima: when they rise, what is binned so far is shifted down and rescaled (the
-    product's own rounding aside, the same sums as binning on the final tops: the reference's)."""
+    are running maxima: when they rise, what is binned so far is shifted down and rescaled, giving
+    the reference's sums (binned on the final tops) up to rounding: each exp was rounded outward to
+    bf16 against the tops of its tile, and the rescaling rounds to nearest in fp32."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     n = tl.load(BOUNDS)
