@@ -101,26 +101,31 @@ def test_sparse_attention_reference_is_exact_softmax_over_the_union():
         assert torch.allclose(got[0, h * G:(h + 1) * G], torch.softmax(s, -1) @ v[0, h], atol=1e-6)
 
 
-def dyadic_int8_keys(B, Hkv, G, D, cap, g):
+def dyadic_int8_keys(B, Hkv, G, D, cap, g, spikes=slice(0)):
     """Queries on a 1/8 grid and int8 keys with power-of-two scales (and the keys they stand for):
-    every logit estimate is exact in both twins, so their page bins must agree bit for bit."""
+    every logit estimate is exact in both twins, so their page bins must agree bit for bit. Keys at
+    `spikes` are scaled 64x."""
     k = torch.randn(B, Hkv, cap, D, generator=g) * torch.rand(B, Hkv, cap, 1, generator=g) * 3
     kq, scale = ref.quantize_keys(k)
     scale = torch.exp2(torch.round(torch.log2(scale)))
+    scale[:, :, spikes] *= 64
     q = torch.round(torch.randn(B, Hkv * G, D, generator=g) * 8) / 8
     return q.to(DEVICE), kq.to(DEVICE), scale.to(DEVICE), (kq.float() * scale[..., None]).to(DEVICE)
 
 
-@pytest.mark.parametrize("B, Hkv, G, n, P, window", [(1, 2, 3, 650, 16, 32), (2, 1, 7, 1500, 32, 128),
-                                                     (1, 2, 8, 90, 5, 8), (1, 1, 4, 2, 16, 8), (1, 2, 4, 1100, 1, 64)])
+@pytest.mark.parametrize("B, Hkv, G, n, P, window, spikes", [
+    (1, 2, 3, 650, 16, 32, slice(0)), (2, 1, 7, 1500, 32, 128, slice(0)), (1, 2, 8, 90, 5, 8, slice(0)),
+    (1, 1, 4, 2, 16, 8, slice(0)), (1, 2, 4, 1100, 1, 64, slice(0)),
+    (1, 2, 3, 1400, 1, 64, slice(700, 704)),  # the tops leap by hundreds of bins inside a block
+])
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 1e-2, 0.3, 1.0])
-def test_page_threshold(B, Hkv, G, n, P, window, eps):
+def test_page_threshold(B, Hkv, G, n, P, window, spikes, eps):
     """Certified page selection from int8 copies: the two-launch kernel (per-block histograms,
     aligned and summed) gives the reference's page bins, thresholds and rest, at every eps (0 keeps
-    every page; 1 keeps none), with ragged last pages and a cache of 2 positions; both write the
-    newest key's int8 copy alike."""
+    every page; 1 keeps none), with ragged last pages, a cache of 2 positions, and tops that rise
+    past every bin within a block; both write the newest key's int8 copy alike."""
     g = torch.Generator().manual_seed(n + P)
-    q, kq, scale, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g)
+    q, kq, scale, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g, spikes)
     k[:, :, n - 1] = torch.randn(B, Hkv, 64, generator=g).to(DEVICE) * 3  # a key without its copy yet
     bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, window), DEVICE)
     copies = {twin: (kq.clone(), scale.clone()) for twin in ("ref", "tri")}

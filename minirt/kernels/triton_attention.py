@@ -644,11 +644,14 @@ def _page_scan(
     the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
     candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Rows
     0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their lower bounds l, so
-    one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head. The tops
-    are running maxima: when they rise, what is binned so far is shifted down and rescaled, giving
-    the reference's sums (binned on the final tops) up to rounding: each exp was rounded outward to
-    bf16 against the tops of its tile, and the rescaling rounds to nearest in fp32 (a few fp32 ulps,
-    far inside the SHADOW_SLACK each bound carries)."""
+    one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head. The
+    histogram is circular (a bin's slot is its absolute index mod NB, so nothing moves when the
+    tops rise: the bins that fall to the lowest fold into its slot, and at the end the slots are
+    read counted down from the group's top; a shift by a product spilled registers). The tops are
+    running maxima, so the exps are rescaled when they rise, giving the reference's sums (binned on
+    the final tops) up to rounding: each exp was rounded outward to bf16 against the tops of its
+    tile, and the rescaling and folding round to nearest in fp32 (a few fp32 ulps, far inside the
+    SHADOW_SLACK each bound carries)."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     n = tl.load(BOUNDS)
@@ -686,11 +689,12 @@ def _page_scan(
         top = tl.maximum(top, tl.max(tl.where((cand | base)[None, :], u, float("-inf")), 1))
         new_head = _to_bin(tl.where(real, top, float("-inf")))
         new_group = tl.max(new_head, 0)
-        # the tops rose: what is binned so far moves down by as many bins, its exps to the new tops
-        shift = new_group - group_top
-        if shift > 0:
-            move = tl.where(tl.minimum(bins[:, None] + shift, NB - 1) == bins[None, :], 1.0, 0.0)
-            hist = tl.dot(hist, move, input_precision="ieee")
+        # the tops rose: slots whose bins fell to or below the new lowest bin fold into its slot
+        # (a no-op when the group's top stayed), the exps rescale to the new tops
+        lowest = new_group - NB + 1
+        fold = group_top - ((group_top - bins) & (NB - 1)) <= lowest  # the bin each slot held, low enough
+        folded = tl.sum(tl.where(fold[None, :], hist, 0.0), 1)
+        hist = tl.where(fold[None, :], 0.0, hist) + tl.where((bins == (lowest & (NB - 1)))[None, :], folded[:, None], 0.0)
         scale = tl.exp((head_top - new_head).to(tl.float32) * BIN_WIDTH)
         hist = hist * scale[:, None]
         base_mass = base_mass * scale
@@ -698,12 +702,13 @@ def _page_scan(
         group_top = new_group
         e = tl.exp(est + sign[:, None] * err - ((head_top + 1).to(tl.float32) * BIN_WIDTH)[:, None])
         base_mass += tl.sum(tl.where(real[:, None] & base[None, :], e, 0.0), 1)
-        key_bin = tl.minimum(group_top - page_bins, NB - 1)  # each key in its page's bin
+        key_bin = tl.maximum(page_bins, lowest) & (NB - 1)  # each key in its page's bin's slot
         if P_PAD > 1:
             key_bin = tl.reshape(tl.broadcast_to(key_bin[:, None], [CH, P_PAD]), [CH * P_PAD])
         one_hot = tl.where(key_bin[:, None] == bins[None, :], 1.0, 0.0).to(tl.bfloat16)  # (bool to bf16 is 0 interpreted)
         w = _bf16_outward(tl.where(real[:, None] & cand[None, :], e, 0.0), upper[:, None])
         hist += _dot(w, one_hot, "tf32", INTERP)
+    hist = tl.gather(hist, tl.broadcast_to(((group_top - bins) & (NB - 1))[None, :], [M, NB]), 1)  # counted down
     at = (row * n_blocks + blk) * G2 + head
     tl.store(GTOP + row * n_blocks + blk, group_top)
     tl.store(HTOP + at, head_top, mask=upper & real)
