@@ -341,9 +341,9 @@ class CondensateCache(DenseCache):
         p, ks, vs = self.policy, self.k[layer], self.v[layer]
         page_bin, threshold, log_rest = self.ops.page_threshold(q, ks, self.kq[layer], self.kscale[layer], self.bounds,
                                                                 p.max_dropped_mass, p.page_size)
-        out, lse = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs, page_bin,
-                                                    threshold, self.bounds, p.anchor, p.page_size)
-        bound = torch.sigmoid(log_rest - lse)
+        out, lse, bound = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs,
+                                                           page_bin, threshold, log_rest, self.bounds, p.anchor,
+                                                           p.page_size)
         self.dropped_bound[layer] = bound
         if self.certify:  # measured for equivalence reports: keys attended, exact dropped mass
             keep = reference.kept_positions(page_bin, threshold, p.page_size, ks.shape[2])
@@ -378,8 +378,5 @@ class CondensateCache(DenseCache):
         """Full attention for the heads whose dropped mass (or its bound) is not below
         max_dropped_mass (so eps = 0 is full attention, exactly). Launched every step (a static
         graph has no branches), but the kernel reads keys only for the KV groups that fall back."""
-        fall = ~(dropped < self.policy.max_dropped_mass)
-        self.fallback_count += fall.sum()
-        groups = fall.view(fall.shape[0], self.k.shape[2], -1).any(-1).to(torch.int32)
-        full = self.ops.decode_attention(q, self.k[layer], self.v[layer], self.bounds, groups=groups)[0]
-        return torch.where(fall[..., None], full, out)
+        return self.ops.fall_back(q, self.k[layer], self.v[layer], self.bounds, out, dropped,
+                                  self.policy.max_dropped_mass, self.fallback_count)

@@ -49,19 +49,29 @@ def test_decode_attention(B, Hkv, G, D, n, dtype):
 
 
 @pytest.mark.parametrize("n", [37, 3000])  # one split, several splits
-def test_decode_attention_of_flagged_groups_only(n):
-    """Certified mode's fallback: with groups, flagged KV groups get full attention and the others'
-    rows are never written (their keys are not read)."""
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_fall_back(n, eps):
+    """Certified mode's fallback: the heads whose dropped mass is not below eps (NaN included; every
+    head at eps = 0) get full attention in place, the others' rows stay as they were, and the
+    count grows by their number, as the reference's."""
     B, Hkv, G, D, dtype = 2, 3, 4, 64, torch.float16
     g = torch.Generator().manual_seed(n)
     q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
     k, v = make_cache(B, Hkv, n, D, dtype, g)
-    groups = torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.int32, device=DEVICE)
-    got = tri.decode_attention(q, k, v, out=torch.full_like(q, float("nan")), groups=groups)[0]
-    want = ref.decode_attention(q.double(), k.double(), v.double())[0]
-    rows = groups.bool().repeat_interleave(G, dim=1)  # [B, Hq]
-    assert rel_err(got[rows], want[rows]) <= TOL[dtype]
-    assert torch.isnan(got[~rows]).all()
+    dropped = torch.rand(B, Hkv * G, generator=g) * 0.1
+    dropped[0, G:2 * G] = 0.01  # a KV group where no head falls back
+    dropped[1, 3] = float("nan")
+    dropped = dropped.to(DEVICE)
+    out = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
+    count = torch.full((), 5, dtype=torch.int64, device=DEVICE)
+    want_count = count.clone()
+    got = tri.fall_back(q, k, v, n, out.clone(), dropped, eps, count)
+    want = ref.fall_back(q.double(), k.double(), v.double(), n, out.double(), dropped, eps, want_count)
+    fall = ~(dropped < eps)
+    assert 0 < int(fall.sum()) and (eps == 0 or not fall.all())
+    assert int(count) == int(want_count) == 5 + int(fall.sum())
+    assert torch.equal(got[~fall], out[~fall])
+    assert rel_err(got[fall], want[fall]) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("B, Hkv, G, D, n, dtype", CASES[1:])
@@ -158,8 +168,8 @@ def test_page_threshold_certifies_the_dropped_mass():
     exact_lse = ref.decode_attention(q, k, v)[1]
     for eps in (1e-3, 1e-2, 0.1):
         page_bin, threshold, log_rest = ref.page_threshold(q, k, kq.cpu(), scale.cpu(), bounds, eps, P)
-        _, lse = ref.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, bounds, 4, P)
-        bound, dropped = torch.sigmoid(log_rest - lse), 1 - torch.exp(lse - exact_lse)
+        _, lse, bound = ref.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, 4, P)
+        dropped = 1 - torch.exp(lse - exact_lse)
         assert bool((bound >= dropped - 1e-6).all()) and bool((bound <= eps).all())
         assert 0 < int(ref.kept_pages(page_bin, threshold).sum()) < Hkv * (n - W) // P  # it chose, and left out
 
@@ -177,12 +187,17 @@ def test_page_filtered_attention(n, P, dtype):
     pages = -(-n // P)
     page_bin = torch.randint(-3, 4, (B, Hkv, pages), generator=g, dtype=torch.int16).to(DEVICE)
     threshold = torch.randint(1, 5, (B, Hkv * G), generator=g, dtype=torch.int32).to(DEVICE)
+    log_rest = (torch.randn(B, Hkv * G, generator=g) * 3).to(DEVICE)
+    log_rest[0, 0] = float("-inf")  # nothing left out
     out = torch.full_like(q, float("nan"))
-    got, lse = tri.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, n, anchor, P, out=out)
-    want, want_lse = ref.page_filtered_attention(q.double(), ring_k.double(), ring_v.double(), k.double(), v.double(),
-                                                 page_bin, threshold, n, anchor, P)
+    got, lse, bound = tri.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, n, anchor, P,
+                                                  out=out)
+    want, want_lse, want_bound = ref.page_filtered_attention(q.double(), ring_k.double(), ring_v.double(), k.double(),
+                                                             v.double(), page_bin, threshold, log_rest.double(), n,
+                                                             anchor, P)
     assert rel_err(got, want) <= TOL[dtype]
     assert rel_err(lse, want_lse) <= TOL[dtype]
+    assert rel_err(bound, want_bound) <= TOL[dtype] and float(bound[0, 0]) == 0
 
 
 @pytest.mark.parametrize("n, P, chunk", [(700, 16, 64), (2500, 1, 256), (77, 5, 1024)])

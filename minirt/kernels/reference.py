@@ -180,11 +180,9 @@ def group_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhgd,bhnd->bhgn", qg, k.float()) / math.sqrt(D)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None,
-                     groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense decode attention over the first n positions (n from bounds; all if None). Returns out
-    [B, Hq, D] and the log-sum-exp of the logits [B, Hq]. groups [B, Hkv] flags the KV groups whose
-    rows the caller needs (the kernel skips the others); here every group is computed."""
+    [B, Hq, D] and the log-sum-exp of the logits [B, Hq]."""
     B, Hq, D = q.shape
     n = _ints(as_bounds(bounds, k.shape[2], "cpu"))[0]
     k, v = k[:, :, :n], v[:, :, :n]
@@ -192,6 +190,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=N
     lse = torch.logsumexp(s, dim=-1)
     out = torch.einsum("bhgn,bhnd->bhgd", torch.exp(s - lse[..., None]), v.float())
     return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
+
+
+def fall_back(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds, out: torch.Tensor, dropped: torch.Tensor,
+              eps: float, falls: torch.Tensor) -> torch.Tensor:
+    """Certified mode's fallback: full attention (decode_attention) in place of out's rows [B, Hq, D]
+    for the heads whose dropped mass, or its bound, [B, Hq] is not below eps (NaN included; so eps
+    = 0 is full attention, exactly); their number is added to falls (an int64 scalar). Returns out."""
+    fall = ~(dropped < eps)
+    falls += fall.sum()
+    return out.copy_(torch.where(fall[..., None], decode_attention(q, k, v, bounds)[0], out))
 
 
 def ring_positions(n: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -493,13 +501,15 @@ def kept_positions(page_bin: torch.Tensor, threshold: torch.Tensor, page_size: i
 
 
 def page_filtered_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor,
-                            v: torch.Tensor, page_bin: torch.Tensor, threshold: torch.Tensor, bounds, anchor: int,
-                            page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            v: torch.Tensor, page_bin: torch.Tensor, threshold: torch.Tensor, log_rest: torch.Tensor,
+                            bounds, anchor: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact softmax over window ∪ anchor ∪ the candidates of every page some head of the KV group
-    keeps (page_bin >= threshold, from page_threshold): out [B, Hq, D] and its log-sum-exp [B, Hq]."""
+    keeps (page_bin >= threshold, from page_threshold): out [B, Hq, D], its log-sum-exp [B, Hq],
+    and the bound on the mass it left out, U / (Z_set + U) with log U = log_rest [B, Hq]."""
     keep = kept_positions(page_bin, threshold, page_size, k.shape[2])
     idx = torch.where(keep, torch.arange(k.shape[2], device=q.device), -1)
-    return sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor)
+    out, lse = sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor)
+    return out, lse, torch.sigmoid(log_rest - lse)
 
 
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -50,18 +50,24 @@ def _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION: tl.cons
 
 @triton.jit
 def _attn_partial(
-    Q, K, V, RK, RV, IDX, COUNT, OP, LP, OUT, LSE, BOUNDS, GROUPS,
+    Q, K, V, RK, RV, IDX, COUNT, OP, LP, OUT, LSE, BOUNDS, DROPPED, FALLS, LOG_REST, BOUND,
     sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
-    W, n_gather, scale, Hkv,
+    W, n_gather, scale, Hkv, eps,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, COUNTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr, SOME_GROUPS: tl.constexpr,
+    DIRECT: tl.constexpr, FALL_BACK: tl.constexpr, BOUNDED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    if SOME_GROUPS:  # only the KV groups flagged in GROUPS are needed (certified mode's fallback)
-        if tl.load(GROUPS + pid_bh) == 0:
-            return
     split = tl.program_id(1)
+    g = tl.arange(0, G_PAD)
+    gmask = g < G
+    if FALL_BACK:  # only the heads whose dropped mass is not below eps (NaN included) are written
+        gmask = gmask & ~(tl.load(DROPPED + pid_bh * G + g, mask=gmask, other=0.0) < eps)
+        falls = tl.sum(gmask.to(tl.int32), 0)
+        if falls == 0:  # so a KV group with no such head reads nothing
+            return
+        if split == 0:
+            tl.atomic_add(FALLS, falls.to(tl.int64))
     n_splits = tl.num_programs(1)
     # the step's lengths come from memory (see reference.step_bounds): the grid is sized for the
     # cache's capacity and each program finds its share of the live keys, so nothing recompiles
@@ -77,9 +83,7 @@ def _attn_partial(
     keys_per_split = tl.cdiv(tl.cdiv(n_keys, n_splits), BLOCK_N) * BLOCK_N
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
-    gmask = g < G
     dmask = d < D
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -119,6 +123,8 @@ def _attn_partial(
         head = pid_bh * G + g  # = b * Hq + query head
         tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
         tl.store(LSE + head, lse, mask=gmask)
+        if BOUNDED:
+            _store_bound(LOG_REST, BOUND, head, lse, gmask)
         return
     part = pid_bh * n_splits + split
     tl.store(OP + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], out)
@@ -126,12 +132,19 @@ def _attn_partial(
 
 
 @triton.jit
-def _attn_reduce(OP, LP, OUT, LSE, GROUPS, n_splits, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                 D_PAD: tl.constexpr, S_PAD: tl.constexpr, SOME_GROUPS: tl.constexpr):
+def _store_bound(LOG_REST, BOUND, head, lse, mask):
+    """The certified bound on the mass left out, U / (Z_set + U) = sigmoid(log U - lse)."""
+    tl.store(BOUND + head, 1 / (1 + tl.exp(lse - tl.load(LOG_REST + head, mask=mask, other=0.0))), mask=mask)
+
+
+@triton.jit
+def _attn_reduce(OP, LP, OUT, LSE, DROPPED, LOG_REST, BOUND, n_splits, eps, G: tl.constexpr, G_PAD: tl.constexpr,
+                 D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, FALL_BACK: tl.constexpr,
+                 BOUNDED: tl.constexpr):
     pid = tl.program_id(0)  # = b * Hq + query head, since query head = kv head * G + g
     bh = pid // G
-    if SOME_GROUPS:
-        if tl.load(GROUPS + bh) == 0:
+    if FALL_BACK:
+        if tl.load(DROPPED + pid) < eps:
             return
     g = pid % G
     s = tl.arange(0, S_PAD)
@@ -145,7 +158,10 @@ def _attn_reduce(OP, LP, OUT, LSE, GROUPS, n_splits, G: tl.constexpr, G_PAD: tl.
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
     tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
-    tl.store(LSE + pid, mx_safe + tl.log(total))
+    lse = mx_safe + tl.log(total)
+    tl.store(LSE + pid, lse)
+    if BOUNDED:
+        _store_bound(LOG_REST, BOUND, pid, lse, True)
 
 
 LAUNCHES: list | None = None  # when a list, every launch appends (kernel, grid, scalar args, constexprs)
@@ -176,6 +192,10 @@ DECODE = {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, 
 # A sparse step gathers a few hundred keys through dependent loads (index, then key): latency,
 # not bandwidth, so every block of 32 gets its own program.
 SPARSE = {**DECODE, "block_n": 32, "min_blocks": 1}
+# page_filtered_attention gathers up to the whole cache (tens of thousands of kept keys per KV head
+# at 1M), and its grid is sized before the list's length is known: many small programs of 64
+# (bench/tune_gather.py, H200: 23.7 against 70.3 us at 1M with SPARSE's settings).
+KEPT_GATHER = {**SPARSE, "block_n": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 8}
 
 
 def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
@@ -185,12 +205,14 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
                       triton.cdiv(cfg["programs_per_sm"] * sms, programs), 256))
 
 
-def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, groups=None,
-               count=None):
+def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, count=None,
+               fall=None, log_rest=None):
     """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
     sparse: (ring_k, ring_v, idx), the window and gathered positions; count [B, Hkv] (int32): if
     given, only the first count entries of each group's idx are read.
-    groups [B, Hkv] (int32): if given, only the flagged KV groups are computed (the rest hold anything)."""
+    fall: (dropped [B, Hq], eps, falls): only the rows of heads whose dropped >= eps are written (a
+    KV group without one reads nothing), their number added to falls (int64).
+    log_rest [B, Hq]: also returns the bound sigmoid(log_rest - lse)."""
     cfg = {**DECODE, **(config or {})}
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -213,28 +235,40 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
         W = ring_k.shape[2]
         assert idx.stride(-1) == 1
         n_gather = idx.shape[2]
+    dropped, eps, falls = fall if fall is not None else (lse, 0.0, lse)
+    bound = torch.empty_like(lse) if log_rest is not None else lse
+    log_rest = lse if log_rest is None else log_rest
+    assert dropped.is_contiguous() and log_rest.is_contiguous()
+    flags = dict(FALL_BACK=fall is not None, BOUNDED=bound is not lse)
     _launch(_attn_partial, (B * Hkv, S),
-        q, k, v, ring_k, ring_v, idx, bounds if count is None else count, op, lp, out, lse, bounds,
-        bounds if groups is None else groups,
+        q, k, v, ring_k, ring_v, idx, bounds if count is None else count, op, lp, out, lse, bounds, dropped, falls,
+        log_rest, bound,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
-        W, n_gather, 1.0 / math.sqrt(D), Hkv,
+        W, n_gather, 1.0 / math.sqrt(D), Hkv, eps,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None,
-        COUNTED=count is not None, **_precision(q), DIRECT=direct, SOME_GROUPS=groups is not None,
+        COUNTED=count is not None, **_precision(q), DIRECT=direct, **flags,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
-        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, bounds if groups is None else groups, S, G=G, G_PAD=G_PAD,
-                D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1), SOME_GROUPS=groups is not None)
-    return out, lse
+        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, dropped, log_rest, bound, S, eps, G=G, G_PAD=G_PAD,
+                D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1), **flags)
+    return (out, lse, bound) if flags["BOUNDED"] else (out, lse)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds=None, out: torch.Tensor | None = None,
-                     config: dict | None = None, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense decode attention over the first n positions of k/v [B, Hkv, capacity, D], n from
-    bounds (all of them if None); see reference.decode_attention. With groups [B, Hkv] (int32),
-    programs of unflagged KV groups exit at once: their rows are left unwritten."""
+    bounds (all of them if None); see reference.decode_attention."""
     bounds = reference.as_bounds(bounds, k.shape[2], q.device)
-    return _attention(q, k, v, bounds, k.shape[2], None, out, config, groups)
+    return _attention(q, k, v, bounds, k.shape[2], None, out, config)
+
+
+def fall_back(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds, out: torch.Tensor, dropped: torch.Tensor,
+              eps: float, falls: torch.Tensor) -> torch.Tensor:
+    """See reference.fall_back. One launch (two with split-K): programs of KV groups where no
+    head falls back exit at once, reading nothing."""
+    bounds = reference.as_bounds(bounds, k.shape[2], q.device)
+    return _attention(q, k, v, bounds, k.shape[2], None, out, fall=(dropped, eps, falls))[0]
 
 
 def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: torch.Tensor | None = None,
@@ -247,14 +281,16 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: tor
                       out, SPARSE)
 
 
-def page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, bounds, anchor: int, page_size: int,
-                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window ∪ anchor ∪ the kept pages' candidates; see reference.page_filtered_attention. The kept
-    positions are first compacted, in order, into a list the gathering kernel reads: it reads only them."""
+def page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, anchor: int,
+                            page_size: int, out: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window ∪ anchor ∪ the kept pages' candidates, and the bound; see
+    reference.page_filtered_attention. The kept positions are first compacted, in order, into a
+    list the gathering kernel reads: it reads only them."""
     bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
     idx, count = kept_list(page_bin, threshold, bounds, page_size, k.shape[2])
-    return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + k.shape[2], (ring_k, ring_v, idx), out, SPARSE,
-                      count=count)
+    return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + k.shape[2], (ring_k, ring_v, idx), out, KEPT_GATHER,
+                      count=count, log_rest=log_rest)
 
 
 @triton.jit
