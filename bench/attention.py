@@ -107,6 +107,7 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
     el = torch.finfo(dtype).bits // 8
     kv_bytes = 2 * Hkv * n * D * el
     copies = max(2, math.ceil(3 * L2_BYTES / kv_bytes)) if kv_bytes < 4 * L2_BYTES else 1
+    torch.manual_seed(n)  # the same queries and caches whichever methods --only picks
     qs = [torch.randn(1, Hq, D, device="cuda", dtype=dtype) for _ in range(copies)]
     kvs = [(torch.randn(1, Hkv, n, D, device="cuda", dtype=dtype), torch.randn(1, Hkv, n, D, device="cuda", dtype=dtype))
            for _ in range(copies)]
@@ -164,6 +165,7 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
             method = f"minirt-sparse-{variant}" + ("-peaked" if peak > 1 else "")
             if only not in method:
                 continue
+            torch.manual_seed(n)
             caches = [make_cache(Hq, Hkv, D, n, policy, dtype) for _ in range(min(copies, 2))]
             new_kv = torch.randn(2, 1, Hkv, 1, D, device="cuda", dtype=dtype)
             # The runtime's own decode step for one layer: append position n (the position stays n, so

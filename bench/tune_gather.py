@@ -3,6 +3,7 @@ fp16, certified int8-threshold at eps 1e-2 with peaked queries, so tens of thous
 kept per KV head). CUDA-graph timings; writes JSON.
 
     python bench/tune_gather.py --contexts 131072,1048576 --out results/tune_gather.json
+    python bench/tune_gather.py --render results/tune_gather.json   # its Markdown table again
 """
 from __future__ import annotations
 
@@ -23,11 +24,30 @@ from minirt.kernels import reference, triton_attention as tri  # noqa: E402
 SETTINGS = {"block_n": (32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3), "programs_per_sm": (2, 4, 8, 16)}
 
 
+def table(results: dict, best: int = 6) -> str:
+    """Per context: the fastest settings, then the current ones and SPARSE's (the settings before)."""
+    keys = tuple(SETTINGS)
+    named = {tuple(results["meta"]["current"][k] for k in keys): "current (KEPT_GATHER)",
+             tuple(tri.SPARSE[k] for k in keys): "SPARSE's"}
+    out = ["| context | kept keys per KV head | " + " | ".join(keys) + " | us | |", "|---" * (len(keys) + 4) + "|"]
+    for n in sorted({r["context"] for r in results["rows"]}):
+        rows = sorted((r for r in results["rows"] if r["context"] == n), key=lambda r: r["us"])
+        for r in rows[:best] + [r for r in rows[best:] if tuple(r[k] for k in keys) in named]:
+            setting = tuple(r[k] for k in keys)
+            out.append(f"| {n} | {r['kept_per_kv_head']} | " + " | ".join(map(str, setting))
+                       + f" | {r['us']:.1f} | {named.get(setting, '')} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="131072,1048576")
     ap.add_argument("--out", default="results/tune_gather.json")
+    ap.add_argument("--render", metavar="JSON", help="print the Markdown table of a run's JSON")
     args = ap.parse_args()
+    if args.render:
+        print(table(json.loads(Path(args.render).read_text())), end="")
+        return
     policy = CondensateConfig(selection="int8-threshold", page_size=1, max_dropped_mass=0.01)
     results = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                         "current": tri.KEPT_GATHER}, "rows": []}
@@ -52,6 +72,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).with_suffix(".md").write_text(table(results))
 
 
 if __name__ == "__main__":
