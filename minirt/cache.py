@@ -169,12 +169,15 @@ class CondensateCache(DenseCache):
             summary = torch.float8_e4m3fn if policy.summary_dtype == "fp8" else dtype
             self.kmin = torch.empty(pages, device=device, dtype=summary)
             self.kmax = torch.empty(pages, device=device, dtype=summary)
-        # int8 selection: each key's int8 copy and scale (kernels.reference.quantize_keys)
-        self.kq = self.kscale = None
+        # int8 selection: each key's int8 copy and scale, made with per-channel scales set from the
+        # keys of the first prefill (kernels.reference.quantize_keys, channel_scales)
+        self.kq = self.kscale = self.kchan = None
         if policy.shadowed:
             self.kq = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim, device=device,
                                   dtype=torch.int8)
             self.kscale = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, device=device)
+            self.kchan = torch.ones(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, device=device)
+            self.rotary_dim = cfg.rotary_dim if cfg.uses_rope else 0
         # the tail estimate's page summaries: fp32 key and value sums (mean = sum / page size)
         self.ksum = self.vsum = None
         if policy.tail:
@@ -233,7 +236,7 @@ class CondensateCache(DenseCache):
         if self.kq is not None and self.policy.selection != "int8-threshold":  # (page_threshold writes its own)
             # the new key's int8 copy, at the position held on the device
             position = (self.bounds[:1] - 1).long()
-            kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position))
+            kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position), self.kchan[layer][:, :, None])
             self.kq[layer].index_copy_(2, position, kq)
             self.kscale[layer].index_copy_(2, position, scale)
         if self.ksum is not None:  # the reference path only (_check_plan): the position is read on the host
@@ -247,8 +250,11 @@ class CondensateCache(DenseCache):
 
     def _update_shadow(self, layer: int, start: int, end: int) -> None:
         if self.kq is not None:
+            keys = self.k[layer, :, :, start:end]
+            if start == 0:  # the first keys set the channel scales; every later key is quantised with them
+                self.kchan[layer] = reference.channel_scales(keys, self.rotary_dim)
             self.kq[layer, :, :, start:end], self.kscale[layer, :, :, start:end] = reference.quantize_keys(
-                self.k[layer, :, :, start:end])
+                keys, self.kchan[layer][:, :, None])
 
     def _derive(self, start: int, end: int) -> None:
         # The ring holds the last W positions; pages touching [start, end) are summarised again
@@ -293,7 +299,8 @@ class CondensateCache(DenseCache):
         if self.certify or p.scope == "head":  # per head, every live key: the certificate's exact mass
             scores, lse_all = self._exact_scores(layer, q)
         if self.kq is not None:  # every key's logit from its int8 copy, and its error bound
-            shadow = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0])
+            shadow = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0],
+                                             self.kchan[layer])
         idx = self._select(layer, q, k_top, scores, lse_all, shadow)
         if self.certify:  # measured for equivalence reports only: no extra launches on the plain decode path
             self.selected[layer] = (idx >= 0).flatten(2).sum(-1) / (idx.shape[2] if idx.dim() == 4 else 1)
@@ -339,8 +346,9 @@ class CondensateCache(DenseCache):
         """Certified whole pages from the int8 copies (kernels.reference.page_threshold): the bound
         U / (Z_set + U) decides each head's fallback; with certify the exact dropped mass is recorded."""
         p, ks, vs = self.policy, self.k[layer], self.v[layer]
-        page_bin, threshold, log_rest = self.ops.page_threshold(q, ks, self.kq[layer], self.kscale[layer], self.bounds,
-                                                                p.max_dropped_mass, p.page_size)
+        page_bin, threshold, log_rest = self.ops.page_threshold(q, ks, self.kq[layer], self.kscale[layer],
+                                                                self.kchan[layer], self.bounds, p.max_dropped_mass,
+                                                                p.page_size)
         out, lse, bound = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs,
                                                            page_bin, threshold, log_rest, self.bounds, p.anchor,
                                                            p.page_size)

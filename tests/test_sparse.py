@@ -12,8 +12,8 @@ from minirt import CondensateCache, CondensateConfig, DenseCache
 from minirt.config import PAPER_POLICY, ModelConfig
 from minirt.equivalence import compare, full_reference, needle_retrieval
 from minirt.generation import forced_steps
-from minirt.kernels.reference import (bounded_select, certified_select, quantize_keys, ring_positions, shadow_bound,
-                                     shadow_scores)
+from minirt.kernels.reference import (bounded_select, certified_select, channel_scales, quantize_keys, ring_positions,
+                                     shadow_bound, shadow_scores)
 from minirt.workloads import NEEDLES, PAPER_PROMPTS, haystack_prompts, long_prompt, passkey_prompt
 
 STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
@@ -193,18 +193,40 @@ def test_certified_mode_matches_full_on_a_long_prompt(smollm2_llm):
     assert report.attended_keys < 0.8 * report.context
 
 
-def test_int8_keys_bound_every_logit():
+@pytest.mark.parametrize("scaled", [False, True])
+def test_int8_keys_bound_every_logit(scaled):
     """The int8 copy's estimate of q·k / sqrt(D) is within its error bound for every key, including
-    keys of mixed magnitude and an all-zero key."""
+    keys of mixed magnitude, an all-zero key, and keys past those the channel scales were set from
+    (an outlier channel leaps 8x); with channel scales the bounds are tighter."""
     torch.manual_seed(2)
     k = torch.randn(1, 2, 40, 16) * torch.logspace(-3, 2, 40)[:, None]
+    k[..., 3] *= 30  # an outlier channel
     k[0, 0, 5] = 0
+    k[:, :, 30:, 3] *= 8
     q = torch.randn(1, 6, 16) * 5
-    kq, scale = quantize_keys(k)
-    assert bool((k - kq.float() * scale[..., None]).abs().le(scale[..., None] / 2 * (1 + 1e-6)).all())
-    est, err = shadow_scores(q, kq, scale, 40)
+    chan = channel_scales(k[:, :, :30], rotary_dim=12) if scaled else None
+    kq, scale = quantize_keys(k, None if chan is None else chan[:, :, None])
+    x = k if chan is None else k / chan[:, :, None]
+    assert bool((x - kq.float() * scale[..., None]).abs().le(scale[..., None] / 2 * (1 + 1e-6)).all())
+    est, err = shadow_scores(q, kq, scale, 40, chan)
     exact = (q.view(1, 2, 3, 16) @ k.transpose(-1, -2)) / 4
     assert bool(((est - exact).abs() <= err).all())
+    if scaled:
+        assert float(err.mean()) < 0.5 * float(shadow_scores(q, *quantize_keys(k), 40)[1].mean())
+
+
+def test_channel_scales():
+    """Powers of two in [2^-10, 1], 1 on each head's largest channel, equal within each rotated pair
+    (d, d + rotary_dim / 2), each pair's at least its larger channel's share of the largest."""
+    torch.manual_seed(4)
+    k = torch.randn(2, 3, 50, 16) * torch.logspace(-4, 1, 16)
+    chan = channel_scales(k, rotary_dim=12)
+    assert bool((chan == torch.exp2(torch.round(torch.log2(chan)))).all())
+    assert bool((chan >= 2.0 ** -10).all()) and bool((chan.amax(-1) == 1).all())
+    assert torch.equal(chan[..., :6], chan[..., 6:12])
+    m = k.abs().amax(2)
+    share = torch.maximum(m[..., :6], m[..., 6:12]) / m.amax(-1, keepdim=True)
+    assert bool((chan[..., :6] >= share).all()) and bool((chan[..., :6] < 2 * share.clamp(min=2.0 ** -10)).all())
 
 
 @pytest.mark.parametrize("eps", [1e-3, 0.05, 0.3])

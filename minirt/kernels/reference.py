@@ -351,11 +351,31 @@ def _union_of_prefixes(x: torch.Tensor, ranked: torch.Tensor, need: torch.Tensor
     return padded(torch.where(best > NEG_INF, idx, -1), k_max)
 
 
-def quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys [..., D] as symmetric int8 with one fp32 scale per key: |k - q * scale| <= scale / 2
-    in every dim (round to nearest), so q·k is known to within ||q||_1 * scale / 2."""
-    scale = k.float().abs().amax(-1) / 127
-    q = torch.round(k.float() / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(-127, 127)
+def channel_scales(k: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Per-channel scales [B, Hkv, D] for int8 copies, from keys k [B, Hkv, n, D]: each channel's
+    largest |k| over the keys relative to the head's largest, rounded up to a power of two in
+    [2^-10, 1], the same for both channels of a rotated pair (d, d + rotary_dim / 2: RoPE moves a
+    key's magnitude between them as its position changes). Keys are quantised as k / c and scored
+    with q * c (quantize_keys, shadow_scores), so a few outlier channels no longer coarsen every
+    other channel's int8 step: the error bounds shrink and certified int8 selection keeps ~5% fewer
+    keys (SmolLM2, 4K of prose, eps 1e-2). Powers of two keep q * c exact (in bf16 and fp32; in
+    fp16 but where it is subnormal, which the bounds' SHADOW_SLACK covers)."""
+    m = k.float().abs().amax(2)
+    if rotary_dim:
+        half = rotary_dim // 2
+        pair = torch.maximum(m[..., :half], m[..., half:rotary_dim])
+        m = torch.cat((pair, pair, m[..., rotary_dim:]), -1)
+    rel = m / m.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.exp2(torch.ceil(torch.log2(rel.clamp(min=2.0 ** -10))))
+
+
+def quantize_keys(k: torch.Tensor, chan: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [..., D] (divided by chan, channel_scales broadcast to k, if given) as symmetric int8
+    with one fp32 scale per key: |k / chan - q * scale| <= scale / 2 in every dim (round to
+    nearest), so q·k is known to within ||q * chan||_1 * scale / 2."""
+    x = k.float() if chan is None else k.float() / chan
+    scale = x.abs().amax(-1) / 127
+    q = torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(-127, 127)
     return q.to(torch.int8), scale
 
 
@@ -363,12 +383,16 @@ def quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 SHADOW_SLACK = 1e-3
 
 
-def shadow_scores(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
+def shadow_scores(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, n,
+                  chan: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated logits q·k / sqrt(D) of every key from its int8 copy (kq [B, Hkv, cap, D], kscale
-    [B, Hkv, cap]), -inf from position n on, and each estimate's error bound: [B, Hkv, G, cap] both."""
+    [B, Hkv, cap], made with the channel scales chan [B, Hkv, D] if given), -inf from position n on,
+    and each estimate's error bound: [B, Hkv, G, cap] both."""
     B, Hq, D = q.shape
     Hkv = kq.shape[1]
     qg = q.view(B, Hkv, Hq // Hkv, D).float()
+    if chan is not None:
+        qg = qg * chan[:, :, None, :]
     est = (qg @ kq.float().transpose(-1, -2)) * (kscale[:, :, None, :] / math.sqrt(D))
     err = (qg.abs().sum(-1, keepdim=True) / math.sqrt(D)) * kscale[:, :, None, :] * (0.5 + SHADOW_SLACK) + SHADOW_SLACK
     live = torch.arange(kq.shape[2], device=q.device) < n
@@ -439,10 +463,11 @@ def bf16_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where((down != bits) & up, down + 65536, down).view(torch.float32)
 
 
-def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
-                   page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Certified mode's page selection from every key's int8 copy (kq, kscale: shadow_scores), no sort.
-    It first writes the int8 copy of the newest key (position n - 1 of k), which it does not score.
+def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
+                   bounds, eps: float, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Certified mode's page selection from every key's int8 copy (kq, kscale, chan: shadow_scores),
+    no sort. It first writes the int8 copy of the newest key (position n - 1 of k), which it does
+    not score.
 
     Per query head, each key has logit bounds l <= q·k / sqrt(D) <= u. A page's bin is
     to_bin(max u) over its candidates (positions [lo, hi)) and the query heads of its KV group. Each
@@ -456,8 +481,8 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     [B, Hq] (int32: a head keeps the pages whose bin is >= it) and log_rest [B, Hq] = log U (-inf if
     nothing is left out). eps = 0 keeps every page and still leaves U = 0 < eps false: full attention."""
     n, lo, hi = _ints(as_bounds(bounds, None, "cpu"))
-    kq[:, :, n - 1], kscale[:, :, n - 1] = quantize_keys(k[:, :, n - 1])
-    est, err = shadow_scores(q, kq, kscale, n)
+    kq[:, :, n - 1], kscale[:, :, n - 1] = quantize_keys(k[:, :, n - 1], chan)
+    est, err = shadow_scores(q, kq, kscale, n, chan)
     B, Hkv, G, cap = est.shape
     pages = -(-cap // page_size)
     pos = torch.arange(cap, device=q.device)

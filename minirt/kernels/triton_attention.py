@@ -653,11 +653,12 @@ def _bf16_outward(x, up):
 
 
 @triton.jit
-def _quantize_newest(K, KQ, KS, b, h, pos, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D: tl.constexpr,
+def _quantize_newest(K, KQ, KS, chan, b, h, pos, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D: tl.constexpr,
                      D_PAD: tl.constexpr):
-    """reference.quantize_keys of the key at pos (round half to even, as torch.round)."""
+    """reference.quantize_keys of the key at pos with the channel scales chan [D_PAD] (round half
+    to even, as torch.round)."""
     d = tl.arange(0, D_PAD)
-    x = tl.load(K + b * sxb + h * sxh + pos * sxn + d, mask=d < D, other=0.0).to(tl.float32)
+    x = tl.load(K + b * sxb + h * sxh + pos * sxn + d, mask=d < D, other=0.0).to(tl.float32) / chan
     scale = tl.max(tl.abs(x), 0) / 127
     y = x / tl.maximum(scale, 1.1754943508222875e-38)  # float32's smallest normal, the reference's clamp
     r = tl.floor(y + 0.5)
@@ -668,8 +669,8 @@ def _quantize_newest(K, KQ, KS, b, h, pos, sxb, sxh, sxn, skb, skh, skn, ssb, ss
 
 @triton.jit
 def _page_scan(
-    Q, K, KQ, KS, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE,
-    sqb, sqh, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, n_pages, n_blocks, P, sqrt_d, Hkv,
+    Q, K, KQ, KS, KC, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE,
+    sqb, sqh, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, scb, sch, n_pages, n_blocks, P, sqrt_d, Hkv,
     G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
     SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
@@ -696,17 +697,19 @@ def _page_scan(
     scored = n - 1  # the newest key is left out: its int8 copy need not exist yet (see the reference)
     b = row // Hkv
     h = row % Hkv
+    d = tl.arange(0, D_PAD)
+    chan = tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0)
     if blk == 0:  # so this launch writes it, for the steps after this one
-        _quantize_newest(K, KQ, KS, b, h, scored, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D, D_PAD)
+        _quantize_newest(K, KQ, KS, chan, b, h, scored, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D, D_PAD)
     if blk * NPB * P >= scored:
         return
     r = tl.arange(0, M)
     head = r % G2
     upper = r < G2
     real = (r < 2 * G2) & (head < G)
-    d = tl.arange(0, D_PAD)
     q = tl.load(Q + b * sqb + (h * G + head)[:, None] * sqh + d[None, :], mask=real[:, None] & (d < D)[None, :],
                 other=0.0)
+    q = (q.to(tl.float32) * chan[None, :]).to(Q.dtype.element_ty)  # chan: powers of two, so exact
     q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
     sign = tl.where(upper, 1.0, -1.0)
     top = tl.full([M], float("-inf"), tl.float32)
@@ -865,15 +868,15 @@ def kept_list(page_bin: torch.Tensor, threshold: torch.Tensor, bounds: torch.Ten
 PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16}
 
 
-def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, bounds, eps: float,
-                   page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
+                   bounds, eps: float, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified page selection from the int8 copies in two launches, the newest key's copy written
     by the first; see reference.page_threshold. page_bin is written for pages holding scored
     positions (those [0, n - 1) of bounds) only."""
     B, Hq, D = q.shape
     Hkv, cap = kq.shape[1], kq.shape[2]
     G, rows = Hq // Hkv, B * Hkv
-    assert kq.stride(-1) == 1 and kscale.stride(-1) == 1 and k.stride(-1) == 1
+    assert kq.stride(-1) == 1 and kscale.stride(-1) == 1 and k.stride(-1) == 1 and chan.stride(-1) == 1
     bounds = reference.as_bounds(bounds, None, q.device)
     P_PAD = _pow2(page_size, 1)
     CH = max(1, PAGE_SCAN["tile_keys"] // P_PAD)
@@ -889,8 +892,8 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     kept = torch.empty_like(rest)
     base = torch.empty(rows, n_blocks, G2, device=q.device, dtype=torch.float32)
     _launch(_page_scan, (rows, n_blocks),
-        q, k, kq, kscale, bounds, page_bin, group_top, head_top, rest, kept, base, q.stride(0), q.stride(1),
-        *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
+        q, k, kq, kscale, chan, bounds, page_bin, group_top, head_top, rest, kept, base, q.stride(0), q.stride(1),
+        *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], *chan.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
         G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
         HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), INTERP=INTERPRETED.value,
         num_warps=PAGE_SCAN["warps"],
