@@ -7,9 +7,7 @@ kept per KV head). CUDA-graph timings; writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -17,8 +15,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import sweep  # noqa: E402
 from bench.attention import PEAK, make_cache  # noqa: E402
-from minirt.config import CondensateConfig  # noqa: E402
 from minirt.kernels import reference, triton_attention as tri  # noqa: E402
 
 SETTINGS = {"block_n": (32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3), "programs_per_sm": (2, 4, 8, 16)}
@@ -40,27 +38,20 @@ def table(results: dict, best: int = 6) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="131072,1048576")
-    ap.add_argument("--out", default="results/tune_gather.json")
-    ap.add_argument("--render", metavar="JSON", help="print the Markdown table of a run's JSON")
-    args = ap.parse_args()
-    if args.render:
-        print(table(json.loads(Path(args.render).read_text())), end="")
+    args = sweep.arguments(__doc__, "131072,1048576", "results/tune_gather.json", table)
+    if args is None:
         return
-    policy = CondensateConfig(selection="int8-threshold", page_size=1, max_dropped_mass=0.01)
-    results = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                        "current": tri.KEPT_GATHER}, "rows": []}
+    results = sweep.results(tri.KEPT_GATHER)
     for n in map(int, args.contexts.split(",")):
-        cache = make_cache(32, 4, 64, n, policy, torch.float16)
+        cache = make_cache(32, 4, 64, n, sweep.POLICY, torch.float16)
         torch.manual_seed(0)
         q = torch.randn(1, 32, 64, device="cuda", dtype=torch.float16) * PEAK
         ring_k, ring_v, k, v = cache.ring_k[0], cache.ring_v[0], cache.k[0], cache.v[0]
         page_bin, threshold, _ = tri.page_threshold(q, k, cache.kq[0], cache.kscale[0], cache.kchan[0], cache.bounds,
                                                     0.01, 1)
-        bounds = reference.as_bounds(cache.bounds, None, q.device, policy.anchor, ring_k.shape[2])
+        bounds = reference.as_bounds(cache.bounds, None, q.device, sweep.POLICY.anchor, ring_k.shape[2])
         idx, count = tri.kept_list(page_bin, threshold, bounds, 1, k.shape[2])
-        max_keys = ring_k.shape[2] + policy.anchor + k.shape[2]
+        max_keys = ring_k.shape[2] + sweep.POLICY.anchor + k.shape[2]
         want = tri._attention(q, k, v, bounds, max_keys, (ring_k, ring_v, idx), None, tri.KEPT_GATHER, count=count)[0]
         for values in itertools.product(*SETTINGS.values()):
             cfg = {**tri.SPARSE, **dict(zip(SETTINGS, values))}
@@ -71,9 +62,7 @@ def main() -> None:
             print(n, values, f"{us:.1f} us", flush=True)
         del cache
         torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    Path(args.out).with_suffix(".md").write_text(table(results))
+    sweep.save(results, args.out, table)
 
 
 if __name__ == "__main__":

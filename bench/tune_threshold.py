@@ -7,9 +7,7 @@ histogram per block) and blocks per pass-2 tile. CUDA-graph timings; writes JSON
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -17,8 +15,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import sweep  # noqa: E402
 from bench.attention import PEAK, make_cache  # noqa: E402
-from minirt.config import CondensateConfig  # noqa: E402
 from minirt.kernels import triton_attention as tri  # noqa: E402
 
 SETTINGS = {"block_keys": (512, 1024, 2048, 4096), "blocks_per_tile": (16, 32, 64)}
@@ -36,21 +34,14 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="32768,131072,1048576")
-    ap.add_argument("--out", default="results/tune_threshold.json")
-    ap.add_argument("--render", metavar="JSON", help="print the Markdown table of a run's JSON")
-    args = ap.parse_args()
-    if args.render:
-        print(table(json.loads(Path(args.render).read_text())), end="")
+    args = sweep.arguments(__doc__, "32768,131072,1048576", "results/tune_threshold.json", table)
+    if args is None:
         return
-    policy = CondensateConfig(selection="int8-threshold", page_size=1, max_dropped_mass=0.01)
     current = dict(tri.PAGE_SCAN)
-    results = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                        "current": current}, "rows": []}
+    results = sweep.results(current)
     for n in map(int, args.contexts.split(",")):
         torch.manual_seed(n)
-        cache = make_cache(32, 4, 64, n, policy, torch.float16)
+        cache = make_cache(32, 4, 64, n, sweep.POLICY, torch.float16)
         q = torch.randn(1, 32, 64, device="cuda", dtype=torch.float16) * PEAK
         select = lambda: tri.page_threshold(q, cache.k[0], cache.kq[0], cache.kscale[0], cache.kchan[0],  # noqa: E731
                                             cache.bounds, 0.01, 1)
@@ -64,9 +55,7 @@ def main() -> None:
         tri.PAGE_SCAN.update(current)
         del cache
         torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    Path(args.out).with_suffix(".md").write_text(table(results))
+    sweep.save(results, args.out, table)
 
 
 if __name__ == "__main__":
