@@ -819,22 +819,20 @@ def _kept_count(PAGE_BIN, TH, BOUNDS, CNT, spb, P, n_chunks, G: tl.constexpr, G2
 @triton.jit
 def _kept_scatter(PAGE_BIN, TH, BOUNDS, CNT, IDX, COUNT, spb, sib, P, n_chunks, G: tl.constexpr, G2: tl.constexpr,
                   CHUNK: tl.constexpr, CB: tl.constexpr):
-    """Each chunk's kept positions, in order, after those of the chunks before it; chunk 0 also
-    writes the list's length."""
+    """Each chunk's kept positions, in order, after those of the chunks before it (it reads only
+    their counts); the last chunk also writes the list's length."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     pos, keep = _kept(PAGE_BIN, TH, row, chunk, tl.load(BOUNDS + 1), tl.load(BOUNDS + 2), spb, P, G, G2, CHUNK)
     i = tl.arange(0, CB)
     before = tl.zeros([CB], tl.int32)
-    total = tl.zeros([CB], tl.int32)
-    for i0 in range(0, n_chunks, CB):
-        c = tl.load(CNT + row * n_chunks + i0 + i, mask=i0 + i < n_chunks, other=0)
-        before += tl.where(i0 + i < chunk, c, 0)
-        total += c
-    at = tl.sum(before, 0) + tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(IDX + row * sib + at, pos, mask=keep)
-    if chunk == 0:
-        tl.store(COUNT + row, tl.sum(total, 0))
+    for i0 in range(0, chunk, CB):
+        before += tl.load(CNT + row * n_chunks + i0 + i, mask=i0 + i < chunk, other=0)
+    start = tl.sum(before, 0)
+    kept = tl.cumsum(keep.to(tl.int32), 0)
+    tl.store(IDX + row * sib + start + kept - 1, pos, mask=keep)
+    if chunk == n_chunks - 1:
+        tl.store(COUNT + row, start + tl.sum(keep.to(tl.int32), 0))
 
 
 KEPT = {"chunk": 1024, "counts_per_tile": 1024}  # kept_list: positions per program, counts summed per step
