@@ -42,6 +42,9 @@ NO_CAP = 1 << 30  # certified mode's top_k: never cut the list (the cache's capa
 BASELINES = ("exact k=32", "pages k=32", "whole pages k=1024")  # the main variants the sweep varies
 # rows of earlier runs under the names they had then
 RENAMED = {"exact k=32 (default)": "exact k=32", "exact k=32 W=512": "exact k=32 W=512 (default)"}
+# runs whose int8 copies had one scale per key only (before 6e0da5d's per-channel scales): their
+# int8 rows are named so
+PER_KEY_SCALES = {"7f3b526", "31194a1", "454fdd3", "64e293e"}
 
 
 def variants() -> dict[str, CondensateConfig | None]:
@@ -199,8 +202,11 @@ def commit() -> str:
 
 def render(args) -> None:
     results = [json.loads(Path(p).read_text()) for p in args.results]
-    for r in (r for res in results for r in res["rows"]):
-        r["variant"] = RENAMED.get(r["variant"], r["variant"])
+    for res in results:
+        for r in res["rows"]:
+            r["variant"] = RENAMED.get(r["variant"], r["variant"])
+            if res["meta"]["commit"] in PER_KEY_SCALES and "int8" in r["variant"]:
+                r["variant"] += " (per-key scales)"
     rows = [r for res in results if res["meta"].get("set", "main") == "main" for r in res["rows"]]
     swept = [r for res in results if res["meta"].get("set") == "tuning" for r in res["rows"]]
     runs = "".join(f"- {m['model']}: `{m['command']}` on {m['date']} at commit {m['commit']}, {m['device']}, {m['dtype']}, "
@@ -217,7 +223,8 @@ def render(args) -> None:
     ret = "".join(f"| {r['model']} | {r['length']} | {r['variant']} | {100 * r['passkey']:.0f}% | {100 * r['needles']:.0f}% |\n"
                   for r in rows if r["workload"] == "retrieval")
     oracle = "".join(f"| {r['model']} | {r['workload']} {r['length']} | {eps} | "
-                     f"{'threshold' if 'threshold' in r['variant'] else 'ranked'} | {100 * o['attended']:.1f}% | "
+                     f"{'threshold' if 'threshold' in r['variant'] else 'ranked'}"
+                     f"{', per-key scales' if 'per-key' in r['variant'] else ''} | {100 * o['attended']:.1f}% | "
                      f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
                      f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
                      for r, o, eps in against_oracle(cont))
@@ -261,7 +268,10 @@ full attention's tokens (minirt/equivalence.py). Certified mode keeps, per step 
 fewest keys that leave every head at most eps of its mass (no cap here: the group's oracle, drawn
 as a star in the plot at the bytes of its attended keys alone); heads at or above eps
 attend fully (*fallbacks*: layer-head-steps). *Certified int8* chooses from the int8 copies'
-error bounds alone and decides fallbacks from the resulting bound, never from an exact score. Its *KV read* is what the algorithm needs
+error bounds alone and decides fallbacks from the resulting bound, never from an exact score. Since 6e0da5d the
+int8 copies are made with per-channel scales (powers of two set from the first prefill's keys,
+`kernels.reference.channel_scales`), which tightens the bounds; rows marked *(per-key scales)* are
+runs from before. Its *KV read* is what the algorithm needs
 (the GPU step's fallback launch reads the cache of the KV groups that fall back, and no other).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
@@ -306,7 +316,7 @@ def against_oracle(cont: list[dict]) -> list[tuple[dict, dict, str]]:
     out = []
     for r in cont:
         if r["variant"].startswith(("certified int8 eps=", "certified int8 threshold eps=")):
-            eps = r["variant"].rsplit("=", 1)[1]
+            eps = r["variant"].split("eps=")[1].split()[0]
             same = [o for o in cont if o["variant"] == f"certified eps={eps}"
                     and (o["model"], o["workload"], o["length"]) == (r["model"], r["workload"], r["length"])]
             out += [(r, same[0], eps)] if same else []
@@ -341,11 +351,14 @@ def plot(rows: list[dict], path: Path) -> None:
                 "whole pages": lambda v: v.startswith("whole") and "tail" not in v,
                 "whole pages + tail": lambda v: "tail" in v,
                 "certified": lambda v: v.startswith("certified") and "int8" not in v,
-                "certified int8": lambda v: v.startswith("certified int8 eps"),
-                "certified int8 threshold": lambda v: v.startswith("certified int8 threshold")}
+                "certified int8": lambda v: v.startswith("certified int8 eps") and "per-key" not in v,
+                "certified int8 threshold": lambda v: v.startswith("certified int8 threshold") and "per-key" not in v,
+                "certified int8, per-key scales": lambda v: v.startswith("certified int8 eps") and "per-key" in v,
+                "certified int8 threshold, per-key scales": lambda v: v.startswith("certified int8 threshold")
+                and "per-key" in v}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for (model, n), color in zip(prompts, plt.cm.tab10.colors):
-        for family, marker in zip(families, "sov^DP"):
+        for family, marker in zip(families, "sov^DPxX"):
             pts = [r for r in cont if (r["model"], r["length"]) == (model, n) and families[family](r["variant"])]
             if not pts:
                 continue
