@@ -1,0 +1,123 @@
+"""Where certified int8 selection attends keys beyond the group oracle, on real weights: the error
+bound against the estimate, per-key against per-channel scales, and (for int8-threshold) bins
+shared by the KV group against per-head bins. CPU is enough.
+
+    python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8]
+
+Queries are the rotated queries of the last --positions prompt tokens (captured in the prefill),
+every layer; keys are the cache's. Each row: keys attended (anchor 4 + window 128 + the selection,
+summed over KV groups, layers and positions) over the oracle's at the same eps.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minirt import LLM  # noqa: E402
+from minirt.cache import DenseCache  # noqa: E402
+from minirt.kernels import reference as R  # noqa: E402
+from minirt.workloads import long_prompt  # noqa: E402
+
+ANCHOR, WINDOW = 4, 128
+
+
+def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache, dict[int, torch.Tensor]]:
+    """The prefilled cache and, per layer, the rotated queries [1, Hq, positions, D] of the last tokens."""
+    queries: dict[int, torch.Tensor] = {}
+
+    class Capture(DenseCache):
+        def attend(self, layer, q, k, v):
+            if q.shape[2] > 1:
+                queries[layer] = q[:, :, -positions:].clone()
+            return super().attend(layer, q, k, v)
+
+    cache = Capture(llm.cfg, len(ids) + 1, device="cpu", dtype=torch.float32)
+    if llm.model.rotary is not None:
+        llm.model.rotary.reserve(len(ids) + 1, "cpu", torch.float32)
+    with torch.no_grad():
+        llm.model(torch.tensor([ids]), cache, last_only=True)
+    return cache, queries
+
+
+def head_bins_threshold(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float) -> torch.Tensor:
+    """int8-threshold with single keys binned per query head instead of per KV group: keys kept per group."""
+    n, lo, hi = bounds
+    up, low = est + err, est - err
+    pos = torch.arange(est.shape[-1])
+    cand = (pos >= lo) & (pos < hi)
+    key_bin = R.to_bin(torch.where(cand, up, R.NEG_INF))
+    top = key_bin.amax(-1, keepdim=True)
+    ref = (top + 1) * R.BIN_WIDTH
+    bins = torch.where(cand, (top - key_bin).clamp(max=R.PAGE_BINS - 1), 0).long()
+    hist = torch.zeros(*est.shape[:-1], R.PAGE_BINS, dtype=torch.float64)
+    rest = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(up - ref), 0).double())
+    kept = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(low - ref), 0).double())
+    base = torch.exp(torch.where((pos < n - 1) & ~cand, low, R.NEG_INF) - ref).double().sum(-1, keepdim=True)  # as page_threshold
+    rest = F.pad(rest.flip(-1).cumsum(-1).flip(-1), (0, 1))
+    kept = base + F.pad(kept.cumsum(-1), (1, 0))
+    need = (rest > R.rest_ratio(eps) * kept).sum(-1, keepdim=True)
+    keep = cand & ((key_bin >= top - need + 1) | (need >= R.PAGE_BINS))  # a head that cannot: every key
+    return keep.any(2).sum(-1).float()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--kind", default="prose", choices=["code", "prose"])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--positions", type=int, default=8)
+    args = ap.parse_args()
+    llm = LLM.load(args.model, device="cpu", dtype="float32")
+    ids = long_prompt(llm.tokenizer, args.kind, args.tokens)
+    cache, queries = prompt_queries(llm, ids, args.positions)
+    print(f"{args.model}, {args.kind}, {len(ids)} tokens, last {args.positions} positions, every layer\n")
+    print("| eps | selection | keys over the oracle |\n|---|---|---|")
+    for eps in (1e-2, 1e-3):
+        totals: dict[str, float] = {}
+        for layer, qs in queries.items():
+            keys = cache.k[layer, :, :, :len(ids)]
+            chan = R.channel_scales(keys[:, :, :len(ids) - args.positions], llm.cfg.rotary_dim)
+            for t in range(args.positions):
+                n = len(ids) - args.positions + t + 1
+                k, q = keys[:, :, :n], qs[:, :, t]
+                b = R.sparse_bounds(n, ANCHOR, WINDOW)
+                bounds = R.step_bounds(*b, "cpu")
+                always = n - (b[2] - b[1])  # anchor and window
+                scores = R.group_scores(q, k)
+                est, err = R.shadow_scores(q, *R.quantize_keys(k), n)
+                kq, ks = R.quantize_keys(k, chan[:, :, None])
+                est_c, err_c = R.shadow_scores(q, kq, ks, n, chan)
+
+                def chosen(idx: torch.Tensor) -> float:
+                    return float((idx >= 0).sum()) + always * k.shape[1]
+
+                def threshold(kq_, ks_, chan_) -> float:
+                    page_bin, th, _ = R.page_threshold(q, k, kq_.clone(), ks_.clone(), chan_, bounds, eps, 1)
+                    return float(R.kept_pages(page_bin, th).sum()) + always * k.shape[1]
+
+                rows = {
+                    "oracle (exact scores)": chosen(R.certified_select(scores, scores.logsumexp(-1), bounds, eps, n)),
+                    "ranked, per-key scales": chosen(R.bounded_select(est, err, bounds, eps, n)),
+                    "ranked, the true int8 error as its bound": chosen(
+                        R.bounded_select(est, (est - scores).abs() * 1.0001, bounds, eps, n)),
+                    "ranked, per-channel scales": chosen(R.bounded_select(est_c, err_c, bounds, eps, n)),
+                    "threshold, per-key scales": threshold(*R.quantize_keys(k), torch.ones_like(chan)),
+                    "threshold, per-channel scales": threshold(kq, ks, chan),
+                    "threshold, per-channel scales, bins per query head": float(
+                        head_bins_threshold(est_c, err_c, b, eps).sum()) + always * k.shape[1],
+                }
+                for name, count in rows.items():
+                    totals[name] = totals.get(name, 0.0) + count
+        oracle = totals["oracle (exact scores)"]
+        for name, count in totals.items():
+            print(f"| {eps:g} | {name} | {count / oracle:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
