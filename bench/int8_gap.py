@@ -11,7 +11,6 @@ summed over KV groups, layers and positions) over the oracle's at the same eps.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -30,16 +29,14 @@ ANCHOR, WINDOW = 4, 128
 def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache, dict[int, torch.Tensor]]:
     """The prefilled cache and, per layer, the rotated queries [1, Hq, positions, D] of the last tokens."""
     queries: dict[int, torch.Tensor] = {}
+    cache = llm.new_cache(len(ids) + 1)
+    attend = cache.attend
 
-    class Capture(DenseCache):
-        def attend(self, layer, q, k, v):
-            if q.shape[2] > 1:
-                queries[layer] = q[:, :, -positions:].clone()
-            return super().attend(layer, q, k, v)
+    def capture(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        queries[layer] = q[:, :, -positions:].clone()
+        return attend(layer, q, k, v)
 
-    cache = Capture(llm.cfg, len(ids) + 1, device="cpu", dtype=torch.float32)
-    if llm.model.rotary is not None:
-        llm.model.rotary.reserve(len(ids) + 1, "cpu", torch.float32)
+    cache.attend = capture  # the prefill's queries, as the model hands them to the cache
     with torch.no_grad():
         llm.model(torch.tensor([ids]), cache, last_only=True)
     return cache, queries
