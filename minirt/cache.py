@@ -110,6 +110,9 @@ class DenseCache:
         if n:
             self._derive(n - 1, n)
 
+    def reset_counts(self) -> None:
+        """Zero what the cache counts over decode steps (nothing here; the certificate's fallbacks below)."""
+
     def copy_prefix(self, src: "DenseCache") -> None:
         """Hold what `src` holds (prefill once, decode several ways): its keys/values and length,
         and whatever this cache derives from them."""
@@ -217,6 +220,9 @@ class CondensateCache(DenseCache):
     @property
     def fallbacks(self) -> int:
         return int(self.fallback_count)
+
+    def reset_counts(self) -> None:
+        self.fallback_count.zero_()
 
     def _pages(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (None, None) if self.kmin is None else (self.kmin[layer], self.kmax[layer])

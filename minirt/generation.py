@@ -183,6 +183,13 @@ class DecodeStep:
         rotary, model = self.llm.model.rotary, self.llm.model
         self.rope_tables = rotary.table(model.device, model.dtype) if rotary is not None else None
 
+    def restart(self) -> None:
+        """Empty the cache and zero the certificate's counts: decode anew, replaying the captured graph."""
+        self.cache.truncate(0)
+        self.cache.reset_counts()
+        self.count.zero_()
+        self.steps = 0
+
     def __call__(self) -> None:
         self.cache.reserve(1)
         _check_positions(self.llm, self.cache.seq_len + 1)
@@ -240,16 +247,16 @@ SESSION_BLOCK = 1024  # generate() sizes its cache in blocks of positions, so ca
 def decode_session(llm: LLM, n_positions: int, attention: str, policy: CondensateConfig | None,
                    sampling: Sampling) -> tuple[DenseCache, DecodeStep]:
     """An empty cache for n_positions (rounded up to SESSION_BLOCK) and its decode step. With greedy
-    sampling and no certificate the pair is kept on the LLM and the next call of the same shape
-    gets it back emptied, its CUDA graph already captured: no eager first step and no capture
-    (tens of ms, which over 128 tokens cost more than the decode step's launch gaps). A call of
-    another shape frees it first."""
+    sampling the pair is kept on the LLM and the next call of the same shape gets it back emptied
+    (the certificate's counts zeroed), its CUDA graph already captured: no eager first step and no
+    capture (tens of ms, which over 128 tokens cost more than the decode step's launch gaps). A
+    call of another shape frees it first."""
     capacity = -(-n_positions // SESSION_BLOCK) * SESSION_BLOCK
     key = (capacity, attention, policy)
-    reusable = sampling.temperature == 0 and (attention == "full" or (policy or CondensateConfig()).max_dropped_mass is None)
+    reusable = sampling.temperature == 0
     held = llm.decode_session
     if reusable and held is not None and held[0] == key:
-        held[1].truncate(0)
+        held[2].restart()
         return held[1], held[2]
     llm.decode_session = None  # its memory goes before the new cache takes its own
     cache = llm.new_cache(capacity, attention, policy)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minirt import Sampling, generate, stream_tokens
+from minirt import CondensateConfig, Sampling, generate, stream_tokens
 from minirt.generation import PromptTooLongError, sample_tokens
 
 
@@ -117,3 +117,19 @@ def test_greedy_calls_reuse_one_cache_and_decode_step(smollm2_llm):
     assert llm.decode_session is not None and llm.decode_session[0] != held[0]
     generate(llm, short_prompt, 4, sampling=Sampling(temperature=0.8, seed=3))
     assert llm.decode_session is None
+
+
+def test_certified_calls_reuse_the_session_with_fresh_counts(smollm2_llm):
+    """A greedy certified call is kept too: the next one of the same shape decodes the same tokens
+    with its own fallback count and dropped masses, not the sum of both calls'."""
+    llm = smollm2_llm
+    prompt = " ".join(f"item{i} = {i * 7 % 13}" for i in range(60))
+    policy = CondensateConfig(window=16, top_k=64, max_dropped_mass=1e-3)  # falls back now and then
+    llm.decode_session = None
+    first = generate(llm, prompt, 10, policy=policy)
+    held = llm.decode_session
+    again = generate(llm, prompt, 10, policy=policy)
+    assert llm.decode_session is held is not None
+    llm.decode_session = None
+    assert again.tokens == first.tokens and again.fallbacks == first.fallbacks > 0
+    assert again.max_dropped_mass == first.max_dropped_mass and len(again.max_dropped_mass) == again.decode_steps
