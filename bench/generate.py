@@ -15,6 +15,14 @@ second gets back (generation.decode_session), as repeated calls of one shape do.
 (weights + the KV bytes the method reads, see bench/attention.py), achieved GB/s and % of the
 read bandwidth measured on the same GPU in the same run (a reduction over 4 GiB), prefill seconds,
 peak GPU memory. Writes JSON, Markdown and a PNG plot.
+
+    python bench/generate.py --model smollm2-135m --contexts 2048,8000 --systems "minirt full;..."
+
+--model runs a real checkpoint (a name, .gguf file or folder) in bf16 instead, its prompt the
+first tokens of the long Python source (minirt.workloads.long_prompt; all of it where shorter),
+for the rows whose speed depends on the weights: certified int8-threshold keeps as many keys as
+the model's attention needs. Its KV bytes per token are from the keys it attended, measured
+after the timed calls on the same prompt (minirt.equivalence.compare, 16 steps).
 """
 from __future__ import annotations
 
@@ -33,7 +41,9 @@ from bench.attention import sparse_bytes  # noqa: E402
 from minirt import CondensateConfig, Transformer, generate, kernels  # noqa: E402
 from minirt.config import PAPER_POLICY, ModelConfig  # noqa: E402
 from minirt.generation import DecodeStep  # noqa: E402
+from minirt.equivalence import compare  # noqa: E402
 from minirt.llm import LLM  # noqa: E402
+from minirt.workloads import long_prompt  # noqa: E402
 
 TINYLLAMA = ModelConfig(family="llama", vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                         head_dim=64, ffn_dim=5632, max_seq_len=2048, rotary_dim=64, rope_theta=10000.0)
@@ -47,7 +57,11 @@ SYSTEMS = {
                                                                              window=512)),
     "minirt sparse (whole pages, k=1024, W=512, P=16)": ("sparse", CondensateConfig(
         selection="whole-pages", top_k=1024, window=512, page_size=16)),
+    # certified mode on the GPU (FRONTIER.md's row): speed and bytes depend on the weights (--model)
+    "minirt certified (int8-threshold, eps=1e-2, W=128)": ("sparse", replace(
+        PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=1e-2)),
 }
+MEASURED_STEPS = 16  # decode steps over which a certified row's attended keys are measured
 
 
 def model_bytes(cfg: ModelConfig) -> int:
@@ -57,30 +71,41 @@ def model_bytes(cfg: ModelConfig) -> int:
     return 2 * (cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim + 2 * cfg.dim)
 
 
-def kv_bytes(cfg: ModelConfig, n: int, attention: str, policy: CondensateConfig | None) -> int:
+def kv_bytes(cfg: ModelConfig, n: int, attention: str, policy: CondensateConfig | None,
+             attended: int | None = None, fallback: float = 0.0) -> int:
+    """KV bytes a decode step reads over all layers; a certified row's from its attended distant
+    keys per KV head and the share of heads that fell back (measured)."""
     full = 2 * cfg.n_kv_heads * n * cfg.head_dim * 2
     if attention == "full":
         return cfg.n_layers * full
-    return cfg.n_layers * sparse_bytes(n, cfg.n_kv_heads, cfg.head_dim, 2, policy, 1)
+    return cfg.n_layers * sparse_bytes(n, cfg.n_kv_heads, cfg.head_dim, 2, policy, 1, fallback, attended)
 
 
-def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool) -> dict:
+def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool, prompt: list[int] | None = None) -> dict:
+    """prompt: a real model's (else random tokens, or with synthetic a random cache)."""
     attention, policy = SYSTEMS[name]
     llm.decode_session = None  # the previous row's cache: each row's peak memory is its own
     torch.cuda.reset_peak_memory_stats()
+    attended = fallback = None
     if not synthetic:
-        prompt = torch.randint(3, llm.cfg.vocab_size, (n,)).tolist()
+        if prompt is None:
+            prompt = torch.randint(3, llm.cfg.vocab_size, (n,)).tolist()
         for _ in range(2):  # the first call compiles the kernels for this cache size; the second is timed
             torch.cuda.reset_peak_memory_stats()
             out = generate(llm, prompt, new, attention=attention, policy=policy, allow_long_context=True)
-        assert len(out.tokens) == new, out.finish_reason
+        assert len(out.tokens) == new or out.finish_reason == "eos", out.finish_reason
         seconds, prefill = out.decode_s / out.decode_steps, out.prefill_s
+        if policy is not None and policy.certified:  # its bytes depend on the keys it kept: measured
+            llm.decode_session = None
+            r = compare(llm, prompt, MEASURED_STEPS, policy)
+            attended = round(r.attended_keys - min(r.context, policy.anchor + policy.window))
+            fallback = r.fallbacks / ((MEASURED_STEPS - 1) * llm.cfg.n_layers * llm.cfg.n_heads)
     else:  # the cache filled with random keys/values, then the same decode step generate() runs
         step = synthetic_step(llm, n, n + new, attention, policy)
         for _ in range(3):  # eager first step (Triton compiles), capture, one replay
             step()
         seconds, prefill = seconds_per_step(step, new - 3), float("nan")
-    read = model_bytes(llm.cfg) + kv_bytes(llm.cfg, n, attention, policy)
+    read = model_bytes(llm.cfg) + kv_bytes(llm.cfg, n, attention, policy, attended, fallback or 0.0)
     return row(name + (" (synthetic cache)" if synthetic else ""), n, seconds, read, prefill)
 
 
@@ -161,7 +186,8 @@ def transformers_row(n: int, new: int, compiled: bool) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, transformers "
-             f"{meta['transformers']}; TinyLlama-shaped bf16, random weights, batch 1, {meta['new_tokens']} new tokens.",
+             f"{meta['transformers']}; {meta.get('model', 'TinyLlama-shaped bf16, random weights')}, batch 1, "
+             f"{meta['new_tokens']} new tokens.",
              f"Bandwidth: {meta['hbm'] / 1e12:.2f} TB/s read, measured in the same run (bench/generate.read_bandwidth).",
              "", "| system | context | tok/s | ms/token | MB read/token | GB/s | % of measured HBM | prefill s | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -183,10 +209,11 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
         pts = sorted((r["context"], r["tok_s"]) for r in rows if r["system"].replace(" (synthetic cache)", "") == system)
         ax.plot(*zip(*pts), marker="o", label=system)
     contexts = sorted({r["context"] for r in rows})
-    limit = [meta["hbm"] / (model_bytes(TINYLLAMA) + kv_bytes(TINYLLAMA, n, "full", None)) for n in contexts]
+    cfg = meta.get("cfg", TINYLLAMA)
+    limit = [meta["hbm"] / (model_bytes(cfg) + kv_bytes(cfg, n, "full", None)) for n in contexts]
     ax.plot(contexts, limit, "k--", label=f"bandwidth limit, full attention ({meta['hbm'] / 1e12:.2f} TB/s measured)")
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tok/s (batch 1)",
-           title=f"TinyLlama-shaped bf16 on {meta['device']}: decode speed against context")
+           title=f"{meta.get('model', 'TinyLlama-shaped bf16')} on {meta['device']}: decode speed against context")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden
     fig.tight_layout()
@@ -202,6 +229,7 @@ def main() -> None:
     ap.add_argument("--compiled", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 32768])
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(";") if x], default=list(SYSTEMS), help="names separated by ;")
     ap.add_argument("--merge", help="a result JSON of an earlier run whose rows join this one's table and plot")
+    ap.add_argument("--model", help="a real checkpoint (name, .gguf or folder) instead of TinyLlama-shaped random weights")
     ap.add_argument("--out", default="results/generate")
     args = ap.parse_args()
     import transformers
@@ -209,18 +237,26 @@ def main() -> None:
 
     torch.manual_seed(0)
     hbm = read_bandwidth()
-    rows = []
+    rows, extra = [], {}
     if args.systems:
-        cfg = replace(TINYLLAMA, max_seq_len=max(args.contexts) + args.new_tokens)
-        with torch.device("cuda"):
-            model = Transformer(cfg).to(torch.bfloat16).eval()
-        model.use_kernels(kernels.layer_implementation("cuda"))
-        llm = LLM(model, None, Path("tinyllama-shaped-random"))
+        if args.model:
+            llm = LLM.load(args.model, device="cuda", dtype="bf16")
+            extra = {"model": f"{args.model} (real weights, bf16; prompts from the long Python source)", "cfg": llm.cfg}
+        else:
+            cfg = replace(TINYLLAMA, max_seq_len=max(args.contexts) + args.new_tokens)
+            with torch.device("cuda"):
+                model = Transformer(cfg).to(torch.bfloat16).eval()
+            model.use_kernels(kernels.layer_implementation("cuda"))
+            llm = LLM(model, None, Path("tinyllama-shaped-random"))
         for n in args.contexts:
+            prompt = None
+            if args.model:  # the text's first n tokens, within the model's context
+                prompt = long_prompt(llm.tokenizer, "code", min(n, llm.cfg.max_seq_len - args.new_tokens), shorter=True)
+                n = len(prompt)
             for name in args.systems:
-                rows.append(minirt_row(llm, name, n, args.new_tokens, n >= args.synthetic_from))
+                rows.append(minirt_row(llm, name, n, args.new_tokens, n >= args.synthetic_from, prompt))
                 print(rows[-1], flush=True)
-        del llm, model
+        del llm
         torch.cuda.empty_cache()
     for compiled, contexts in ((False, args.transformers), (True, args.compiled)):
         for n in contexts:
@@ -235,10 +271,12 @@ def main() -> None:
     if args.merge:
         rows = json.loads(Path(args.merge).read_text())["rows"] + rows
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "hbm": hbm, "argv": sys.argv}
+            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "hbm": hbm, "argv": sys.argv,
+            **extra}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+    saved = {key: value for key, value in meta.items() if key != "cfg"}
+    out.with_suffix(".json").write_text(json.dumps({"meta": saved, "rows": rows}, indent=2, default=float))
     out.with_suffix(".md").write_text(markdown(rows, meta))
     plot(rows, meta, out.with_suffix(".png"))
     print(markdown(rows, meta))

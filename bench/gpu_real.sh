@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call for the GPU runs on real weights, the GGUF models already under $MINIRT_MODELS
+# (no registry is reachable there): the generate/engine tests, generate() tok/s of full, the
+# default, whole pages and certified int8-threshold (bench/generate.py --model), then FRONTIER's
+# certified int8 rows through the Triton kernels (bench/frontier.py).
+# Usage (on the GPU machine): bash bench/gpu_real.sh OUT_DIR [generate|frontier]...
+set -uo pipefail
+out=${1:?OUT_DIR}; shift
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+SYSTEMS="minirt full;minirt sparse (default: exact, k=32, W=512);minirt sparse (whole pages, k=1024, W=512);minirt certified (int8-threshold, eps=1e-2, W=128)"
+for stage in "${@:-generate frontier}"; do
+  case $stage in
+    generate)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_generate.py tests/test_engine.py 2>&1 | tail -5 | tee "$out/tests.txt"
+      timeout 180 python3 bench/generate.py --model smollm2-135m --contexts 2048,8192 --transformers '' --compiled '' \
+        --systems "$SYSTEMS" --out "$out/gen_smollm2" 2>&1 | grep -v -i warn | tail -14
+      timeout 220 python3 bench/generate.py --model qwen2.5-coder-0.5b --contexts 8192,32768 --transformers '' --compiled '' \
+        --systems "$SYSTEMS" --out "$out/gen_qwen" 2>&1 | grep -v -i warn | tail -14 ;;
+    frontier)
+      timeout 330 python3 bench/frontier.py run --model qwen2.5-coder-0.5b --lengths 32768 --device cuda \
+        --only 'certified int8' --json "$out/frontier-qwen-32k-int8.json" 2>&1 | grep -v -i warn | tail -12
+      timeout 200 python3 bench/frontier.py run --model smollm2-135m --lengths 8192 --device cuda \
+        --only 'int8 threshold' --json "$out/frontier-smollm2-8k-threshold-gpu.json" 2>&1 | grep -v -i warn | tail -6 ;;
+  esac
+done
