@@ -8,7 +8,8 @@ Workloads at each length: continuation of a long Python source and of long prose
 greedy token match over --steps tokens, first divergence, teacher-forced KL and dropped mass); a
 pass key at depths 10..90% and five needles spread through a haystack (retrieval accuracy, greedy
 answers). Variants: exact top-k, token-level page selection, whole pages at two
-budgets, whole pages with the tail estimate, and certified mode at three eps. `run` writes one JSON
+budgets, whole pages with the tail estimate, certified mode at three eps, and the certified int8
+modes (int8-threshold also with its tail estimate). `run` writes one JSON
 per model; `render` joins them.
 """
 from __future__ import annotations
@@ -58,9 +59,11 @@ def variants() -> dict[str, CondensateConfig | None]:
         out[f"certified eps={eps:g}"] = replace(PAPER_POLICY, top_k=NO_CAP, max_dropped_mass=eps)
     for eps in (1e-2, 1e-3):
         out[f"certified int8 eps={eps:g}"] = replace(PAPER_POLICY, selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
-    for eps in (1e-2, 1e-3):  # the GPU's certified mode: single keys by threshold, no sort
-        out[f"certified int8 threshold eps={eps:g}"] = replace(PAPER_POLICY, selection="int8-threshold", page_size=1,
-                                                               max_dropped_mass=eps)
+    threshold = replace(PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=1e-2)
+    for eps in (1e-1, 3e-2, 1e-2, 1e-3):  # the GPU's certified mode: single keys by threshold, no sort
+        out[f"certified int8 threshold eps={eps:g}"] = replace(threshold, max_dropped_mass=eps)
+    for eps in (1e-1, 3e-2, 1e-2):  # and the candidates it leaves out estimated (reference.estimate_tail)
+        out[f"certified int8 threshold eps={eps:g} + tail"] = replace(threshold, max_dropped_mass=eps, tail=True)
     return out
 
 

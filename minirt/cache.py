@@ -183,7 +183,7 @@ class CondensateCache(DenseCache):
             self.rotary_dim = cfg.rotary_dim if cfg.uses_rope else 0
         # the tail estimate's page summaries: fp32 key and value sums (mean = sum / page size)
         self.ksum = self.vsum = None
-        if policy.tail:
+        if policy.tail and policy.whole_pages:
             self.ksum = torch.zeros(pages, device=device)
             self.vsum = torch.zeros(pages, device=device)
         # Certificate, on the device: per decode step, the attention mass each head's sparse set
@@ -359,8 +359,12 @@ class CondensateCache(DenseCache):
                                                            page_bin, threshold, log_rest, self.bounds, p.anchor,
                                                            p.page_size)
         self.dropped_bound[layer] = bound
-        if self.certify:  # measured for equivalence reports: keys attended, exact dropped mass
+        if p.tail or self.certify:  # (no extra launches on the GPU's plain path: tail runs on the reference only)
             keep = reference.kept_positions(page_bin, threshold, p.page_size, ks.shape[2])
+        if p.tail:
+            out = reference.estimate_tail(q, vs, self.kq[layer], self.kscale[layer], self.kchan[layer], keep,
+                                          self.bounds, out, lse)
+        if self.certify:  # measured for equivalence reports: keys attended, exact dropped mass
             self.selected[layer] = (keep & reference.candidates(keep, self.bounds)).sum(-1)
             self._exact_dropped(layer, q, lse, self._exact_scores(layer, q)[1])
         else:

@@ -211,8 +211,10 @@ class CondensateConfig:
     # attention; with exact or int8 selection (certified mode) the top-k is adaptive too: per KV
     # group the fewest keys, at most top_k, that keep every head under it
     max_dropped_mass: float | None = None
-    # whole-pages: each unselected page inside the candidate range stands in as one pseudo-key (its
-    # mean key, weighted by its key count) with its mean value: the rest is estimated, not dropped
+    # the rest estimated, not dropped. whole-pages: each unselected page inside the candidate range
+    # stands in as one pseudo-key (its mean key, weighted by its key count) with its mean value;
+    # int8-threshold: the candidates left out stand in as one pseudo-key per head, of their int8
+    # mass estimate and their values' plain mean (kernels.reference.estimate_tail)
     tail: bool = False
 
     def __post_init__(self) -> None:
@@ -230,7 +232,8 @@ class CondensateConfig:
              "max_dropped_mass must be set for int8-threshold selection (it is certified mode)"),
             (self.selection != "whole-pages" or self.scope == "group",
              "whole-pages selection keeps one page list per KV group (scope='group')"),
-            (not self.tail or self.selection == "whole-pages", "the tail estimate needs selection='whole-pages'"),
+            (not self.tail or self.selection in ("whole-pages", "int8-threshold"),
+             "the tail estimate needs selection='whole-pages' or 'int8-threshold'"),
             (self.page_size >= 1, "page_size must be >= 1"),
             (self.page_oversample >= 1, "page_oversample must be >= 1"),
             (self.summary_dtype in ("cache", "fp8"), "summary_dtype must be 'cache' or 'fp8'"),

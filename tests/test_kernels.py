@@ -261,6 +261,30 @@ def test_tail_estimate_of_one_key_pages_is_full_attention():
     assert (lse < want_lse - 0.1).all()  # the tail's keys are estimated, not counted as attended
 
 
+def test_threshold_tail_of_equal_logits_is_full_attention():
+    """Certified int8-threshold's tail estimate (reference): at eps = 1 every candidate is left
+    out; when they all have one logit and one error bound (zero keys and one scale: exact int8
+    copies, logit 0) the tail's mass is sqrt(U * L) = its count and its value the plain mean of its values, so the estimate is full
+    attention, while dropping the tail is far from it."""
+    g = torch.Generator().manual_seed(13)
+    B, Hkv, G, D, n, W, anchor = 1, 2, 3, 64, 300, 16, 4
+    q, kq, scale, chan, k = (x.cpu() for x in dyadic_int8_keys(B, Hkv, G, D, n, g))
+    kq[:, :, anchor:n - W], k[:, :, anchor:n - W] = 0, 0
+    scale[:, :, anchor:n - W] = scale[:, :, anchor:anchor + 1]  # one error bound too: sqrt(U * L) is exact
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    ring_k, ring_v = torch.zeros(B, Hkv, W, D), torch.zeros(B, Hkv, W, D)
+    ref.fill_ring(ring_k, ring_v, k[:, :, n - W:], v[:, :, n - W:], n - W)
+    bounds = ref.step_bounds(*ref.sparse_bounds(n, anchor, W), "cpu")
+    page_bin, threshold, log_rest = ref.page_threshold(q, k, kq, scale, chan, bounds, 1.0, 1)
+    keep = ref.kept_positions(page_bin, threshold, 1, n)
+    assert not (keep & ref.candidates(keep, bounds)).any()  # eps = 1: every candidate is left out
+    out, lse, _ = ref.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, anchor, 1)
+    want = ref.decode_attention(q, k, v)[0]
+    got = ref.estimate_tail(q, v, kq, scale, chan, keep, bounds, out, lse)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert rel_err(out, want) > 0.1  # dropping the tail is not
+
+
 def test_tail_estimate_is_mean_key_and_value_per_page():
     """Pages of 4: each page wholly inside [lo, hi) and not chosen adds exactly one pseudo-key,
     mean key with logit + log 4 and mean value; chosen pages and the partial pages at the edges
