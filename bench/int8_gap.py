@@ -63,17 +63,28 @@ def head_bins_threshold(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int,
     return keep.any(2).sum(-1).float()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def query_args(doc: str, positions: int) -> argparse.ArgumentParser:
+    """The arguments every captured-query analysis takes (this one, tail_gap, page_skip)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--kind", default="prose", choices=["code", "prose"])
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--positions", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--positions", type=int, default=positions)
+    return ap
+
+
+def captured(args: argparse.Namespace) -> tuple[LLM, list[int], DenseCache, dict[int, torch.Tensor]]:
+    """The model (CPU, fp32), the prompt, its prefilled cache and the captured queries; prints what they are."""
     llm = LLM.load(args.model, device="cpu", dtype="float32")
     ids = long_prompt(llm.tokenizer, args.kind, args.tokens)
     cache, queries = prompt_queries(llm, ids, args.positions)
     print(f"{args.model}, {args.kind}, {len(ids)} tokens, last {args.positions} positions, every layer\n")
+    return llm, ids, cache, queries
+
+
+def main() -> None:
+    args = query_args(__doc__, 8).parse_args()
+    llm, ids, cache, queries = captured(args)
     print("| eps | selection | keys over the oracle |\n|---|---|---|")
     for eps in (1e-2, 1e-3):
         totals: dict[str, float] = {}

@@ -14,7 +14,6 @@ the tightest bound any page summary could give.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -22,10 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.int8_gap import prompt_queries  # noqa: E402
-from minirt import LLM  # noqa: E402
+from bench.int8_gap import captured, query_args  # noqa: E402
 from minirt.kernels import reference as R  # noqa: E402
-from minirt.workloads import long_prompt  # noqa: E402
 
 ANCHOR, WINDOW = 4, 128
 
@@ -53,15 +50,8 @@ def skippable(bound: torch.Tensor, log_budget: torch.Tensor, P: int) -> torch.Te
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--kind", default="prose", choices=["code", "prose"])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--positions", type=int, default=4)
-    args = ap.parse_args()
-    llm = LLM.load(args.model, device="cpu", dtype="float32")
-    ids = long_prompt(llm.tokenizer, args.kind, args.tokens)
-    cache, queries = prompt_queries(llm, ids, args.positions)
+    args = query_args(__doc__, 4).parse_args()
+    llm, ids, cache, queries = captured(args)
     totals: dict[tuple[int, float, str], list[float]] = {}
     for layer, qs in queries.items():
         keys = cache.k[layer, :, :, :len(ids)]
@@ -80,7 +70,6 @@ def main() -> None:
                         count = totals.setdefault((P, eps, name), [0.0, 0.0])
                         count[0] += float(skippable(bound, math.log(0.5 * R.rest_ratio(eps)) + log_z, P).sum())
                         count[1] += B * k.shape[1] * (last - first)
-    print(f"{args.model}, {args.kind}, {len(ids)} tokens, last {args.positions} positions, every layer\n")
     print("| page size | eps | page bound | pages skippable |\n|---|---|---|---|")
     for (P, eps, name), (skipped, pages) in totals.items():
         print(f"| {P} | {eps:g} | {name} | {skipped / pages:.1%} |")

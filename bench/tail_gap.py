@@ -15,7 +15,6 @@ per head, median and p90 over heads, positions and layers.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -23,10 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.int8_gap import prompt_queries  # noqa: E402
-from minirt import LLM  # noqa: E402
+from bench.int8_gap import captured, query_args  # noqa: E402
 from minirt.kernels import reference as R  # noqa: E402
-from minirt.workloads import long_prompt  # noqa: E402
 
 ANCHOR, WINDOW = 4, 128
 
@@ -92,17 +89,10 @@ def tail_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chan: torch.T
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--kind", default="prose", choices=["code", "prose"])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--positions", type=int, default=8)
+    ap = query_args(__doc__, 8)
     ap.add_argument("--eps", default="0.3,0.1,0.03,0.01")
     args = ap.parse_args()
-    llm = LLM.load(args.model, device="cpu", dtype="float32")
-    ids = long_prompt(llm.tokenizer, args.kind, args.tokens)
-    cache, queries = prompt_queries(llm, ids, args.positions)
-    print(f"{args.model}, {args.kind}, {len(ids)} tokens, last {args.positions} positions, every layer\n")
+    llm, ids, cache, queries = captured(args)
     print("| eps | estimate | median error | p90 error |\n|---|---|---|---|")
     for eps in map(float, args.eps.split(",")):
         errs: dict[str, list[torch.Tensor]] = {}
