@@ -15,7 +15,6 @@ per head, median and p90 over heads, positions and layers.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
