@@ -86,7 +86,7 @@ def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool, prompt: l
     attention, policy = SYSTEMS[name]
     llm.decode_session = None  # the previous row's cache: each row's peak memory is its own
     torch.cuda.reset_peak_memory_stats()
-    attended = fallback = None
+    attended, fallback = None, 0.0  # a certified row's, measured below
     if not synthetic:
         if prompt is None:
             prompt = torch.randint(3, llm.cfg.vocab_size, (n,)).tolist()
@@ -105,7 +105,7 @@ def minirt_row(llm: LLM, name: str, n: int, new: int, synthetic: bool, prompt: l
         for _ in range(3):  # eager first step (Triton compiles), capture, one replay
             step()
         seconds, prefill = seconds_per_step(step, new - 3), float("nan")
-    read = model_bytes(llm.cfg) + kv_bytes(llm.cfg, n, attention, policy, attended, fallback or 0.0)
+    read = model_bytes(llm.cfg) + kv_bytes(llm.cfg, n, attention, policy, attended, fallback)
     return row(name + (" (synthetic cache)" if synthetic else ""), n, seconds, read, prefill)
 
 

@@ -264,8 +264,8 @@ def test_tail_estimate_of_one_key_pages_is_full_attention():
 def test_threshold_tail_of_equal_logits_is_full_attention():
     """Certified int8-threshold's tail estimate (reference): at eps = 1 every candidate is left
     out; when they all have one logit and one error bound (zero keys and one scale: exact int8
-    copies, logit 0) the tail's mass is sqrt(U * L) = its count and its value the plain mean of its values, so the estimate is full
-    attention, while dropping the tail is far from it."""
+    copies, logit 0) the tail's mass is sqrt(U * L) = its count and its value the plain mean of
+    its values, so the estimate is full attention, while dropping the tail is far from it."""
     g = torch.Generator().manual_seed(13)
     B, Hkv, G, D, n, W, anchor = 1, 2, 3, 64, 300, 16, 4
     q, kq, scale, chan, k = (x.cpu() for x in dyadic_int8_keys(B, Hkv, G, D, n, g))

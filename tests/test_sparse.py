@@ -300,6 +300,7 @@ def test_growing_budget():
     ({"selection": "int8", "scope": "head"}, "int8"),
     ({"selection": "int8-threshold"}, "max_dropped_mass"),
     ({"selection": "int8-threshold", "scope": "head", "max_dropped_mass": 0.01}, "scope"),
+    ({"tail": True}, "tail estimate needs selection='whole-pages' or 'int8-threshold'"),
 ])
 def test_bad_policy(kwargs, message):
     with pytest.raises(ValueError, match=message):
