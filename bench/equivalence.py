@@ -2,19 +2,22 @@
 
     python bench/equivalence.py [--model smollm2-135m --model qwen2.5-coder-0.5b] [--steps 200]
     python bench/equivalence.py --render results/equivalence.json   # the Markdown again, from a run's JSON
+    python bench/equivalence.py --render results/equivalence.json --frontier results/*-frontier-*.json
 
 Every number in EQUIVALENCE.md comes from this script; re-run it instead of editing the file.
 Rows, per model: the paper's three prompts at the paper's policy (A=4 W=128 k=32); the default
 (a window of 512) and variants of the paper's policy on the retrieval prompt (top-k shared per KV
 group vs per head, page selection, a dense first layer, a growing budget, certified mode from
 exact scores, from int8 copies and by threshold); the multi-needle haystack; and the random-weight
-control. Long contexts (2K-32K) are bench/frontier.py's (FRONTIER.md).
+control. Long contexts (2K-32K) are bench/frontier.py's runs: --frontier renders them into the
+long-context evaluation section (and EQUIVALENCE.png), FRONTIER.md has every detail.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirt import LLM, CondensateConfig  # noqa: E402
 from minirt.config import PAPER_POLICY  # noqa: E402
 from minirt.equivalence import compare, full_reference, needle_retrieval  # noqa: E402
+from bench import frontier  # noqa: E402
 from bench.frontier import NO_CAP  # noqa: E402
 from minirt.workloads import PAPER_PROMPTS  # noqa: E402
 
@@ -88,10 +92,13 @@ def main() -> None:
     ap.add_argument("--out", default="EQUIVALENCE.md")
     ap.add_argument("--json", default="results/equivalence.json")
     ap.add_argument("--render", metavar="JSON", help="write --out from a run's JSON instead of measuring")
+    ap.add_argument("--frontier", nargs="*", default=[], metavar="JSON",
+                    help="bench/frontier.py run files: the long-context evaluation section (with --render)")
     args = ap.parse_args()
     if args.render:
         run = json.loads(Path(args.render).read_text())
-        Path(args.out).write_text(render(run["results"], run["meta"]))
+        Path(args.out).write_text(render(run["results"], run["meta"], args.frontier, Path(args.out).with_suffix(".png"),
+                                         "python " + shlex.join(sys.argv)))
         print(f"wrote {args.out}", file=sys.stderr)
         return
     t0 = time.time()
@@ -110,7 +117,8 @@ def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def render(results: list[dict], meta: dict) -> str:
+def render(results: list[dict], meta: dict, frontier_runs: list[str] = (), plot: Path | None = None,
+           command: str = "") -> str:
     def policy(p: dict) -> str:
         if p["max_dropped_mass"] is not None and (p["top_k"] >= NO_CAP or p["selection"] == "int8-threshold"):
             return f"A={p['anchor']} W={p['window']} k adaptive"
@@ -160,15 +168,32 @@ weights; learned sparsity is a property of trained models, not of the architectu
 
 ## Long context
 
-Long prompts (2K-8K on SmolLM2, 8K-32K on Qwen2.5-Coder: continuation of source and prose, pass
-keys, a five-needle haystack, every variant with its KV bytes read) are measured by
-`bench/frontier.py` into FRONTIER.md.
-
+{long_context(frontier_runs, plot, command)}
 ## Multi-needle retrieval (five facts in a ~1.7K-token haystack, asked one by one)
 
 | model | attention | retrieved | per needle |
 |---|---|---|---|
 {needle_rows}"""
+
+
+def long_context(paths: list[str], plot: Path | None, command: str) -> str:
+    """The long-context evaluation from bench/frontier.py's runs, and its plot at `plot`."""
+    if not paths:
+        return ("Long prompts (continuation of source and prose, pass keys, a five-needle haystack, every variant "
+                "with its KV bytes read) are measured by `bench/frontier.py` into FRONTIER.md.\n")
+    results = frontier.load(paths)
+    section, rows = frontier.evaluation(results)
+    if plot is not None:
+        frontier.plot(rows, plot)
+    return f"""Rendered by `{command}` from these `bench/frontier.py` runs (how long each took is
+its last field):
+
+{frontier.runs_list(results)}
+Plot: {plot.name if plot else "none"} (fraction of KV bytes read against token match and KL, one curve per variant
+family, the group oracle at eps = 1e-2 marked as a star). FRONTIER.md has each continuation's and
+each retrieval prompt's row, the tuning sweep and the certified modes against the oracle.
+
+{section}"""
 
 
 if __name__ == "__main__":
