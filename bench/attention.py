@@ -157,7 +157,9 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
                 f"certified-int8-eps{CERTIFIED_EPS:g}-k{CERTIFIED_K}": replace(
                     POLICY, selection="int8", top_k=CERTIFIED_K, max_dropped_mass=CERTIFIED_EPS),
                 f"certified-int8-threshold-eps{CERTIFIED_EPS:g}": replace(
-                    POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=CERTIFIED_EPS)}
+                    POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=CERTIFIED_EPS),
+                f"certified-int8-threshold-eps{CERTIFIED_EPS:g}-tail": replace(
+                    POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=CERTIFIED_EPS, tail=True)}
     for variant, policy in variants.items():
         # Certified modes also with peaked queries (q x PEAK): random keys and queries spread each
         # head's mass over the whole context, so every head falls back; peaked, a few keys hold it.

@@ -63,7 +63,7 @@ def variants() -> dict[str, CondensateConfig | None]:
     threshold = replace(PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=1e-2)
     for eps in (1e-1, 3e-2, 1e-2, 1e-3):  # the GPU's certified mode: single keys by threshold, no sort
         out[f"certified int8 threshold eps={eps:g}"] = replace(threshold, max_dropped_mass=eps)
-    for eps in (1e-1, 3e-2, 1e-2):  # and the candidates it leaves out estimated (reference.estimate_tail)
+    for eps in (1e-1, 3e-2, 1e-2, 1e-3):  # and the candidates it leaves out estimated (reference.estimate_tail)
         out[f"certified int8 threshold eps={eps:g} + tail"] = replace(threshold, max_dropped_mass=eps, tail=True)
     return out
 
@@ -89,9 +89,9 @@ def tuning() -> dict[str, CondensateConfig | None]:
 
 @contextmanager
 def kernels_for(policy: CondensateConfig | None):
-    """The tail estimate and per-head selection run on the PyTorch reference (no Triton kernel yet)."""
+    """Whole pages' tail estimate and per-head selection run on the PyTorch reference (no Triton kernel)."""
     old = os.environ.get("MINIRT_KERNELS")
-    if policy is not None and (policy.tail or policy.scope == "head"):
+    if policy is not None and ((policy.tail and policy.whole_pages) or policy.scope == "head"):
         os.environ["MINIRT_KERNELS"] = "reference"
     try:
         yield

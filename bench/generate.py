@@ -60,6 +60,8 @@ SYSTEMS = {
     # certified mode on the GPU (FRONTIER.md's row): speed and bytes depend on the weights (--model)
     "minirt certified (int8-threshold, eps=1e-2, W=128)": ("sparse", replace(
         PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=1e-2)),
+    "minirt certified (int8-threshold, eps=3e-2, W=128, tail)": ("sparse", replace(
+        PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=3e-2, tail=True)),
 }
 MEASURED_STEPS = 16  # decode steps over which a certified row's attended keys are measured
 

@@ -153,6 +153,7 @@ class CondensateCache(DenseCache):
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  certify: bool = False):
         self.anchor, self.window = policy.anchor, policy.window  # before the base sets the first step's bounds
+        self.tail_sums = None
         super().__init__(cfg, capacity, batch, device, dtype)
         bad = [i for i in policy.dense_layers if i >= cfg.n_layers]
         if bad:
@@ -186,6 +187,14 @@ class CondensateCache(DenseCache):
         if policy.tail and policy.whole_pages:
             self.ksum = torch.zeros(pages, device=device)
             self.vsum = torch.zeros(pages, device=device)
+        # int8-threshold's tail: the candidates' value sum and the bins' sums (kernels.reference.Tail)
+        if policy.tail and policy.selection == "int8-threshold":
+            heads = (cfg.n_layers, batch, cfg.n_heads)
+            self.tail_sums = (torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, device=device),
+                              torch.full((cfg.n_layers, batch, cfg.n_kv_heads), -1, dtype=torch.int32, device=device),
+                              torch.zeros(*heads, reference.PAGE_BINS, device=device),
+                              torch.zeros(*heads, reference.PAGE_BINS, device=device),
+                              torch.zeros(heads, dtype=torch.int32, device=device))
         # Certificate, on the device: per decode step, the attention mass each head's sparse set
         # left out; with page selection, per layer the fraction of the exact top-k (same group-max
         # score) it found; and how many (layer, head, step) triples fell back to full attention.
@@ -209,7 +218,7 @@ class CondensateCache(DenseCache):
         problems = [
             (p.scope == "head", "scope='head' (one top-k per query head) has no GPU kernel; use scope='group'"),
             (p.budget_alpha > 0, "a top-k that grows with the context (budget_alpha) has no GPU kernel"),
-            (p.tail, "the tail estimate (tail=True) has no GPU kernel yet"),
+            (p.tail and p.whole_pages, "whole pages' tail estimate (tail=True) has no GPU kernel; int8-threshold's has"),
             (k_top > 0 and not fits, f"top_k={p.top_k} with {p.selection} selection is past the selection "
                                      "kernel's limits"),
         ]
@@ -223,6 +232,14 @@ class CondensateCache(DenseCache):
 
     def reset_counts(self) -> None:
         self.fallback_count.zero_()
+
+    def _set_length(self, n: int) -> None:
+        super()._set_length(n)
+        if self.tail_sums is not None:  # the candidates' value sum is summed again from scratch
+            self.tail_sums[1].fill_(-1)
+
+    def _tail(self, layer: int) -> reference.Tail | None:
+        return None if self.tail_sums is None else reference.Tail(self.v[layer], *(x[layer] for x in self.tail_sums))
 
     def _pages(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (None, None) if self.kmin is None else (self.kmin[layer], self.kmax[layer])
@@ -351,20 +368,16 @@ class CondensateCache(DenseCache):
     def _threshold_step(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Certified whole pages from the int8 copies (kernels.reference.page_threshold): the bound
         U / (Z_set + U) decides each head's fallback; with certify the exact dropped mass is recorded."""
-        p, ks, vs = self.policy, self.k[layer], self.v[layer]
+        p, ks, vs, tail = self.policy, self.k[layer], self.v[layer], self._tail(layer)
         page_bin, threshold, log_rest = self.ops.page_threshold(q, ks, self.kq[layer], self.kscale[layer],
                                                                 self.kchan[layer], self.bounds, p.max_dropped_mass,
-                                                                p.page_size)
+                                                                p.page_size, tail)
         out, lse, bound = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs,
                                                            page_bin, threshold, log_rest, self.bounds, p.anchor,
-                                                           p.page_size)
+                                                           p.page_size, tail=tail)
         self.dropped_bound[layer] = bound
-        if p.tail or self.certify:  # (no extra launches on the GPU's plain path: tail runs on the reference only)
-            keep = reference.kept_positions(page_bin, threshold, p.page_size, ks.shape[2])
-        if p.tail:
-            out = reference.estimate_tail(q, vs, self.kq[layer], self.kscale[layer], self.kchan[layer], keep,
-                                          self.bounds, out, lse)
         if self.certify:  # measured for equivalence reports: keys attended, exact dropped mass
+            keep = reference.kept_positions(page_bin, threshold, p.page_size, ks.shape[2])
             self.selected[layer] = (keep & reference.candidates(keep, self.bounds)).sum(-1)
             self._exact_dropped(layer, q, lse, self._exact_scores(layer, q)[1])
         else:

@@ -20,7 +20,8 @@ FLAGS = {
     "anchor": "--sparse-anchor", "window": "--sparse-window", "top_k": "--sparse-k", "budget_alpha": "--budget-alpha",
     "budget_exponent": "--budget-exponent", "dense_layers": "--dense-layers", "scope": "--scope",
     "selection": "--selection", "page_size": "--page-size", "page_oversample": "--page-oversample",
-    "summary_dtype": "--summary-dtype", "max_dropped_mass": "--max-dropped-mass", "temperature": "--temperature",
+    "summary_dtype": "--summary-dtype", "max_dropped_mass": "--max-dropped-mass", "tail": "--tail",
+    "temperature": "--temperature",
     "top_p": "--sample-top-p",
 }
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-dropped-mass", type=float,
                    help="certified mode: per KV group the fewest keys (at most --sparse-k) keeping every head's "
                         "dropped attention mass under it; heads still at or above it attend fully")
+    s.add_argument("--tail", action="store_true",
+                   help="estimate the keys left out instead of dropping them (--selection int8-threshold: one "
+                        "pseudo-key per head from the int8 bounds and the values' mean; whole-pages: one per page)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             anchor=args.anchor, window=args.window, top_k=args.top_k, budget_alpha=args.budget_alpha,
             budget_exponent=args.budget_exponent, dense_layers=args.dense_layers, scope=args.scope,
             selection=args.selection, page_size=args.page_size, summary_dtype=args.summary_dtype,
-            max_dropped_mass=args.max_dropped_mass)
+            max_dropped_mass=args.max_dropped_mass, tail=args.tail)
         sampling = Sampling(args.temperature, args.sample_top_k, args.top_p, args.seed)
     except ValueError as e:
         parser.error(_flag_message(e))

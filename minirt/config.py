@@ -214,7 +214,7 @@ class CondensateConfig:
     # the rest estimated, not dropped. whole-pages: each unselected page inside the candidate range
     # stands in as one pseudo-key (its mean key, weighted by its key count) with its mean value;
     # int8-threshold: the candidates left out stand in as one pseudo-key per head, of their int8
-    # mass estimate and their values' plain mean (kernels.reference.estimate_tail)
+    # mass estimate and their values' plain mean (kernels.reference.estimate_tail; GPU kernels too)
     tail: bool = False
 
     def __post_init__(self) -> None:
@@ -233,7 +233,7 @@ class CondensateConfig:
             (self.selection != "whole-pages" or self.scope == "group",
              "whole-pages selection keeps one page list per KV group (scope='group')"),
             (not self.tail or self.selection in ("whole-pages", "int8-threshold"),
-             "the tail estimate needs selection='whole-pages' or 'int8-threshold'"),
+             "tail needs selection='whole-pages' or 'int8-threshold' (the tail estimate)"),
             (self.page_size >= 1, "page_size must be >= 1"),
             (self.page_oversample >= 1, "page_oversample must be >= 1"),
             (self.summary_dtype in ("cache", "fp8"), "summary_dtype must be 'cache' or 'fp8'"),

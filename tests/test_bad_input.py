@@ -98,6 +98,7 @@ FLAG_CASES = [  # (argv, message): usage errors, exit 2, before any model loads
     (["--selection", "random"], "--selection: invalid choice: 'random'"),
     (["--page-size", "0"], "--page-size must be >= 1"),
     (["--selection", "int8-threshold"], "--max-dropped-mass must be set for int8-threshold selection"),
+    (["--tail"], "--tail needs selection='whole-pages' or 'int8-threshold'"),
     (["--max-dropped-mass", "2"], "--max-dropped-mass must be in [0, 1]"),
     (["--max-dropped-mass", "-0.1"], "--max-dropped-mass must be in [0, 1]"),
     (["--budget-exponent", "1.5"], "--budget-exponent must be in [0, 1]"),

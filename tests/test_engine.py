@@ -19,6 +19,8 @@ POLICIES = {
     "certified-int8": CondensateConfig(anchor=2, window=8, top_k=4, selection="int8", max_dropped_mass=0.05),
     "certified-int8-threshold": CondensateConfig(anchor=2, window=8, selection="int8-threshold", page_size=4,
                                              max_dropped_mass=0.05),
+    "certified-int8-threshold-tail": CondensateConfig(anchor=2, window=8, selection="int8-threshold", page_size=1,
+                                                  max_dropped_mass=0.3, tail=True),
 }
 
 

@@ -272,6 +272,21 @@ def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm, sele
     assert cache.fallbacks == 0
 
 
+@pytest.mark.parametrize("kind", ["code", "prose"])
+def test_threshold_tail_estimate_beats_dropping_at_equal_keys(smollm2_llm, kind):
+    """Certified int8-threshold at eps = 0.03 on 1K tokens of real source / prose, with and without
+    the tail estimate: the same keys attended (the estimate changes no selection), the same tokens
+    as full attention, and the estimate's teacher-forced mean KL well under dropping's (measured
+    2.2x and 4.5x lower)."""
+    ids = long_prompt(smollm2_llm.tokenizer, kind, 1024)
+    ref = full_reference(smollm2_llm, ids, 8)
+    threshold = replace(PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=0.03)
+    drop, tail = (compare(smollm2_llm, ids, 8, replace(threshold, tail=t), ref) for t in (False, True))
+    assert abs(tail.attended_keys - drop.attended_keys) <= 0.02 * drop.attended_keys
+    assert drop.token_match == tail.token_match == 1.0
+    assert tail.kl_mean < 0.6 * drop.kl_mean
+
+
 def test_int8_pages_at_zero_eps_is_full_attention(smollm2_llm):
     """eps = 0: every page is kept and still no head is certified (0 < 0 fails), so every head falls
     back to full attention: full attention's tokens and logits."""
@@ -300,7 +315,7 @@ def test_growing_budget():
     ({"selection": "int8", "scope": "head"}, "int8"),
     ({"selection": "int8-threshold"}, "max_dropped_mass"),
     ({"selection": "int8-threshold", "scope": "head", "max_dropped_mass": 0.01}, "scope"),
-    ({"tail": True}, "tail estimate needs selection='whole-pages' or 'int8-threshold'"),
+    ({"tail": True}, "tail needs selection='whole-pages' or 'int8-threshold'"),
 ])
 def test_bad_policy(kwargs, message):
     with pytest.raises(ValueError, match=message):

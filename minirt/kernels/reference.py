@@ -463,8 +463,37 @@ def bf16_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where((down != bits) & up, down + 65536, down).view(torch.float32)
 
 
+class Tail(NamedTuple):
+    """One layer's buffers for certified int8-threshold's tail estimate (a cache owns them):
+    page_threshold keeps value_sum, the fp32 sum of v over the candidates [lo, upto) (upto [B, Hkv],
+    int32; brought up to the step's hi, restarted when upto is outside [lo, hi]), and writes per
+    query head log_u / log_l [B, Hq, PAGE_BINS], the log of the sums of exp(u) and exp(l) over the
+    candidates in bins j.. (counted down from the group's top bin, group_top [B, Hq]);
+    page_filtered_attention reads them (estimate_tail)."""
+    v: torch.Tensor
+    value_sum: torch.Tensor
+    upto: torch.Tensor
+    log_u: torch.Tensor
+    log_l: torch.Tensor
+    group_top: torch.Tensor
+
+
+def update_value_sum(tail: Tail, bounds) -> None:
+    """tail.value_sum brought to the sum of v over the candidates [lo, hi): only the positions past
+    tail.upto are added (one per decode step), so a step run twice adds nothing twice."""
+    _, lo, hi = _ints(as_bounds(bounds, None, "cpu"))
+    restart = (tail.upto < lo) | (tail.upto > hi)  # after a truncate or a new prefill (the cache sets upto = -1)
+    start = torch.where(restart, lo, tail.upto)  # [B, Hkv]
+    first = int(start.min()) if start.numel() else hi
+    pos = torch.arange(first, hi, device=tail.v.device)
+    add = (pos >= start[..., None])[..., None] * tail.v[:, :, first:hi].float()
+    tail.value_sum.copy_(torch.where(restart[..., None], 0.0, tail.value_sum) + add.sum(2))
+    tail.upto.fill_(hi)
+
+
 def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
-                   bounds, eps: float, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   bounds, eps: float, page_size: int, tail: Tail | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified mode's page selection from every key's int8 copy (kq, kscale, chan: shadow_scores),
     no sort. It first writes the int8 copy of the newest key (position n - 1 of k), which it does
     not score.
@@ -479,7 +508,8 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
 
     Returns page_bin [B, Hkv, pages] (int16, NO_PAGE for a page without candidates), threshold
     [B, Hq] (int32: a head keeps the pages whose bin is >= it) and log_rest [B, Hq] = log U (-inf if
-    nothing is left out). eps = 0 keeps every page and still leaves U = 0 < eps false: full attention."""
+    nothing is left out). eps = 0 keeps every page and still leaves U = 0 < eps false: full attention.
+    With tail, also its value sum and per-bin sums (see Tail)."""
     n, lo, hi = _ints(as_bounds(bounds, None, "cpu"))
     kq[:, :, n - 1], kscale[:, :, n - 1] = quantize_keys(k[:, :, n - 1], chan)
     est, err = shadow_scores(q, kq, kscale, n, chan)
@@ -511,6 +541,12 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     need = (rest > rest_ratio(eps) * kept).sum(-1)  # the first j that holds: rest falls and kept grows with j
     threshold = torch.where(need < PAGE_BINS, group_top - need + 1, float(NO_PAGE))
     log_rest = torch.log(rest.gather(-1, need[..., None])[..., 0]) + ref
+    if tail is not None:
+        update_value_sum(tail, bounds)
+        tail.log_u.copy_((torch.log(rest[..., :PAGE_BINS]) + ref[..., None]).view(B, Hkv * G, PAGE_BINS))
+        low_rest = kept_hist.flip(-1).cumsum(-1).flip(-1)
+        tail.log_l.copy_((torch.log(low_rest) + ref[..., None]).view(B, Hkv * G, PAGE_BINS))
+        tail.group_top.copy_(group_top.expand(B, Hkv, G).reshape(B, Hkv * G))
     return page_bin.to(torch.int16), threshold.to(torch.int32).view(B, Hkv * G), log_rest.float().view(B, Hkv * G)
 
 
@@ -527,37 +563,44 @@ def kept_positions(page_bin: torch.Tensor, threshold: torch.Tensor, page_size: i
 
 def page_filtered_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, page_bin: torch.Tensor, threshold: torch.Tensor, log_rest: torch.Tensor,
-                            bounds, anchor: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            bounds, anchor: int, page_size: int, tail: Tail | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact softmax over window ∪ anchor ∪ the candidates of every page some head of the KV group
     keeps (page_bin >= threshold, from page_threshold): out [B, Hq, D], its log-sum-exp [B, Hq],
-    and the bound on the mass it left out, U / (Z_set + U) with log U = log_rest [B, Hq]."""
-    keep = kept_positions(page_bin, threshold, page_size, k.shape[2])
+    and the bound on the mass it left out, U / (Z_set + U) with log U = log_rest [B, Hq]. With
+    tail, out has the candidates left out estimated (estimate_tail); lse and the bound stay the
+    attended set's."""
+    bounds = as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
+    keep = kept_positions(page_bin, threshold, page_size, k.shape[2]) & candidates(k[..., 0], bounds)
     idx = torch.where(keep, torch.arange(k.shape[2], device=q.device), -1)
     out, lse = sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor)
+    if tail is not None:
+        kept_sum = torch.where(keep[..., None], v.float(), 0).sum(2)  # the attended candidates' plain value sum
+        out = estimate_tail(out, lse, threshold, tail, kept_sum, keep.sum(-1), bounds)
     return out, lse, torch.sigmoid(log_rest - lse)
 
 
-def estimate_tail(q: torch.Tensor, v: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
-                  keep: torch.Tensor, bounds, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Certified int8-threshold's tail estimate: the candidates no head of the KV group kept (keep
-    [B, Hkv, capacity]) join each head's softmax as one pseudo-key, of mass sqrt(U * L) (U and L,
-    its sums of exp(u) and exp(l) over them: what page_threshold's histogram holds) and value the
-    plain mean of their values (what a running sum of the candidates' values, less the attended
-    ones', gives without reading them). out [B, Hq, D] and lse [B, Hq] are the attended set's; the
-    certificate (lse, the bound) stays theirs. Measured 2-5x closer (median) to full attention's
-    output than dropping, on real weights (bench/tail_gap.py)."""
-    B, Hq, D = q.shape
-    Hkv = v.shape[1]
-    n = _ints(as_bounds(bounds, None, "cpu"))[0]
-    est, err = shadow_scores(q, kq, kscale, n, chan)
-    tail = (candidates(keep, bounds) & ~keep)[:, :, None]  # [B, Hkv, 1, capacity]
-    log_up = torch.logsumexp((est + err).masked_fill(~tail, NEG_INF), -1)
-    log_low = torch.logsumexp((est - err).masked_fill(~tail, NEG_INF), -1)
-    count = tail.sum(-1, keepdim=True)  # [B, Hkv, 1, 1]
-    mean = torch.where(tail[..., None], v[:, :, None].float(), 0).sum(-2) / count.clamp(min=1)  # [B, Hkv, 1, D]
-    w = torch.sigmoid((log_up + log_low) / 2 - lse.view(B, Hkv, -1).float())[..., None]  # 0 where nothing is left out
-    mixed = (1 - w) * out.view(B, Hkv, -1, D).float() + w * mean
-    return mixed.reshape(B, Hq, D).to(out.dtype)
+def estimate_tail(out: torch.Tensor, lse: torch.Tensor, threshold: torch.Tensor, tail: Tail, kept_sum: torch.Tensor,
+                  kept_count: torch.Tensor, bounds) -> torch.Tensor:
+    """Certified int8-threshold's tail estimate: the candidates no head of the KV group kept join
+    each head's softmax as one pseudo-key. Its mass is sqrt(U * L), U and L the head's sums of
+    exp(u) and exp(l) over them: the bins from j = group top - the group's lowest threshold + 1 on,
+    which page_threshold's histogram holds. Its value is their plain mean: the candidates' value
+    sum less the attended ones' (kept_sum [B, Hkv, D] of kept_count [B, Hkv]). Nothing is read
+    that the step did not read anyway. out [B, Hq, D] and lse [B, Hq] are the attended set's.
+    Measured 2-5x closer (median) to full attention's output than dropping, on real weights
+    (bench/tail_gap.py)."""
+    B, Hq, D = out.shape
+    Hkv = kept_sum.shape[1]
+    _, lo, hi = _ints(as_bounds(bounds, None, "cpu"))
+    lowest = threshold.view(B, Hkv, -1).amin(-1, keepdim=True).expand(B, Hkv, Hq // Hkv).reshape(B, Hq)
+    j = tail.group_top.long() - lowest.long() + 1  # the first bin left out (>= PAGE_BINS: none)
+    at = j.clamp(0, PAGE_BINS - 1)[..., None]
+    log_mass = (tail.log_u.gather(-1, at) + tail.log_l.gather(-1, at))[..., 0] / 2
+    w = torch.where(j < PAGE_BINS, torch.sigmoid(log_mass - lse.float()), 0.0)[..., None]  # [B, Hq, 1]
+    mean = (tail.value_sum - kept_sum) / ((hi - lo) - kept_count).clamp(min=1)[..., None]  # [B, Hkv, D]
+    mean = mean[:, :, None].expand(B, Hkv, Hq // Hkv, D).reshape(B, Hq, D)
+    return ((1 - w) * out.float() + w * mean).to(out.dtype)
 
 
 def group_max_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

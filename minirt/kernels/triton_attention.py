@@ -51,11 +51,12 @@ def _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION: tl.cons
 @triton.jit
 def _attn_partial(
     Q, K, V, RK, RV, IDX, COUNT, OP, LP, OUT, LSE, BOUNDS, DROPPED, FALLS, LOG_REST, BOUND,
+    TH, TAIL_U, TAIL_L, GTOP, VSUM, VKP,
     sqb, sqh, skb, skh, skn, srb, srh, srn, sib, sih,
     W, n_gather, scale, Hkv, eps,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, COUNTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr, FALL_BACK: tl.constexpr, BOUNDED: tl.constexpr,
+    DIRECT: tl.constexpr, FALL_BACK: tl.constexpr, BOUNDED: tl.constexpr, TAIL: tl.constexpr, NB: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -89,6 +90,7 @@ def _attn_partial(
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    kept_sum = tl.zeros([D_PAD], tl.float32)  # TAIL: the gathered candidates' plain value sum
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, n_keys)
     for j0 in range(start, end, BLOCK_N):
@@ -117,10 +119,16 @@ def _attn_partial(
             vp = V + off
         lmask = valid[:, None] & dmask[None, :]
         m, l, acc = _online_update(q, kp, vp, valid, lmask, m, l, acc, scale, PRECISION, UPCAST)
+        if TAIL:  # (the values were just loaded: this load hits the cache)
+            kept = tl.load(vp, mask=(valid & gather_ok)[:, None] & dmask[None, :], other=0.0)
+            kept_sum += tl.sum(kept.to(tl.float32), 0)
     lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if DIRECT:  # a single split: this is the final result, skip the reduction launch
         head = pid_bh * G + g  # = b * Hq + query head
+        if TAIL:
+            out = _mix_tail(out, lse, kept_sum, pid_bh, g, gmask, BOUNDS, COUNT, TH, TAIL_U, TAIL_L, GTOP, VSUM,
+                            G, G_PAD, D, D_PAD, NB)
         tl.store(OUT + head[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
         tl.store(LSE + head, lse, mask=gmask)
         if BOUNDED:
@@ -129,6 +137,26 @@ def _attn_partial(
     part = pid_bh * n_splits + split
     tl.store(OP + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], out)
     tl.store(LP + part * G_PAD + g, lse)
+    if TAIL:
+        tl.store(VKP + part * D_PAD + d, kept_sum)
+
+
+@triton.jit
+def _mix_tail(out, lse, kept_sum, bh, g, gmask, BOUNDS, COUNT, TH, TAIL_U, TAIL_L, GTOP, VSUM,
+              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, NB: tl.constexpr):
+    """reference.estimate_tail for the query heads g [R] of KV group bh: out [R, D_PAD] and lse
+    [R] are the attended set's, kept_sum [D_PAD] its candidates' plain value sum."""
+    i = tl.arange(0, G_PAD)
+    lowest = tl.min(tl.load(TH + bh * G + i, mask=i < G, other=2147483647), 0)
+    j = tl.load(GTOP + bh * G) - lowest + 1  # the first bin no head of the group keeps
+    at = (bh * G + g) * NB + tl.minimum(tl.maximum(j, 0), NB - 1)
+    log_mass = (tl.load(TAIL_U + at, mask=gmask, other=float("-inf")) +
+                tl.load(TAIL_L + at, mask=gmask, other=float("-inf"))) / 2
+    w = tl.where(j < NB, 1 / (1 + tl.exp(lse - log_mass)), 0.0)
+    d = tl.arange(0, D_PAD)
+    left = tl.load(BOUNDS + 2) - tl.load(BOUNDS + 1) - tl.load(COUNT + bh)
+    mean = (tl.load(VSUM + bh * D + d, mask=d < D, other=0.0) - kept_sum) / tl.maximum(left, 1).to(tl.float32)
+    return (1 - w)[:, None] * out + w[:, None] * mean[None, :]
 
 
 @triton.jit
@@ -138,9 +166,10 @@ def _store_bound(LOG_REST, BOUND, head, lse, mask):
 
 
 @triton.jit
-def _attn_reduce(OP, LP, OUT, LSE, DROPPED, LOG_REST, BOUND, n_splits, eps, G: tl.constexpr, G_PAD: tl.constexpr,
+def _attn_reduce(OP, LP, OUT, LSE, DROPPED, LOG_REST, BOUND, BOUNDS, COUNT, TH, TAIL_U, TAIL_L, GTOP, VSUM, VKP,
+                 n_splits, eps, G: tl.constexpr, G_PAD: tl.constexpr,
                  D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, FALL_BACK: tl.constexpr,
-                 BOUNDED: tl.constexpr):
+                 BOUNDED: tl.constexpr, TAIL: tl.constexpr, NB: tl.constexpr):
     pid = tl.program_id(0)  # = b * Hq + query head, since query head = kv head * G + g
     bh = pid // G
     if FALL_BACK:
@@ -157,8 +186,14 @@ def _attn_reduce(OP, LP, OUT, LSE, DROPPED, LOG_REST, BOUND, n_splits, eps, G: t
     o = tl.load(OP + ((bh * n_splits + s) * G_PAD + g)[:, None] * D_PAD + d[None, :], mask=smask[:, None], other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
     lse = mx_safe + tl.log(total)
+    if TAIL:
+        kept_sum = tl.sum(tl.load(VKP + (bh * n_splits + s)[:, None] * D_PAD + d[None, :], mask=smask[:, None],
+                                  other=0.0), 0)
+        one = tl.arange(0, 1)
+        out = tl.sum(_mix_tail(out[None, :], lse + tl.zeros([1], tl.float32), kept_sum, bh, g + one, one < 1, BOUNDS,
+                               COUNT, TH, TAIL_U, TAIL_L, GTOP, VSUM, G, G_PAD, D, D_PAD, NB), 0)
+    tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
     tl.store(LSE + pid, lse)
     if BOUNDED:
         _store_bound(LOG_REST, BOUND, pid, lse, True)
@@ -206,13 +241,15 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
 
 
 def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, count=None,
-               fall=None, log_rest=None):
+               fall=None, log_rest=None, tail=None):
     """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
     sparse: (ring_k, ring_v, idx), the window and gathered positions; count [B, Hkv] (int32): if
     given, only the first count entries of each group's idx are read.
     fall: (dropped [B, Hq], eps, falls): only the rows of heads whose dropped >= eps are written (a
     KV group without one reads nothing), their number added to falls (int64).
-    log_rest [B, Hq]: also returns the bound sigmoid(log_rest - lse)."""
+    log_rest [B, Hq]: also returns the bound sigmoid(log_rest - lse).
+    tail: (threshold, reference.Tail) with sparse and count: the candidates left out estimated
+    (reference.estimate_tail), from the gathered ones' plain value sum."""
     cfg = {**DECODE, **(config or {})}
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -239,10 +276,18 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
     bound = torch.empty_like(lse) if log_rest is not None else lse
     log_rest = lse if log_rest is None else log_rest
     assert dropped.is_contiguous() and log_rest.is_contiguous()
-    flags = dict(FALL_BACK=fall is not None, BOUNDED=bound is not lse)
+    flags = dict(FALL_BACK=fall is not None, BOUNDED=bound is not lse, TAIL=tail is not None, NB=reference.PAGE_BINS)
+    th = t_u = t_l = gtop = vsum = vkp = lse  # unused unless tail
+    if tail is not None:
+        assert count is not None
+        th, buffers = tail
+        t_u, t_l, gtop, vsum = buffers.log_u, buffers.log_l, buffers.group_top, buffers.value_sum
+        assert all(x.is_contiguous() for x in (th, t_u, t_l, gtop, vsum))
+        vkp = lse if direct else torch.empty(B * Hkv * S, D_PAD, device=q.device, dtype=torch.float32)
+    tails = (th, t_u, t_l, gtop, vsum, vkp)
     _launch(_attn_partial, (B * Hkv, S),
         q, k, v, ring_k, ring_v, idx, bounds if count is None else count, op, lp, out, lse, bounds, dropped, falls,
-        log_rest, bound,
+        log_rest, bound, *tails,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *ring_k.stride()[:3], *idx.stride()[:2],
         W, n_gather, 1.0 / math.sqrt(D), Hkv, eps,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_N=cfg["block_n"], SPARSE=sparse is not None,
@@ -250,7 +295,8 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
-        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, dropped, log_rest, bound, S, eps, G=G, G_PAD=G_PAD,
+        _launch(_attn_reduce, (B * Hq,), op, lp, out, lse, dropped, log_rest, bound, bounds,
+                bounds if count is None else count, *tails, S, eps, G=G, G_PAD=G_PAD,
                 D=D, D_PAD=D_PAD, S_PAD=_pow2(S, 1), **flags)
     return (out, lse, bound) if flags["BOUNDED"] else (out, lse)
 
@@ -282,15 +328,15 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: tor
 
 
 def page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, anchor: int,
-                            page_size: int, out: torch.Tensor | None = None
+                            page_size: int, out: torch.Tensor | None = None, tail: reference.Tail | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Window ∪ anchor ∪ the kept pages' candidates, and the bound; see
-    reference.page_filtered_attention. The kept positions are first compacted, in order, into a
-    list the gathering kernel reads: it reads only them."""
+    """Window ∪ anchor ∪ the kept pages' candidates, and the bound (with tail, the rest
+    estimated); see reference.page_filtered_attention. The kept positions are first compacted, in
+    order, into a list the gathering kernel reads: it reads only them."""
     bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
     idx, count = kept_list(page_bin, threshold, bounds, page_size, k.shape[2])
     return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + k.shape[2], (ring_k, ring_v, idx), out, KEPT_GATHER,
-                      count=count, log_rest=log_rest)
+                      count=count, log_rest=log_rest, tail=None if tail is None else (threshold, tail))
 
 
 @triton.jit
@@ -668,12 +714,33 @@ def _quantize_newest(K, KQ, KS, chan, b, h, pos, sxb, sxh, sxn, skb, skh, skn, s
 
 
 @triton.jit
+def _update_value_sum(V, VSUM, UPTO, b, h, row, lo, hi, sxb, sxh, sxn, D: tl.constexpr, D_PAD: tl.constexpr,
+                      TB: tl.constexpr):
+    """reference.update_value_sum for one KV head: the positions from UPTO to hi added (all of
+    [lo, hi) when UPTO is outside it), TB at a time."""
+    d = tl.arange(0, D_PAD)
+    upto = tl.load(UPTO + row)
+    restart = (upto < lo) | (upto > hi)
+    acc = tl.load(VSUM + row * D + d, mask=d < D, other=0.0)
+    acc = tl.where(restart, 0.0, acc)
+    t = tl.arange(0, TB)
+    for p0 in range(tl.where(restart, lo, upto), hi, TB):
+        pos = p0 + t
+        x = tl.load(V + b * sxb + h * sxh + pos.to(tl.int64)[:, None] * sxn + d[None, :],
+                    mask=(pos < hi)[:, None] & (d < D)[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    tl.store(VSUM + row * D + d, acc, mask=d < D)
+    tl.store(UPTO + row, hi)
+
+
+@triton.jit
 def _page_scan(
-    Q, K, KQ, KS, KC, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE,
+    Q, K, V, KQ, KS, KC, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, VSUM, UPTO,
     sqb, sqh, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, scb, sch, n_pages, n_blocks, P, sqrt_d, Hkv,
     G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
     SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     """page_threshold pass 1: one program reads the int8 copies of NPB pages of one KV head, once,
     and writes each page's group bin, the block's top bin (the group's and each head's), and per
@@ -688,7 +755,8 @@ def _page_scan(
     running maxima, so the exps are rescaled when they rise, giving the reference's sums (binned on
     the final tops) up to rounding: each exp was rounded outward to bf16 against the tops of its
     tile, and the rescaling and folding round to nearest in fp32 (a few fp32 ulps, far inside the
-    SHADOW_SLACK each bound carries)."""
+    SHADOW_SLACK each bound carries). With TAIL the lower rows' suffix sums are written too, and
+    block 0 keeps the candidates' value sum."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     n = tl.load(BOUNDS)
@@ -701,6 +769,8 @@ def _page_scan(
     chan = tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0)
     if blk == 0:  # so this launch writes it, for the steps after this one
         _quantize_newest(K, KQ, KS, chan, b, h, scored, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D, D_PAD)
+        if TAIL:
+            _update_value_sum(V, VSUM, UPTO, b, h, row, lo, hi, sxb, sxh, sxn, D, D_PAD, 64)
     if blk * NPB * P >= scored:
         return
     r = tl.arange(0, M)
@@ -753,16 +823,21 @@ def _page_scan(
     tl.store(HTOP + at, head_top, mask=upper & real)
     tl.store(HREST + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1, reverse=True), mask=(upper & real)[:, None])
     tl.store(HKEPT + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1), mask=(~upper & real)[:, None])
+    if TAIL:
+        tl.store(HLREST + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1, reverse=True),
+                 mask=(~upper & real)[:, None])
     tl.store(HBASE + at, base_mass, mask=~upper & real)
 
 
 @triton.jit
-def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST, n_blocks, block_keys, c,
-                    G: tl.constexpr, G2: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr):
+def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, BOUNDS, THRESHOLD, LOG_REST, TAIL_U, TAIL_L, GTOP_OUT,
+                    n_blocks, block_keys, c, G: tl.constexpr, G2: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr,
+                    TAIL: tl.constexpr):
     """page_threshold pass 2, one program per query head: the blocks' histograms aligned on the
     group's top bin (bins are absolute multiples of BIN_WIDTH, so a block's shifts by a whole
     number of bins), rescaled to the head's top and summed, then the fewest top bins whose rest is
-    <= c times the kept lower bound."""
+    <= c times the kept lower bound. With TAIL, also the log suffix sums of both bounds and the
+    group's top (reference.Tail)."""
     pid = tl.program_id(0)  # = b * Hq + query head
     row = pid // G
     g = pid % G
@@ -779,13 +854,17 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST
     bins = tl.arange(0, NB)
     rest = tl.zeros([NB], tl.float32)
     kept = tl.zeros([NB], tl.float32)  # kept[j]: the top j bins' lower bound
+    low_rest = tl.zeros([NB], tl.float32)  # TAIL: the lower bound's rest
     base_mass = tl.zeros([CB], tl.float32)
     for i0 in range(0, live, CB):
         ok = i0 + i < live
         at = (row * n_blocks + i0 + i) * G2 + g
         shift = group_top - tl.load(GTOP + row * n_blocks + i0 + i, mask=ok, other=0)
         weight = tl.where(ok, tl.exp((tl.load(HTOP + at, mask=ok, other=0) - head_top).to(tl.float32) * BIN_WIDTH), 0.0)
-        r = tl.load(HREST + at[:, None] * NB + tl.maximum(bins[None, :] - shift[:, None], 0), mask=ok[:, None], other=0.0)
+        aligned = at[:, None] * NB + tl.maximum(bins[None, :] - shift[:, None], 0)
+        r = tl.load(HREST + aligned, mask=ok[:, None], other=0.0)
+        if TAIL:
+            low_rest += tl.sum(weight[:, None] * tl.load(HLREST + aligned, mask=ok[:, None], other=0.0), 0)
         jk = bins[None, :] - 1 - shift[:, None]
         k = tl.load(HKEPT + at[:, None] * NB + jk, mask=ok[:, None] & (jk >= 0), other=0.0)
         rest += tl.sum(weight[:, None] * r, 0)
@@ -795,7 +874,12 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, BOUNDS, THRESHOLD, LOG_REST
     need = tl.sum((rest > c * kept).to(tl.int32), 0)  # keeping all NB bins leaves nothing: it always holds
     tl.store(THRESHOLD + pid, tl.where(need < NB, group_top - need + 1, NO_PAGE))
     left = tl.sum(tl.where(bins == need, rest, 0.0), 0)
-    tl.store(LOG_REST + pid, tl.where(left > 0, tl.log(left) + (head_top + 1).to(tl.float32) * BIN_WIDTH, float("-inf")))
+    ref = (head_top + 1).to(tl.float32) * BIN_WIDTH
+    tl.store(LOG_REST + pid, tl.where(left > 0, tl.log(left) + ref, float("-inf")))
+    if TAIL:
+        tl.store(TAIL_U + pid * NB + bins, tl.where(rest > 0, tl.log(rest) + ref, float("-inf")))
+        tl.store(TAIL_L + pid * NB + bins, tl.where(low_rest > 0, tl.log(low_rest) + ref, float("-inf")))
+        tl.store(GTOP_OUT + pid, group_top)
 
 
 @triton.jit
@@ -867,10 +951,11 @@ PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, 
 
 
 def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
-                   bounds, eps: float, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   bounds, eps: float, page_size: int, tail: reference.Tail | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified page selection from the int8 copies in two launches, the newest key's copy written
-    by the first; see reference.page_threshold. page_bin is written for pages holding scored
-    positions (those [0, n - 1) of bounds) only."""
+    by the first (and with tail, the candidates' value sum); see reference.page_threshold. page_bin
+    is written for pages holding scored positions (those [0, n - 1) of bounds) only."""
     B, Hq, D = q.shape
     Hkv, cap = kq.shape[1], kq.shape[2]
     G, rows = Hq // Hkv, B * Hkv
@@ -889,17 +974,24 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     rest = torch.empty(rows, n_blocks, G2, NB, device=q.device, dtype=torch.float32)
     kept = torch.empty_like(rest)
     base = torch.empty(rows, n_blocks, G2, device=q.device, dtype=torch.float32)
+    log_rest = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
+    v, vsum, upto, low_rest, t_u, t_l, gtop = k, base, group_top, rest, log_rest, log_rest, log_rest  # unused unless tail
+    if tail is not None:
+        v, vsum, upto, t_u, t_l, gtop = tail
+        assert v.stride() == k.stride() and all(x.is_contiguous() for x in (vsum, upto, t_u, t_l, gtop))
+        low_rest = torch.empty_like(rest)
     _launch(_page_scan, (rows, n_blocks),
-        q, k, kq, kscale, chan, bounds, page_bin, group_top, head_top, rest, kept, base, q.stride(0), q.stride(1),
+        q, k, v, kq, kscale, chan, bounds, page_bin, group_top, head_top, rest, kept, base, low_rest, vsum, upto,
+        q.stride(0), q.stride(1),
         *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], *chan.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
         G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
         HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), INTERP=INTERPRETED.value,
-        num_warps=PAGE_SCAN["warps"],
+        TAIL=tail is not None, num_warps=PAGE_SCAN["warps"],
     )
     threshold = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
-    log_rest = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
     _launch(_page_threshold, (B * Hq,),
-        group_top, head_top, rest, kept, base, bounds, threshold, log_rest, n_blocks, NPB * page_size,
-        reference.rest_ratio(eps), G=G, G2=G2, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
+        group_top, head_top, rest, kept, base, low_rest, bounds, threshold, log_rest, t_u, t_l, gtop, n_blocks,
+        NPB * page_size, reference.rest_ratio(eps), G=G, G2=G2, NB=NB, CB=PAGE_SCAN["blocks_per_tile"],
+        TAIL=tail is not None,
     )
     return page_bin, threshold, log_rest
