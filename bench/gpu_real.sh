@@ -2,8 +2,9 @@
 # One device call for the GPU runs on real weights, the GGUF models already under $MINIRT_MODELS
 # (no registry is reachable there): the generate/engine tests, generate() tok/s of full, the
 # default, whole pages and certified int8-threshold (bench/generate.py --model), then FRONTIER's
-# certified int8 rows through the Triton kernels (bench/frontier.py).
-# Usage (on the GPU machine): bash bench/gpu_real.sh OUT_DIR [generate|frontier]...
+# certified int8 rows through the Triton kernels (bench/frontier.py); `tail`: the threshold's tail
+# estimate on the GPU (its kernel tests, one layer at 128K/1M, generate() and FRONTIER's rows).
+# Usage (on the GPU machine): bash bench/gpu_real.sh OUT_DIR [generate|frontier|tail]...
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -22,5 +23,21 @@ for stage in "${@:-generate frontier}"; do
         --only 'certified int8' --json "$out/frontier-qwen-32k-int8.json" 2>&1 | grep -v -i warn | tail -12
       timeout 200 python3 bench/frontier.py run --model smollm2-135m --lengths 8192 --device cuda \
         --only 'int8 threshold' --json "$out/frontier-smollm2-8k-threshold-gpu.json" 2>&1 | grep -v -i warn | tail -6 ;;
+    tail)
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
+        -k "tail or threshold or filtered or runtime or graph" 2>&1 | tail -3 | tee "$out/tail_tests.txt"
+      timeout 120 python3 bench/attention.py --contexts 131072,1048576 --only threshold --out "$out/attention_tail" \
+        2>&1 | grep -i threshold | tail -16
+      tail_systems="minirt full;minirt certified (int8-threshold, eps=1e-2, W=128);minirt certified (int8-threshold, eps=3e-2, W=128, tail)"
+      timeout 150 python3 bench/generate.py --model smollm2-135m --contexts 8192 --transformers '' --compiled '' \
+        --systems "$tail_systems" --out "$out/gen_smollm2_tail" 2>&1 | grep -v -i warn | tail -6
+      timeout 150 python3 bench/generate.py --model qwen2.5-coder-0.5b --contexts 32768 --transformers '' --compiled '' \
+        --systems "$tail_systems" --out "$out/gen_qwen_tail" 2>&1 | grep -v -i warn | tail -6 ;;
+    tail-frontier)
+      only='threshold eps=0.1;threshold eps=0.03;threshold eps=0.01 + tail;threshold eps=0.001 + tail'
+      timeout 280 python3 bench/frontier.py run --model smollm2-135m --lengths 2048,4096,8192 --device cuda \
+        --only "$only" --json "$out/frontier-smollm2-threshold-tail.json" 2>&1 | grep -v -i warn | tail -4
+      timeout 300 python3 bench/frontier.py run --model qwen2.5-coder-0.5b --lengths 8192,32768 --device cuda \
+        --only "$only" --json "$out/frontier-qwen-threshold-tail.json" 2>&1 | grep -v -i warn | tail -4 ;;
   esac
 done
