@@ -24,7 +24,7 @@ for stage in "${@:-generate frontier}"; do
       timeout 200 python3 bench/frontier.py run --model smollm2-135m --lengths 8192 --device cuda \
         --only 'int8 threshold' --json "$out/frontier-smollm2-8k-threshold-gpu.json" 2>&1 | grep -v -i warn | tail -6 ;;
     tail)
-      timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
         -k "tail or threshold or filtered or runtime or graph" 2>&1 | tail -3 | tee "$out/tail_tests.txt"
       timeout 120 python3 bench/attention.py --contexts 131072,1048576 --only threshold --out "$out/attention_tail" \
         2>&1 | grep -i threshold | tail -16
