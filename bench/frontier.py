@@ -210,8 +210,8 @@ def load(paths: list[str]) -> list[dict]:
     model's context allows)."""
     results = [json.loads(Path(p).read_text()) for p in paths]
     for res in results:
-        asked = sorted(int(x) for x in shlex.split(res["meta"]["command"])[
-            shlex.split(res["meta"]["command"]).index("--lengths") + 1].split(","))
+        argv = shlex.split(res["meta"]["command"])
+        asked = sorted(int(x) for x in argv[argv.index("--lengths") + 1].split(","))
         for r in res["rows"]:
             r["variant"] = RENAMED.get(r["variant"], r["variant"])
             if res["meta"]["commit"] in PER_KEY_SCALES and "int8" in r["variant"]:
