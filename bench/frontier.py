@@ -47,6 +47,14 @@ RENAMED = {"exact k=32 (default)": "exact k=32", "exact k=32 W=512": "exact k=32
 # runs whose int8 copies had one scale per key only (before 6e0da5d's per-channel scales): their
 # int8 rows are named so
 PER_KEY_SCALES = {"7f3b526", "31194a1", "454fdd3", "64e293e"}
+# runs whose int8-threshold rows binned every head's bounds unshifted, 0.5 nats per bin (before
+# reference.base_shift and bins of 0.25): their threshold rows are named so
+UNSHIFTED_BINS = {"4bbb6de", "11b9e3e", "3963de9", "c324d44"}
+SUPERSEDED = (" (per-key scales)", " (unshifted bins)")  # the marks of rows later runs replace
+
+
+def superseded(variant: str) -> bool:
+    return variant.endswith(SUPERSEDED)
 
 
 def variants() -> dict[str, CondensateConfig | None]:
@@ -216,6 +224,8 @@ def load(paths: list[str]) -> list[dict]:
             r["variant"] = RENAMED.get(r["variant"], r["variant"])
             if res["meta"]["commit"] in PER_KEY_SCALES and "int8" in r["variant"]:
                 r["variant"] += " (per-key scales)"
+            elif res["meta"]["commit"] in UNSHIFTED_BINS and "threshold" in r["variant"]:
+                r["variant"] += " (unshifted bins)"
             r["nominal"] = min(n for n in asked if n >= r["length"])
     return results
 
@@ -244,7 +254,8 @@ def render(args) -> None:
                   for r in rows if r["workload"] == "retrieval")
     oracle = "".join(f"| {r['model']} | {r['workload']} {r['length']} | {eps} | "
                      f"{'threshold' if 'threshold' in r['variant'] else 'ranked'}"
-                     f"{', per-key scales' if 'per-key' in r['variant'] else ''} | {100 * o['attended']:.1f}% | "
+                     f"{', per-key scales' if 'per-key' in r['variant'] else ''}"
+                     f"{', unshifted bins' if 'unshifted' in r['variant'] else ''} | {100 * o['attended']:.1f}% | "
                      f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
                      f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
                      for r, o, eps in against_oracle(cont))
@@ -291,7 +302,9 @@ attend fully (*fallbacks*: layer-head-steps). *Certified int8* chooses from the 
 error bounds alone and decides fallbacks from the resulting bound, never from an exact score. Since 6e0da5d the
 int8 copies are made with per-channel scales (powers of two set from the first prefill's keys,
 `kernels.reference.channel_scales`), which tightens the bounds; rows marked *(per-key scales)* are
-runs from before. Its *KV read* is what the algorithm needs
+runs from before. Rows marked *(unshifted bins)* are int8-threshold runs from before each head's
+bounds were shifted to its own top over the anchor and window and the bins narrowed from 0.5 to
+0.25 nats (`kernels.reference.base_shift`). Its *KV read* is what the algorithm needs
 (the GPU step's fallback launch reads the cache of the KV groups that fall back, and no other).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
@@ -312,7 +325,8 @@ head within eps: the group's oracle. The int8 modes decide from bounds alone (no
 they attend more; *ratio* is their keys over the oracle's at the same eps. *ranked*: each head
 ranks keys by their upper bound (`--selection int8`); *threshold*: keys kept by a per-head
 threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`; bins per query
-head before b0fd441, shared by the KV group since).
+head before b0fd441, shared by the KV group since; *unshifted bins*: before each head's shift and
+the bins of 0.25 nats).
 
 | model | prompt | eps | int8 mode | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
 |---|---|---|---|---|---|---|---|---|---|
@@ -339,9 +353,9 @@ REPORTED = ("exact k=32 W=512 (default)", "whole pages k=1024 W=512")
 def evaluation(results: list[dict]) -> tuple[str, list[dict]]:
     """The long-context evaluation (issue #11, item 5) as Markdown, per model, length and variant,
     with the variants that kept full attention's tokens and retrieval, and the rows it covers.
-    Runs with per-key int8 scales are left out: later runs with per-channel scales replace them."""
+    Superseded rows (per-key int8 scales, unshifted threshold bins) are left out: later runs replace them."""
     rows = [r for res in results for r in res["rows"]
-            if (res["meta"].get("set", "main") == "main" or r["variant"] in REPORTED) and "per-key" not in r["variant"]]
+            if (res["meta"].get("set", "main") == "main" or r["variant"] in REPORTED) and not superseded(r["variant"])]
     keys = sorted(dict.fromkeys((r["model"], r["nominal"], r["variant"]) for r in rows),
                   key=lambda k: (k[0], k[1], k[2] != "full"))
     full_found = {(r["model"], r["nominal"]): r for r in rows if r["variant"] == "full" and r["workload"] == "retrieval"}
@@ -441,16 +455,19 @@ def plot(rows: list[dict], path: Path) -> None:
                 "whole pages": lambda v: v.startswith("whole") and "tail" not in v,
                 "whole pages + tail": lambda v: v.startswith("whole") and "tail" in v,
                 "certified": lambda v: v.startswith("certified") and "int8" not in v,
-                "certified int8": lambda v: v.startswith("certified int8 eps") and "per-key" not in v,
-                "certified int8 threshold": lambda v: v.startswith("certified int8 threshold") and "per-key" not in v
+                "certified int8": lambda v: v.startswith("certified int8 eps") and not superseded(v),
+                "certified int8 threshold": lambda v: v.startswith("certified int8 threshold") and not superseded(v)
                 and "tail" not in v,
-                "certified int8 threshold + tail": lambda v: v.startswith("certified int8 threshold") and "tail" in v,
+                "certified int8 threshold + tail": lambda v: v.startswith("certified int8 threshold") and "tail" in v
+                and not superseded(v),
                 "certified int8, per-key scales": lambda v: v.startswith("certified int8 eps") and "per-key" in v,
                 "certified int8 threshold, per-key scales": lambda v: v.startswith("certified int8 threshold")
-                and "per-key" in v}
+                and "per-key" in v,
+                "certified int8 threshold, unshifted bins": lambda v: v.startswith("certified int8 threshold")
+                and "unshifted" in v}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for (model, n), color in zip(prompts, plt.cm.tab10.colors):
-        for family, marker in zip(families, "sov^DPpxX"):
+        for family, marker in zip(families, "sov^DPpxXh"):
             pts = [r for r in cont if (r["model"], r["length"]) == (model, n) and families[family](r["variant"])]
             if not pts:
                 continue

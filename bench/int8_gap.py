@@ -1,6 +1,7 @@
 """Where certified int8 selection attends keys beyond the group oracle, on real weights: the error
 bound against the estimate, per-key against per-channel scales, and (for int8-threshold) bins
-shared by the KV group against per-head bins. CPU is enough.
+shared by the KV group, with and without each head's shift (reference.base_shift), against
+per-head bins. CPU is enough.
 
     python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8]
 
@@ -105,8 +106,14 @@ def main() -> None:
                 def chosen(idx: torch.Tensor) -> float:
                     return float((idx >= 0).sum()) + always * k.shape[1]
 
-                def threshold(kq_, ks_, chan_) -> float:
-                    page_bin, th, _ = R.page_threshold(q, k, kq_.clone(), ks_.clone(), chan_, bounds, eps, 1)
+                def threshold(kq_, ks_, chan_, shifted: bool = True) -> float:
+                    base_shift = R.base_shift
+                    if not shifted:  # every head's bounds ranked as they are
+                        R.base_shift = lambda up, base: torch.zeros_like(up[..., 0])
+                    try:
+                        page_bin, th, _ = R.page_threshold(q, k, kq_.clone(), ks_.clone(), chan_, bounds, eps, 1)
+                    finally:
+                        R.base_shift = base_shift
                     return float(R.kept_pages(page_bin, th).sum()) + always * k.shape[1]
 
                 rows = {
@@ -116,6 +123,7 @@ def main() -> None:
                         R.bounded_select(est, (est - scores).abs() * 1.0001, bounds, eps, n)),
                     "ranked, per-channel scales": chosen(R.bounded_select(est_c, err_c, bounds, eps, n)),
                     "threshold, per-key scales": threshold(*R.quantize_keys(k), torch.ones_like(chan)),
+                    "threshold, per-channel scales, no shift": threshold(kq, ks, chan, shifted=False),
                     "threshold, per-channel scales": threshold(kq, ks, chan),
                     "threshold, per-channel scales, bins per query head": float(
                         head_bins_threshold(est_c, err_c, b, eps).sum()) + always * k.shape[1],
