@@ -47,8 +47,8 @@ RENAMED = {"exact k=32 (default)": "exact k=32", "exact k=32 W=512": "exact k=32
 # runs whose int8 copies had one scale per key only (before 6e0da5d's per-channel scales): their
 # int8 rows are named so
 PER_KEY_SCALES = {"7f3b526", "31194a1", "454fdd3", "64e293e"}
-# runs whose int8-threshold rows binned every head's bounds unshifted, 0.5 nats per bin (before
-# reference.base_shift and bins of 0.25): their threshold rows are named so
+# runs whose int8-threshold rows binned every head's bounds unshifted (before
+# reference.base_shift): their threshold rows are named so
 UNSHIFTED_BINS = {"4bbb6de", "11b9e3e", "3963de9", "c324d44"}
 SUPERSEDED = (" (per-key scales)", " (unshifted bins)")  # the marks of rows later runs replace
 
@@ -303,8 +303,7 @@ error bounds alone and decides fallbacks from the resulting bound, never from an
 int8 copies are made with per-channel scales (powers of two set from the first prefill's keys,
 `kernels.reference.channel_scales`), which tightens the bounds; rows marked *(per-key scales)* are
 runs from before. Rows marked *(unshifted bins)* are int8-threshold runs from before each head's
-bounds were shifted to its own top over the anchor and window and the bins narrowed from 0.5 to
-0.25 nats (`kernels.reference.base_shift`). Its *KV read* is what the algorithm needs
+bounds were shifted to its own top over the anchor and window (`kernels.reference.base_shift`). Its *KV read* is what the algorithm needs
 (the GPU step's fallback launch reads the cache of the KV groups that fall back, and no other).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
@@ -325,8 +324,7 @@ head within eps: the group's oracle. The int8 modes decide from bounds alone (no
 they attend more; *ratio* is their keys over the oracle's at the same eps. *ranked*: each head
 ranks keys by their upper bound (`--selection int8`); *threshold*: keys kept by a per-head
 threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`; bins per query
-head before b0fd441, shared by the KV group since; *unshifted bins*: before each head's shift and
-the bins of 0.25 nats).
+head before b0fd441, shared by the KV group since; *unshifted bins*: before each head's shift).
 
 | model | prompt | eps | int8 mode | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
 |---|---|---|---|---|---|---|---|---|---|
