@@ -751,40 +751,29 @@ def _group_queries(Q, chan, b, h, sqb, sqh, sqrt_d, G: tl.constexpr, G2: tl.cons
 
 
 @triton.jit
-def _base_shift(
-    Q, KQ, KS, KC, BOUNDS, SHIFT, sqb, sqh, skb, skh, skn, ssb, ssh, scb, sch, sqrt_d, Hkv,
-    G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CH: tl.constexpr,
-    HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """reference.base_shift for one KV group, from the int8 copies of the scored positions outside
-    the candidates (the anchor and the window but the newest key)."""
-    row = tl.program_id(0)
-    n = tl.load(BOUNDS)
-    lo = tl.load(BOUNDS + 1)
-    hi = tl.load(BOUNDS + 2)
-    b = row // Hkv
-    h = row % Hkv
-    d = tl.arange(0, D_PAD)
-    chan = tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0)
-    q, q_err, head, real = _group_queries(Q, chan, b, h, sqb, sqh, sqrt_d, G, G2, M, D, D_PAD)
+def _base_shift(KQ, KS, q, q_err, real, b, h, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d,
+                D: tl.constexpr, D_PAD: tl.constexpr, M: tl.constexpr, TK: tl.constexpr, HALF: tl.constexpr,
+                SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """reference.base_shift for the rows of a tile [M], from the int8 copies of the scored positions
+    outside the candidates (the anchor and the window but the newest key), TK keys at a time. Every
+    pass-1 program computes it (a few hundred keys): a launch of its own cost more (7 us, H200)."""
     top = tl.full([M], float("-inf"), tl.float32)
-    for c0 in range(0, lo, CH):
-        est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, n - 1, skb, skh, skn, ssb, ssh, 1,
-                                         sqrt_d, D, D_PAD, 1, CH, HALF, SLACK, PRECISION, UPCAST)
+    for c0 in range(0, lo, TK):
+        est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, 1,
+                                         sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
         top = tl.maximum(top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
-    for c0 in range(hi, n - 1, CH):
-        est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, n - 1, skb, skh, skn, ssb, ssh, 1,
-                                         sqrt_d, D, D_PAD, 1, CH, HALF, SLACK, PRECISION, UPCAST)
+    for c0 in range(hi, scored, TK):
+        est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, 1,
+                                         sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
         top = tl.maximum(top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
     top_bin = _to_bin(tl.where(real, top, float("-inf")))
-    lowest = tl.min(tl.where(real, top_bin, MAX_BIN), 0)
-    shift = tl.minimum(top_bin - lowest, MAX_SHIFT).to(tl.float32) * BIN_WIDTH  # lowest: the real rows' least
-    tl.store(SHIFT + (b * Hkv + h) * G + head, shift, mask=real & (tl.arange(0, M) < G2))
+    lowest = tl.min(tl.where(real, top_bin, MAX_BIN), 0)  # the real rows' least
+    return tl.where(real, tl.minimum(top_bin - lowest, MAX_SHIFT), 0).to(tl.float32) * BIN_WIDTH
 
 
 @triton.jit
 def _page_scan(
-    Q, K, V, KQ, KS, KC, BOUNDS, SHIFT, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, VSUM, UPTO,
+    Q, K, V, KQ, KS, KC, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, VSUM, UPTO,
     sqb, sqh, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, scb, sch, n_pages, n_blocks, P, sqrt_d, Hkv,
     G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
@@ -792,7 +781,7 @@ def _page_scan(
     TAIL: tl.constexpr,
 ):
     """page_threshold pass 1: one program reads the int8 copies of NPB pages of one KV head, once,
-    and writes each page's group bin (each head's bounds lowered by its shift, from _base_shift),
+    and writes each page's group bin (each head's bounds lowered by its shift, _base_shift),
     the block's top bin (the group's, so shifted, and each head's own), and per
     query head the block's histogram over bins counted down from the group's top (exp relative to
     the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
@@ -825,7 +814,8 @@ def _page_scan(
         return
     q, q_err, head, real = _group_queries(Q, chan, b, h, sqb, sqh, sqrt_d, G, G2, M, D, D_PAD)
     upper = tl.arange(0, M) < G2
-    shift = tl.load(SHIFT + (b * Hkv + h) * G + head, mask=real, other=0.0)
+    shift = _base_shift(KQ, KS, q, q_err, real, b, h, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d, D, D_PAD, M,
+                        CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
     sign = tl.where(upper, 1.0, -1.0)
     top = tl.full([M], float("-inf"), tl.float32)
     head_top = tl.full([M], NO_PAGE, tl.int32)
@@ -1025,16 +1015,12 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
         v, vsum, upto, t_u, t_l, gtop = tail
         assert v.stride() == k.stride() and all(x.is_contiguous() for x in (vsum, upto, t_u, t_l, gtop))
         low_rest = torch.empty_like(rest)
-    shift = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
-    bound_meta = dict(G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), HALF=0.5 + reference.SHADOW_SLACK,
-                      SLACK=reference.SHADOW_SLACK, **_precision(q))
-    _launch(_base_shift, (rows,), q, kq, kscale, chan, bounds, shift, q.stride(0), q.stride(1), *kq.stride()[:3],
-            *kscale.stride()[:2], *chan.stride()[:2], math.sqrt(D), Hkv, CH=PAGE_SCAN["tile_keys"], **bound_meta)
     _launch(_page_scan, (rows, n_blocks),
-        q, k, v, kq, kscale, chan, bounds, shift, page_bin, group_top, head_top, rest, kept, base, low_rest, vsum, upto,
+        q, k, v, kq, kscale, chan, bounds, page_bin, group_top, head_top, rest, kept, base, low_rest, vsum, upto,
         q.stride(0), q.stride(1),
         *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], *chan.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
-        P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB, **bound_meta, INTERP=INTERPRETED.value,
+        G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
+        HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), INTERP=INTERPRETED.value,
         TAIL=tail is not None, num_warps=PAGE_SCAN["warps"],
     )
     threshold = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
