@@ -255,6 +255,7 @@ def render(args) -> None:
     oracle = "".join(f"| {r['model']} | {r['workload']} {r['length']} | {eps} | "
                      f"{'threshold' if 'threshold' in r['variant'] else 'ranked'}"
                      f"{', per-key scales' if 'per-key' in r['variant'] else ''}"
+                     f"{' + tail' if 'tail' in r['variant'] else ''}"
                      f"{', unshifted bins' if 'unshifted' in r['variant'] else ''} | {100 * o['attended']:.1f}% | "
                      f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
                      f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
