@@ -230,6 +230,36 @@ def test_page_threshold_certifies_the_dropped_mass():
         assert 0 < int(ref.kept_pages(page_bin, threshold).sum()) < Hkv * (n - W) // P  # it chose, and left out
 
 
+def test_page_threshold_shift_ranks_by_each_heads_own_top(monkeypatch):
+    """Head 1 is head 0 with all its logits 12 nats higher (a constant key channel its query
+    weighs): the same softmax, but ranked by raw bounds its keys outrank the others' and pull the
+    group's threshold down. base_shift lowers it by its lead over the anchor and window (12 nats,
+    give or take the int8 bounds' widths), so the group keeps fewer keys."""
+    g = torch.Generator().manual_seed(7)
+    B, Hkv, G, D, n, W, eps = 1, 1, 3, 64, 1500, 64, 1e-2
+    k = torch.randn(B, Hkv, n, D, generator=g)
+    k[..., 0] = 2.0
+    q = torch.randn(B, Hkv * G, D, generator=g) * 4.0
+    q[:, :, 0] = 0.0
+    q[:, 1] = q[:, 0]
+    q[:, 1, 0] = 12 * D ** 0.5 / 2.0  # head 1: head 0 + 12 nats on every key
+    bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, W), "cpu")
+    chan = ref.channel_scales(k, 0)
+    kq, scale = ref.quantize_keys(k, chan[:, :, None])
+    est, err = ref.shadow_scores(q, kq, scale, n - 1, chan)
+    base = ~ref.candidates(est[0, 0, 0], bounds) & (torch.arange(n) < n - 1)
+    shift = ref.base_shift(est + err, base)
+    assert 11 <= float(shift[0, 0, 1] - shift[0, 0, 0]) <= 13
+
+    def kept() -> int:
+        page_bin, threshold, log_rest = ref.page_threshold(q, k, kq.clone(), scale.clone(), chan, bounds, eps, 1)
+        return int(ref.kept_pages(page_bin, threshold).sum())
+
+    shifted = kept()
+    monkeypatch.setattr(ref, "base_shift", lambda up, base: torch.zeros_like(up[..., 0]))
+    assert shifted < 0.6 * kept()  # measured 529 against 1323
+
+
 @pytest.mark.parametrize("n, P, dtype", [(700, 16, torch.float32), (3000, 32, torch.bfloat16), (77, 5, torch.float16),
                                          (900, 1, torch.bfloat16)])
 def test_page_filtered_attention(n, P, dtype):

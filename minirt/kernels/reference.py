@@ -438,8 +438,8 @@ def shadow_bound(est: torch.Tensor, err: torch.Tensor, bounds, idx: torch.Tensor
 # lowered by its shift (base_shift), BIN_WIDTH nats per bin counted down from the group's top bin,
 # the last of PAGE_BINS bins holding the rest. Sharing the bins across the group makes a block's
 # histogram one matrix product for all its heads. The width is a power of two, so the twins bin
-# alike. Keys over the group oracle's at eps 1e-2 (bench/int8_gap.py, Qwen2.5-Coder-0.5B, 24K of
-# code): 1.51x unshifted, 1.39x shifted; bins of 0.25 would give 1.35x but cost the GPU's first
+# alike. Keys over the group oracle's at eps 1e-2 (FRONTIER.md, Qwen2.5-Coder-0.5B decoding after
+# 24K of code): 1.68x unshifted, 1.45x shifted; bins of 0.25 gave 1.39x but cost the GPU's first
 # pass 24% more time (H200, 128K and 1M).
 BIN_WIDTH = 0.5
 PAGE_BINS = 64
