@@ -4,14 +4,19 @@
 # default, whole pages and certified int8-threshold (bench/generate.py --model), then FRONTIER's
 # certified int8 rows through the Triton kernels (bench/frontier.py); `tail`: the threshold's tail
 # estimate on the GPU (its kernel tests, one layer at 128K/1M, generate() and FRONTIER's rows);
-# `threshold`, `threshold-qwen`: every int8-threshold variant of FRONTIER on both models.
-# Usage (on the GPU machine): bash bench/gpu_real.sh OUT_DIR [generate|frontier|tail|tail-frontier|threshold|threshold-qwen]...
+# `threshold`, `threshold-qwen`: every int8-threshold variant of FRONTIER on both models, one layer
+# at 128K/1M and generate() on Qwen; `threshold-gen`: generate() on SmolLM2.
+# Usage (on the GPU machine): bash bench/gpu_real.sh OUT_DIR [generate|frontier|tail|tail-frontier|threshold|threshold-qwen|threshold-gen]...
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tail_systems="minirt full;minirt certified (int8-threshold, eps=1e-2, W=128);minirt certified (int8-threshold, eps=3e-2, W=128, tail)"
 SYSTEMS="minirt full;minirt sparse (default: exact, k=32, W=512);minirt sparse (whole pages, k=1024, W=512);minirt certified (int8-threshold, eps=1e-2, W=128)"
+threshold_tests() {  # the threshold's, tail's and graph's kernel and engine tests, their summary into $1
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
+    -k "tail or threshold or filtered or runtime or graph" 2>&1 | tail -3 | tee "$1"
+}
 for stage in "${@:-generate frontier}"; do
   case $stage in
     generate)
@@ -26,8 +31,7 @@ for stage in "${@:-generate frontier}"; do
       timeout 200 python3 bench/frontier.py run --model smollm2-135m --lengths 8192 --device cuda \
         --only 'int8 threshold' --json "$out/frontier-smollm2-8k-threshold-gpu.json" 2>&1 | grep -v -i warn | tail -6 ;;
     tail)
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
-        -k "tail or threshold or filtered or runtime or graph" 2>&1 | tail -3 | tee "$out/tail_tests.txt"
+      threshold_tests "$out/tail_tests.txt"
       timeout 120 python3 bench/attention.py --contexts 131072,1048576 --only threshold --out "$out/attention_tail" \
         2>&1 | grep -i threshold | tail -16
       timeout 150 python3 bench/generate.py --model smollm2-135m --contexts 8192 --transformers '' --compiled '' \
@@ -41,8 +45,7 @@ for stage in "${@:-generate frontier}"; do
       timeout 300 python3 bench/frontier.py run --model qwen2.5-coder-0.5b --lengths 8192,32768 --device cuda \
         --only "$only" --json "$out/frontier-qwen-threshold-tail.json" 2>&1 | grep -v -i warn | tail -4 ;;
     threshold)  # every int8-threshold variant (the oracle table's eps 1e-2 and 1e-3 too), one layer's cost
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
-        -k "tail or threshold or filtered or runtime or graph" 2>&1 | tail -3 | tee "$out/threshold_tests.txt"
+      threshold_tests "$out/threshold_tests.txt"
       timeout 120 python3 bench/attention.py --contexts 131072,1048576 --only threshold --out "$out/attention_threshold" \
         2>&1 | grep -i threshold | tail -16
       timeout 300 python3 bench/frontier.py run --model smollm2-135m --lengths 2048,4096,8192 --device cuda \

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -107,13 +108,9 @@ def main() -> None:
                     return float((idx >= 0).sum()) + always * k.shape[1]
 
                 def threshold(kq_, ks_, chan_, shifted: bool = True) -> float:
-                    base_shift = R.base_shift
-                    if not shifted:  # every head's bounds ranked as they are
-                        R.base_shift = lambda up, base: torch.zeros_like(up[..., 0])
-                    try:
+                    no_shift = lambda up, base: torch.zeros_like(up[..., 0])  # noqa: E731  every head ranked as it is
+                    with mock.patch.object(R, "base_shift", R.base_shift if shifted else no_shift):
                         page_bin, th, _ = R.page_threshold(q, k, kq_.clone(), ks_.clone(), chan_, bounds, eps, 1)
-                    finally:
-                        R.base_shift = base_shift
                     return float(R.kept_pages(page_bin, th).sum()) + always * k.shape[1]
 
                 rows = {

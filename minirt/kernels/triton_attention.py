@@ -736,22 +736,6 @@ def _update_value_sum(V, VSUM, UPTO, b, h, row, lo, hi, sxb, sxh, sxn, D: tl.con
 
 
 @triton.jit
-def _group_queries(Q, chan, b, h, sqb, sqh, sqrt_d, G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr,
-                   D: tl.constexpr, D_PAD: tl.constexpr):
-    """KV group h's queries times the channel scales, as rows of a tile: rows 0..G2-1 and
-    G2..2*G2-1 both hold heads 0..G-1 (the upper and the lower bounds' rows), and each row's
-    error factor (reference.shadow_scores)."""
-    r = tl.arange(0, M)
-    head = r % G2
-    real = (r < 2 * G2) & (head < G)
-    d = tl.arange(0, D_PAD)
-    q = tl.load(Q + b * sqb + (h * G + head)[:, None] * sqh + d[None, :], mask=real[:, None] & (d < D)[None, :],
-                other=0.0)
-    q = (q.to(tl.float32) * chan[None, :]).to(Q.dtype.element_ty)  # chan: powers of two, so exact
-    return q, tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d, head, real
-
-
-@triton.jit
 def _base_shift(KQ, KS, q, q_err, real, b, h, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d,
                 D: tl.constexpr, D_PAD: tl.constexpr, M: tl.constexpr, TK: tl.constexpr, HALF: tl.constexpr,
                 SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -813,8 +797,14 @@ def _page_scan(
             _update_value_sum(V, VSUM, UPTO, b, h, row, lo, hi, sxb, sxh, sxn, D, D_PAD, 64)
     if blk * NPB * P >= scored:
         return
-    q, q_err, head, real = _group_queries(Q, chan, b, h, sqb, sqh, sqrt_d, G, G2, M, D, D_PAD)
-    upper = tl.arange(0, M) < G2
+    r = tl.arange(0, M)
+    head = r % G2
+    upper = r < G2
+    real = (r < 2 * G2) & (head < G)
+    q = tl.load(Q + b * sqb + (h * G + head)[:, None] * sqh + d[None, :], mask=real[:, None] & (d < D)[None, :],
+                other=0.0)
+    q = (q.to(tl.float32) * chan[None, :]).to(Q.dtype.element_ty)  # chan: powers of two, so exact
+    q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
     shift = _base_shift(KQ, KS, q, q_err, real, b, h, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d, D, D_PAD, M,
                         CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
     sign = tl.where(upper, 1.0, -1.0)
