@@ -34,6 +34,7 @@ from bench.attention import page_bin_bytes, sparse_bytes  # noqa: E402
 from minirt import LLM, CondensateConfig  # noqa: E402
 from minirt.config import PAPER_POLICY  # noqa: E402
 from minirt.equivalence import compare, full_reference  # noqa: E402
+from minirt.kernels import reference as R  # noqa: E402
 from minirt import generation  # noqa: E402
 from minirt.generation import prefill, stream_tokens  # noqa: E402
 from minirt.workloads import NEEDLES, PASSKEY_DEPTHS, PASSKEYS, haystack_prompts, long_prompt, passkey_prompt  # noqa: E402
@@ -50,7 +51,9 @@ PER_KEY_SCALES = {"7f3b526", "31194a1", "454fdd3", "64e293e"}
 # runs whose int8-threshold rows binned every head's bounds unshifted (before
 # reference.base_shift): their threshold rows are named so
 UNSHIFTED_BINS = {"4bbb6de", "11b9e3e", "3963de9", "c324d44"}
-SUPERSEDED = (" (per-key scales)", " (unshifted bins)")  # the marks of rows later runs replace
+# runs whose meta has no kept_margin counted the kept keys' mass at its lower bound in the int8
+# modes (before reference.KEPT_MARGIN): their int8 rows are named so
+SUPERSEDED = (" (per-key scales)", " (unshifted bins)", " (margin 1)")  # the marks of rows later runs replace
 
 
 def superseded(variant: str) -> bool:
@@ -66,7 +69,7 @@ def variants() -> dict[str, CondensateConfig | None]:
     out["whole pages k=512 + tail"] = replace(PAPER_POLICY, top_k=512, tail=True, **whole)
     for eps in (1e-1, 1e-2, 1e-3):
         out[f"certified eps={eps:g}"] = replace(PAPER_POLICY, top_k=NO_CAP, max_dropped_mass=eps)
-    for eps in (1e-2, 1e-3):
+    for eps in (1e-1, 1e-2, 1e-3):
         out[f"certified int8 eps={eps:g}"] = replace(PAPER_POLICY, selection="int8", top_k=NO_CAP, max_dropped_mass=eps)
     threshold = replace(PAPER_POLICY, selection="int8-threshold", page_size=1, max_dropped_mass=1e-2)
     for eps in (1e-1, 3e-2, 1e-2, 1e-3):  # the GPU's certified mode: single keys by threshold, no sort
@@ -202,7 +205,7 @@ def run(args) -> None:
 def save(args, name: str, rows: list[dict], t0: float) -> None:
     meta = {"model": name, "set": args.set, "steps": args.steps, "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
             "dtype": args.dtype, "minutes": (time.time() - t0) / 60, "commit": commit(), "date": str(datetime.date.today()),
-            "command": "python " + shlex.join(sys.argv)}
+            "command": "python " + shlex.join(sys.argv), "kept_margin": R.KEPT_MARGIN}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.json}", file=sys.stderr)
@@ -226,6 +229,8 @@ def load(paths: list[str]) -> list[dict]:
                 r["variant"] += " (per-key scales)"
             elif res["meta"]["commit"] in UNSHIFTED_BINS and "threshold" in r["variant"]:
                 r["variant"] += " (unshifted bins)"
+            elif "kept_margin" not in res["meta"] and "int8" in r["variant"]:
+                r["variant"] += " (margin 1)"
             r["nominal"] = min(n for n in asked if n >= r["length"])
     return results
 
@@ -254,9 +259,8 @@ def render(args) -> None:
                   for r in rows if r["workload"] == "retrieval")
     oracle = "".join(f"| {r['model']} | {r['workload']} {r['length']} | {eps} | "
                      f"{'threshold' if 'threshold' in r['variant'] else 'ranked'}"
-                     f"{', per-key scales' if 'per-key' in r['variant'] else ''}"
                      f"{' + tail' if 'tail' in r['variant'] else ''}"
-                     f"{', unshifted bins' if 'unshifted' in r['variant'] else ''} | {100 * o['attended']:.1f}% | "
+                     f"{''.join(', ' + m[2:-1] for m in SUPERSEDED if r['variant'].endswith(m))} | {100 * o['attended']:.1f}% | "
                      f"{100 * r['attended']:.1f}% | {r['attended'] / o['attended']:.2f} | {100 * o['read']:.1f}% | "
                      f"{100 * r['read']:.1f}% | {r['fallbacks']} |\n"
                      for r, o, eps in against_oracle(cont))
@@ -304,7 +308,10 @@ error bounds alone and decides fallbacks from the resulting bound, never from an
 int8 copies are made with per-channel scales (powers of two set from the first prefill's keys,
 `kernels.reference.channel_scales`), which tightens the bounds; rows marked *(per-key scales)* are
 runs from before. Rows marked *(unshifted bins)* are int8-threshold runs from before each head's
-bounds were shifted to its own top over the anchor and window (`kernels.reference.base_shift`). Its *KV read* is what the algorithm needs
+bounds were shifted to its own top over the anchor and window (`kernels.reference.base_shift`).
+Rows marked *(margin 1)* are int8 runs from before the choice counted the kept keys' mass as
+exp(estimate - a quarter of its error bound) instead of its lower bound (`kernels.reference.KEPT_MARGIN`;
+the bound a step certifies is still U over the attended keys' exact mass). Its *KV read* is what the algorithm needs
 (the GPU step's fallback launch reads the cache of the KV groups that fall back, and no other).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
@@ -325,7 +332,8 @@ head within eps: the group's oracle. The int8 modes decide from bounds alone (no
 they attend more; *ratio* is their keys over the oracle's at the same eps. *ranked*: each head
 ranks keys by their upper bound (`--selection int8`); *threshold*: keys kept by a per-head
 threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`; bins per query
-head before b0fd441, shared by the KV group since; *unshifted bins*: before each head's shift).
+head before b0fd441, shared by the KV group since; *unshifted bins*: before each head's shift;
+*margin 1*: the kept keys' mass counted at its lower bound, before `kernels.reference.KEPT_MARGIN`).
 
 | model | prompt | eps | int8 mode | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
 |---|---|---|---|---|---|---|---|---|---|
@@ -352,7 +360,7 @@ REPORTED = ("exact k=32 W=512 (default)", "whole pages k=1024 W=512")
 def evaluation(results: list[dict]) -> tuple[str, list[dict]]:
     """The long-context evaluation (issue #11, item 5) as Markdown, per model, length and variant,
     with the variants that kept full attention's tokens and retrieval, and the rows it covers.
-    Superseded rows (per-key int8 scales, unshifted threshold bins) are left out: later runs replace them."""
+    Superseded rows (per-key int8 scales, unshifted threshold bins, margin 1) are left out: later runs replace them."""
     rows = [r for res in results for r in res["rows"]
             if (res["meta"].get("set", "main") == "main" or r["variant"] in REPORTED) and not superseded(r["variant"])]
     keys = sorted(dict.fromkeys((r["model"], r["nominal"], r["variant"]) for r in rows),
@@ -459,11 +467,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 and "tail" not in v,
                 "certified int8 threshold + tail": lambda v: v.startswith("certified int8 threshold") and "tail" in v
                 and not superseded(v),
-                "certified int8, per-key scales": lambda v: v.startswith("certified int8 eps") and "per-key" in v,
-                "certified int8 threshold, per-key scales": lambda v: v.startswith("certified int8 threshold")
-                and "per-key" in v,
-                "certified int8 threshold, unshifted bins": lambda v: v.startswith("certified int8 threshold")
-                and "unshifted" in v}
+                "certified int8, earlier runs": lambda v: v.startswith("certified int8 eps") and superseded(v),
+                "certified int8 threshold, earlier runs": lambda v: v.startswith("certified int8 threshold")
+                and superseded(v)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for (model, n), color in zip(prompts, plt.cm.tab10.colors):
         for family, marker in zip(families, "sov^DPpxXh"):

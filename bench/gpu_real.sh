@@ -4,8 +4,8 @@
 # default, whole pages and certified int8-threshold (bench/generate.py --model), then FRONTIER's
 # certified int8 rows through the Triton kernels (bench/frontier.py); `tail`: the threshold's tail
 # estimate on the GPU (its kernel tests, one layer at 128K/1M, generate() and FRONTIER's rows);
-# `threshold`, `threshold-qwen`: every int8-threshold variant of FRONTIER on both models, one layer
-# at 128K/1M and generate() on Qwen; `threshold-gen`: generate() on SmolLM2.
+# `threshold`, `threshold-qwen`: every certified int8 variant (ranked and threshold) of FRONTIER on
+# both models, one layer at 128K/1M and generate() on Qwen; `threshold-gen`: generate() on SmolLM2.
 # Usage (on the GPU machine): bash bench/gpu_real.sh OUT_DIR [generate|frontier|tail|tail-frontier|threshold|threshold-qwen|threshold-gen]...
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
@@ -44,15 +44,15 @@ for stage in "${@:-generate frontier}"; do
         --only "$only" --json "$out/frontier-smollm2-threshold-tail.json" 2>&1 | grep -v -i warn | tail -4
       timeout 300 python3 bench/frontier.py run --model qwen2.5-coder-0.5b --lengths 8192,32768 --device cuda \
         --only "$only" --json "$out/frontier-qwen-threshold-tail.json" 2>&1 | grep -v -i warn | tail -4 ;;
-    threshold)  # every int8-threshold variant (the oracle table's eps 1e-2 and 1e-3 too), one layer's cost
+    threshold)  # every certified int8 variant (the oracle table's rows), one layer's cost
       threshold_tests "$out/threshold_tests.txt"
       timeout 120 python3 bench/attention.py --contexts 131072,1048576 --only threshold --out "$out/attention_threshold" \
         2>&1 | grep -i threshold | tail -16
       timeout 300 python3 bench/frontier.py run --model smollm2-135m --lengths 2048,4096,8192 --device cuda \
-        --only 'threshold eps=' --json "$out/frontier-smollm2-threshold.json" 2>&1 | grep -v -i warn | tail -4 ;;
+        --only 'certified int8' --json "$out/frontier-smollm2-int8.json" 2>&1 | grep -v -i warn | tail -4 ;;
     threshold-qwen)
       timeout 420 python3 bench/frontier.py run --model qwen2.5-coder-0.5b --lengths 8192,32768 --device cuda \
-        --only 'threshold eps=' --json "$out/frontier-qwen-threshold.json" 2>&1 | grep -v -i warn | tail -4
+        --only 'certified int8' --json "$out/frontier-qwen-int8.json" 2>&1 | grep -v -i warn | tail -4
       timeout 150 python3 bench/generate.py --model qwen2.5-coder-0.5b --contexts 32768 --transformers '' --compiled '' \
         --systems "$tail_systems" --out "$out/gen_qwen_threshold" 2>&1 | grep -v -i warn | tail -6 ;;
     threshold-gen)

@@ -3,7 +3,7 @@ bound against the estimate, per-key against per-channel scales, and (for int8-th
 shared by the KV group, with and without each head's shift (reference.base_shift), against
 per-head bins. CPU is enough.
 
-    python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8]
+    python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8] [--eps 1e-2 1e-3]
 
 Queries are the rotated queries of the last --positions prompt tokens (captured in the prefill),
 every layer; keys are the cache's. Each row: keys attended (anchor 4 + window 128 + the selection,
@@ -85,10 +85,12 @@ def captured(args: argparse.Namespace) -> tuple[LLM, list[int], DenseCache, dict
 
 
 def main() -> None:
-    args = query_args(__doc__, 8).parse_args()
+    ap = query_args(__doc__, 8)
+    ap.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3])
+    args = ap.parse_args()
     llm, ids, cache, queries = captured(args)
     print("| eps | selection | keys over the oracle |\n|---|---|---|")
-    for eps in (1e-2, 1e-3):
+    for eps in args.eps:
         totals: dict[str, float] = {}
         for layer, qs in queries.items():
             keys = cache.k[layer, :, :, :len(ids)]

@@ -151,8 +151,8 @@ def _mix_tail(out, lse, kept_sum, bh, g, gmask, BOUNDS, COUNT, TH, TAIL_U, TAIL_
     lowest = tl.min(tl.load(TH + bh * G + i, mask=i < G, other=2147483647), 0)
     j = tl.load(GTOP + bh * G) - lowest + 1  # the first bin no head of the group keeps
     at = (bh * G + g) * NB + tl.minimum(tl.maximum(j, 0), NB - 1)
-    log_mass = (tl.load(TAIL_U + at, mask=gmask, other=float("-inf")) +
-                tl.load(TAIL_L + at, mask=gmask, other=float("-inf"))) / 2
+    log_mass = (TAIL_WEIGHT * tl.load(TAIL_U + at, mask=gmask, other=float("-inf")) +
+                (1 - TAIL_WEIGHT) * tl.load(TAIL_L + at, mask=gmask, other=float("-inf")))
     w = tl.where(j < NB, 1 / (1 + tl.exp(lse - log_mass)), 0.0)
     d = tl.arange(0, D_PAD)
     left = tl.load(BOUNDS + 2) - tl.load(BOUNDS + 1) - tl.load(COUNT + bh)
@@ -653,6 +653,8 @@ NO_PAGE: tl.constexpr = tl.constexpr(reference.NO_PAGE)
 MAX_BIN: tl.constexpr = tl.constexpr(reference.MAX_BIN)
 BIN_WIDTH: tl.constexpr = tl.constexpr(reference.BIN_WIDTH)
 MAX_SHIFT: tl.constexpr = tl.constexpr(reference.MAX_SHIFT)
+KEPT_MARGIN: tl.constexpr = tl.constexpr(reference.KEPT_MARGIN)
+TAIL_WEIGHT: tl.constexpr = tl.constexpr(reference.TAIL_WEIGHT)
 
 
 @triton.jit
@@ -771,7 +773,7 @@ def _page_scan(
     query head the block's histogram over bins counted down from the group's top (exp relative to
     the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
     candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Rows
-    0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their lower bounds l, so
+    0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their l (reference.KEPT_MARGIN), so
     one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head. The
     histogram is circular (a bin's slot is its absolute index mod NB, so nothing moves when the
     tops rise: the bins that fall to the lowest fold into its slot, and at the end the slots are
@@ -807,7 +809,7 @@ def _page_scan(
     q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
     shift = _base_shift(KQ, KS, q, q_err, real, b, h, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d, D, D_PAD, M,
                         CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
-    sign = tl.where(upper, 1.0, -1.0)
+    sign = tl.where(upper, 1.0, -KEPT_MARGIN)  # the lower rows' l = est - KEPT_MARGIN * err
     top = tl.full([M], float("-inf"), tl.float32)
     head_top = tl.full([M], NO_PAGE, tl.int32)
     group_top = tl.max(head_top, 0)
@@ -862,7 +864,7 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, BOUNDS, THRESHOLD, 
     """page_threshold pass 2, one program per query head: the blocks' histograms aligned on the
     group's top bin (bins are absolute multiples of BIN_WIDTH, so a block's shifts by a whole
     number of bins), rescaled to the head's top and summed, then the fewest top bins whose rest is
-    <= c times the kept lower bound. With TAIL, also the log suffix sums of both bounds and the
+    <= c times the kept l. With TAIL, also the log suffix sums of both bounds and the
     group's top (reference.Tail)."""
     pid = tl.program_id(0)  # = b * Hq + query head
     row = pid // G
@@ -879,8 +881,8 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, BOUNDS, THRESHOLD, 
     head_top = tl.max(head_top, 0)
     bins = tl.arange(0, NB)
     rest = tl.zeros([NB], tl.float32)
-    kept = tl.zeros([NB], tl.float32)  # kept[j]: the top j bins' lower bound
-    low_rest = tl.zeros([NB], tl.float32)  # TAIL: the lower bound's rest
+    kept = tl.zeros([NB], tl.float32)  # kept[j]: the top j bins' sum of exp(l)
+    low_rest = tl.zeros([NB], tl.float32)  # TAIL: the rest of exp(l)
     base_mass = tl.zeros([CB], tl.float32)
     for i0 in range(0, live, CB):
         ok = i0 + i < live
