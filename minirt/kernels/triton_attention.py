@@ -738,18 +738,35 @@ def _update_value_sum(V, VSUM, UPTO, b, h, row, lo, hi, sxb, sxh, sxn, D: tl.con
 
 
 @triton.jit
-def _base_shift(KQ, KS, q, q_err, real, b, h, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d,
-                D: tl.constexpr, D_PAD: tl.constexpr, M: tl.constexpr, TK: tl.constexpr, HALF: tl.constexpr,
-                SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _scaled_queries(Q, b, h, sqb, sqh, chan, real, G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr,
+                    D: tl.constexpr, D_PAD: tl.constexpr):
+    """The group's queries times the channel scales (powers of two, so exact) [M, D_PAD], each
+    head in two rows (see _page_scan)."""
+    head = tl.arange(0, M) % G2
+    d = tl.arange(0, D_PAD)
+    q = tl.load(Q + b * sqb + (h * G + head)[:, None] * sqh + d[None, :], mask=real[:, None] & (d < D)[None, :],
+                other=0.0)
+    return (q.to(tl.float32) * chan[None, :]).to(Q.dtype.element_ty)
+
+
+@triton.jit
+def _base_shift(Q, KQ, KS, chan, q_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn, ssb, ssh, sqrt_d,
+                G: tl.constexpr, G2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, M: tl.constexpr,
+                TK: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
     """reference.base_shift for the rows of a tile [M], from the int8 copies of the scored positions
     outside the candidates (the anchor and the window but the newest key), TK keys at a time. Every
-    pass-1 program computes it (a few hundred keys): a launch of its own cost more (7 us, H200)."""
+    pass-1 program computes it (a few hundred keys): a launch of its own cost more (7 us, H200).
+    Each tile loads the queries again: with one copy shared with _page_scan's loop, Triton 3.6
+    fails to compile the fp32 products (TritonGPURemoveLayoutConversions)."""
     top = tl.full([M], float("-inf"), tl.float32)
     for c0 in range(0, lo, TK):
+        q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD)
         est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, 1,
                                          sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
         top = tl.maximum(top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
     for c0 in range(hi, scored, TK):
+        q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD)
         est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, 1,
                                          sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
         top = tl.maximum(top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
@@ -803,12 +820,10 @@ def _page_scan(
     head = r % G2
     upper = r < G2
     real = (r < 2 * G2) & (head < G)
-    q = tl.load(Q + b * sqb + (h * G + head)[:, None] * sqh + d[None, :], mask=real[:, None] & (d < D)[None, :],
-                other=0.0)
-    q = (q.to(tl.float32) * chan[None, :]).to(Q.dtype.element_ty)  # chan: powers of two, so exact
+    q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD)
     q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
-    shift = _base_shift(KQ, KS, q, q_err, real, b, h, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d, D, D_PAD, M,
-                        CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
+    shift = _base_shift(Q, KQ, KS, chan, q_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn, ssb, ssh,
+                        sqrt_d, G, G2, D, D_PAD, M, CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
     sign = tl.where(upper, 1.0, -KEPT_MARGIN)  # the lower rows' l = est - KEPT_MARGIN * err
     top = tl.full([M], float("-inf"), tl.float32)
     head_top = tl.full([M], NO_PAGE, tl.int32)
