@@ -388,8 +388,8 @@ SHADOW_SLACK = 1e-3
 # with 0.25 certified int8 keeps 1.64 -> 1.44x the group oracle's keys on Qwen2.5-Coder-0.5B at
 # eps 0.1 (8K of code; int8-threshold 1.96 -> 1.82x) and 1.13 -> 1.08x on SmolLM2 (bench/int8_gap.py).
 # The certificate does not rely on it: each step's bound is U over the attended set's exact mass,
-# and a head it leaves above eps falls back to full attention (none did at 0.25 in those
-# measurements; some at 0.1). A power of two, so the twins' products stay exact.
+# and a head it leaves above eps falls back to full attention (at 0.25 at most 0.02% of the
+# head-steps of FRONTIER's runs did; more at 0.1). A power of two, so the twins' products stay exact.
 KEPT_MARGIN = 0.25
 TAIL_WEIGHT = KEPT_MARGIN / (1 + KEPT_MARGIN)  # the tail's mass, U^w * L^(1 - w): see estimate_tail
 
