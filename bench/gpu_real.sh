@@ -15,7 +15,7 @@ tail_systems="minirt full;minirt certified (int8-threshold, eps=1e-2, W=128);min
 SYSTEMS="minirt full;minirt sparse (default: exact, k=32, W=512);minirt sparse (whole pages, k=1024, W=512);minirt certified (int8-threshold, eps=1e-2, W=128)"
 threshold_tests() {  # the threshold's, tail's and graph's kernel and engine tests, their summary into $1
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
-    -k "tail or threshold or filtered or runtime or graph" 2>&1 | grep -E "FAILED|passed|failed" | tail -8 | tee "$1"
+    -k "tail or threshold or filtered or runtime or graph" 2>&1 | grep -E "FAILED|ERROR|passed|failed|error" | tail -8 | tee "$1"
 }
 for stage in "${@:-generate frontier}"; do
   case $stage in
