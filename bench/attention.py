@@ -182,8 +182,9 @@ def run_shape(name: str, Hq: int, Hkv: int, D: int, n: int, dtype, use_graphs: b
                 note = f"heads falling back: {int(fall.sum())}/{Hq}"
             if policy.selection == "int8-threshold":  # what the threshold kept, per KV head
                 c = caches[0]
-                kept = reference.kept_pages(*c.ops.page_threshold(step_qs[0], c.k[0], c.kq[0], c.kscale[0], c.kchan[0],
-                                                                  c.bounds, policy.max_dropped_mass, policy.page_size)[:2])
+                kept = reference.kept_pages(*c.ops.page_threshold(
+                    step_qs[0], c.k[0], c.kq[0], c.kscale[0], c.kchan[0], c.koffset[0], c.bounds,
+                    policy.max_dropped_mass, policy.page_size)[:2])
                 attended = round(float(kept[..., :math.ceil(n / policy.page_size)].sum()) * policy.page_size / Hkv)
                 note += f"; distant keys kept per KV head: {attended}"
             summary_el = el if caches[0].kmin is None else caches[0].kmin.element_size()

@@ -52,8 +52,9 @@ PER_KEY_SCALES = {"7f3b526", "31194a1", "454fdd3", "64e293e"}
 # reference.base_shift): their threshold rows are named so
 UNSHIFTED_BINS = {"4bbb6de", "11b9e3e", "3963de9", "c324d44"}
 # runs whose meta has no kept_margin counted the kept keys' mass at its lower bound in the int8
-# modes (before reference.KEPT_MARGIN): their int8 rows are named so
-SUPERSEDED = (" (per-key scales)", " (unshifted bins)", " (margin 1)")  # the marks of rows later runs replace
+# modes (before reference.KEPT_MARGIN), those with no key_offsets coded keys without offsets
+# (before reference.key_offsets): their int8 rows are named so. The marks of rows later runs replace:
+SUPERSEDED = (" (per-key scales)", " (unshifted bins)", " (margin 1)", " (no offsets)")
 
 
 def superseded(variant: str) -> bool:
@@ -205,7 +206,7 @@ def run(args) -> None:
 def save(args, name: str, rows: list[dict], t0: float) -> None:
     meta = {"model": name, "set": args.set, "steps": args.steps, "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
             "dtype": args.dtype, "minutes": (time.time() - t0) / 60, "commit": commit(), "date": str(datetime.date.today()),
-            "command": "python " + shlex.join(sys.argv), "kept_margin": R.KEPT_MARGIN}
+            "command": "python " + shlex.join(sys.argv), "kept_margin": R.KEPT_MARGIN, "key_offsets": True}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.json}", file=sys.stderr)
@@ -231,6 +232,8 @@ def load(paths: list[str]) -> list[dict]:
                 r["variant"] += " (unshifted bins)"
             elif "kept_margin" not in res["meta"] and "int8" in r["variant"]:
                 r["variant"] += " (margin 1)"
+            elif "key_offsets" not in res["meta"] and "int8" in r["variant"]:
+                r["variant"] += " (no offsets)"
             r["nominal"] = min(n for n in asked if n >= r["length"])
     return results
 
@@ -311,7 +314,9 @@ runs from before. Rows marked *(unshifted bins)* are int8-threshold runs from be
 bounds were shifted to its own top over the anchor and window (`kernels.reference.base_shift`).
 Rows marked *(margin 1)* are int8 runs from before the choice counted the kept keys' mass as
 exp(estimate - a quarter of its error bound) instead of its lower bound (`kernels.reference.KEPT_MARGIN`;
-the bound a step certifies is still U over the attended keys' exact mass). Its *KV read* is what the algorithm needs
+the bound a step certifies is still U over the attended keys' exact mass). Rows marked *(no offsets)* are int8 runs
+from before the copies coded each key less its KV head's per-channel mid-range (`kernels.reference.key_offsets`),
+which halves the error bounds on Qwen. Its *KV read* is what the algorithm needs
 (the GPU step's fallback launch reads the cache of the KV groups that fall back, and no other).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
@@ -333,7 +338,8 @@ they attend more; *ratio* is their keys over the oracle's at the same eps. *rank
 ranks keys by their upper bound (`--selection int8`); *threshold*: keys kept by a per-head
 threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`; bins per query
 head before b0fd441, shared by the KV group since; *unshifted bins*: before each head's shift;
-*margin 1*: the kept keys' mass counted at its lower bound, before `kernels.reference.KEPT_MARGIN`).
+*margin 1*: the kept keys' mass counted at its lower bound, before `kernels.reference.KEPT_MARGIN`;
+*no offsets*: before `kernels.reference.key_offsets`).
 
 | model | prompt | eps | int8 mode | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
 |---|---|---|---|---|---|---|---|---|---|
@@ -360,7 +366,8 @@ REPORTED = ("exact k=32 W=512 (default)", "whole pages k=1024 W=512")
 def evaluation(results: list[dict]) -> tuple[str, list[dict]]:
     """The long-context evaluation (issue #11, item 5) as Markdown, per model, length and variant,
     with the variants that kept full attention's tokens and retrieval, and the rows it covers.
-    Superseded rows (per-key int8 scales, unshifted threshold bins, margin 1) are left out: later runs replace them."""
+    Superseded rows (per-key int8 scales, unshifted threshold bins, margin 1, no offsets) are left out: later
+    runs replace them."""
     rows = [r for res in results for r in res["rows"]
             if (res["meta"].get("set", "main") == "main" or r["variant"] in REPORTED) and not superseded(r["variant"])]
     keys = sorted(dict.fromkeys((r["model"], r["nominal"], r["variant"]) for r in rows),

@@ -1,7 +1,7 @@
 """Where certified int8 selection attends keys beyond the group oracle, on real weights: the error
-bound against the estimate, per-key against per-channel scales, and (for int8-threshold) bins
-shared by the KV group, with and without each head's shift (reference.base_shift), against
-per-head bins. CPU is enough.
+bound against the estimate, per-key scales against per-channel scales without and with offsets
+(reference.key_frame), and (for int8-threshold) bins shared by the KV group, with and without
+each head's shift (reference.base_shift), against per-head bins. CPU is enough.
 
     python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8] [--eps 1e-2 1e-3]
 
@@ -94,7 +94,11 @@ def main() -> None:
         totals: dict[str, float] = {}
         for layer, qs in queries.items():
             keys = cache.k[layer, :, :, :len(ids)]
-            chan = R.channel_scales(keys[:, :, :len(ids) - args.positions], llm.cfg.rotary_dim)
+            prefix = keys[:, :, :len(ids) - args.positions]
+            frames = {"per-key scales": (torch.ones_like(prefix[:, :, 0]), torch.zeros_like(prefix[:, :, 0])),
+                      "per-channel scales, no offsets": (R.channel_scales(prefix, llm.cfg.rotary_dim),
+                                                         torch.zeros_like(prefix[:, :, 0])),
+                      "per-channel scales and offsets": R.key_frame(prefix, llm.cfg.rotary_dim)}  # the cache's
             for t in range(args.positions):
                 n = len(ids) - args.positions + t + 1
                 k, q = keys[:, :, :n], qs[:, :, t]
@@ -102,30 +106,31 @@ def main() -> None:
                 bounds = R.step_bounds(*b, "cpu")
                 always = n - (b[2] - b[1])  # anchor and window
                 scores = R.group_scores(q, k)
-                est, err = R.shadow_scores(q, *R.quantize_keys(k), n)
-                kq, ks = R.quantize_keys(k, chan[:, :, None])
-                est_c, err_c = R.shadow_scores(q, kq, ks, n, chan)
+                codes = {name: R.quantize_keys(k, chan[:, :, None], offset[:, :, None])
+                         for name, (chan, offset) in frames.items()}
+                shadows = {name: R.shadow_scores(q, *codes[name], n, *frame) for name, frame in frames.items()}
 
                 def chosen(idx: torch.Tensor) -> float:
                     return float((idx >= 0).sum()) + always * k.shape[1]
 
-                def threshold(kq_, ks_, chan_, shifted: bool = True) -> float:
+                def threshold(frame: str, shifted: bool = True) -> float:
                     no_shift = lambda up, base: torch.zeros_like(up[..., 0])  # noqa: E731  every head ranked as it is
                     with mock.patch.object(R, "base_shift", R.base_shift if shifted else no_shift):
-                        page_bin, th, _ = R.page_threshold(q, k, kq_.clone(), ks_.clone(), chan_, bounds, eps, 1)
+                        page_bin, th, _ = R.page_threshold(q, k, *(x.clone() for x in codes[frame]), *frames[frame],
+                                                           bounds, eps, 1)
                     return float(R.kept_pages(page_bin, th).sum()) + always * k.shape[1]
 
+                best = "per-channel scales and offsets"
+                est, err = shadows[best]
                 rows = {
                     "oracle (exact scores)": chosen(R.certified_select(scores, scores.logsumexp(-1), bounds, eps, n)),
-                    "ranked, per-key scales": chosen(R.bounded_select(est, err, bounds, eps, n)),
-                    "ranked, the true int8 error as its bound": chosen(
+                    **{f"ranked, {name}": chosen(R.bounded_select(*shadows[name], bounds, eps, n)) for name in frames},
+                    f"ranked, {best}, the true int8 error as its bound": chosen(
                         R.bounded_select(est, (est - scores).abs() * 1.0001, bounds, eps, n)),
-                    "ranked, per-channel scales": chosen(R.bounded_select(est_c, err_c, bounds, eps, n)),
-                    "threshold, per-key scales": threshold(*R.quantize_keys(k), torch.ones_like(chan)),
-                    "threshold, per-channel scales, no shift": threshold(kq, ks, chan, shifted=False),
-                    "threshold, per-channel scales": threshold(kq, ks, chan),
-                    "threshold, per-channel scales, bins per query head": float(
-                        head_bins_threshold(est_c, err_c, b, eps).sum()) + always * k.shape[1],
+                    **{f"threshold, {name}": threshold(name) for name in frames},
+                    f"threshold, {best}, no shift": threshold(best, shifted=False),
+                    f"threshold, {best}, bins per query head": float(
+                        head_bins_threshold(est, err, b, eps).sum()) + always * k.shape[1],
                 }
                 for name, count in rows.items():
                     totals[name] = totals.get(name, 0.0) + count

@@ -27,19 +27,20 @@ from minirt.kernels import reference as R  # noqa: E402
 ANCHOR, WINDOW = 4, 128
 
 
-def tail_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chan: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
+def tail_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chan: torch.Tensor, offset: torch.Tensor,
+                eps: float) -> dict[str, torch.Tensor]:
     """Per estimator, the relative output error of every query head [B*Hq] at one position."""
     B, Hq, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     G = Hq // Hkv
     bounds = R.step_bounds(*R.sparse_bounds(n, ANCHOR, WINDOW), "cpu")
-    kq, ks = R.quantize_keys(k, chan[:, :, None])
-    page_bin, th, _ = R.page_threshold(q, k, kq.clone(), ks.clone(), chan, bounds, eps, 1)
+    kq, ks = R.quantize_keys(k, chan[:, :, None], offset[:, :, None])
+    page_bin, th, _ = R.page_threshold(q, k, kq.clone(), ks.clone(), chan, offset, bounds, eps, 1)
     kept = R.kept_positions(page_bin, th, 1, n)  # [B, Hkv, n]
     cand = R.candidates(kept, bounds)
     tail = cand & ~kept
     s = R.group_scores(q, k)  # [B, Hkv, G, n]
-    est, err = R.shadow_scores(q, kq, ks, n, chan)
+    est, err = R.shadow_scores(q, kq, ks, n, chan, offset)
     attended = ~tail[:, :, None].expand_as(s)
     lse_s = torch.logsumexp(s.masked_fill(~attended, R.NEG_INF), -1)
     o_s = torch.softmax(s.masked_fill(~attended, R.NEG_INF), -1) @ v
@@ -97,10 +98,10 @@ def main() -> None:
         errs: dict[str, list[torch.Tensor]] = {}
         for layer, qs in queries.items():
             keys, values = cache.k[layer, :, :, :len(ids)], cache.v[layer, :, :, :len(ids)]
-            chan = R.channel_scales(keys[:, :, :len(ids) - args.positions], llm.cfg.rotary_dim)
+            frame = R.key_frame(keys[:, :, :len(ids) - args.positions], llm.cfg.rotary_dim)
             for t in range(args.positions):
                 n = len(ids) - args.positions + t + 1
-                for name, e in tail_errors(qs[:, :, t], keys[:, :, :n], values[:, :, :n], chan, eps).items():
+                for name, e in tail_errors(qs[:, :, t], keys[:, :, :n], values[:, :, :n], *frame, eps).items():
                     errs.setdefault(name, []).append(e)
         for name, parts in errs.items():
             e = torch.cat(parts)

@@ -47,8 +47,8 @@ def main() -> None:
         torch.manual_seed(0)
         q = torch.randn(1, 32, 64, device="cuda", dtype=torch.float16) * PEAK
         ring_k, ring_v, k, v = cache.ring_k[0], cache.ring_v[0], cache.k[0], cache.v[0]
-        page_bin, threshold, _ = tri.page_threshold(q, k, cache.kq[0], cache.kscale[0], cache.kchan[0], cache.bounds,
-                                                    0.01, 1)
+        page_bin, threshold, _ = tri.page_threshold(q, k, cache.kq[0], cache.kscale[0], cache.kchan[0],
+                                                    cache.koffset[0], cache.bounds, 0.01, 1)
         bounds = reference.as_bounds(cache.bounds, None, q.device, sweep.POLICY.anchor, ring_k.shape[2])
         idx, count = tri.kept_list(page_bin, threshold, bounds, 1, k.shape[2])
         max_keys = ring_k.shape[2] + sweep.POLICY.anchor + k.shape[2]

@@ -44,7 +44,7 @@ def main() -> None:
         cache = make_cache(32, 4, 64, n, sweep.POLICY, torch.float16)
         q = torch.randn(1, 32, 64, device="cuda", dtype=torch.float16) * PEAK
         select = lambda: tri.page_threshold(q, cache.k[0], cache.kq[0], cache.kscale[0], cache.kchan[0],  # noqa: E731
-                                            cache.bounds, 0.01, 1)
+                                            cache.koffset[0], cache.bounds, 0.01, 1)
         want = select()[1]
         for values in itertools.product(*SETTINGS.values()):
             tri.PAGE_SCAN.update(zip(SETTINGS, values))

@@ -173,14 +173,16 @@ class CondensateCache(DenseCache):
             summary = torch.float8_e4m3fn if policy.summary_dtype == "fp8" else dtype
             self.kmin = torch.empty(pages, device=device, dtype=summary)
             self.kmax = torch.empty(pages, device=device, dtype=summary)
-        # int8 selection: each key's int8 copy and scale, made with per-channel scales set from the
-        # keys of the first prefill (kernels.reference.quantize_keys, channel_scales)
-        self.kq = self.kscale = self.kchan = None
+        # int8 selection: each key's int8 copy and scale, made with per-channel offsets and scales
+        # set from the keys of the first prefill (kernels.reference.quantize_keys, key_offsets,
+        # channel_scales)
+        self.kq = self.kscale = self.kchan = self.koffset = None
         if policy.shadowed:
             self.kq = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.head_dim, device=device,
                                   dtype=torch.int8)
             self.kscale = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, capacity, device=device)
             self.kchan = torch.ones(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, device=device)
+            self.koffset = torch.zeros_like(self.kchan)
             self.rotary_dim = cfg.rotary_dim if cfg.uses_rope else 0
         # the tail estimate's page summaries: fp32 key and value sums (mean = sum / page size)
         self.ksum = self.vsum = None
@@ -259,7 +261,7 @@ class CondensateCache(DenseCache):
         if self.kq is not None and self.policy.selection != "int8-threshold":  # (page_threshold writes its own)
             # the new key's int8 copy, at the position held on the device
             position = (self.bounds[:1] - 1).long()
-            kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position), self.kchan[layer][:, :, None])
+            kq, scale = reference.quantize_keys(self.k[layer].index_select(2, position), *self._frame(layer))
             self.kq[layer].index_copy_(2, position, kq)
             self.kscale[layer].index_copy_(2, position, scale)
         if self.ksum is not None:  # the reference path only (_check_plan): the position is read on the host
@@ -274,10 +276,14 @@ class CondensateCache(DenseCache):
     def _update_shadow(self, layer: int, start: int, end: int) -> None:
         if self.kq is not None:
             keys = self.k[layer, :, :, start:end]
-            if start == 0:  # the first keys set the channel scales; every later key is quantised with them
-                self.kchan[layer] = reference.channel_scales(keys, self.rotary_dim)
+            if start == 0:  # the first keys set the offsets and scales; every later key is quantised with them
+                self.kchan[layer], self.koffset[layer] = reference.key_frame(keys, self.rotary_dim)
             self.kq[layer, :, :, start:end], self.kscale[layer, :, :, start:end] = reference.quantize_keys(
-                keys, self.kchan[layer][:, :, None])
+                keys, *self._frame(layer))
+
+    def _frame(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's channel scales and offsets, shaped to broadcast against keys [B, Hkv, n, D]."""
+        return self.kchan[layer][:, :, None], self.koffset[layer][:, :, None]
 
     def _derive(self, start: int, end: int) -> None:
         # The ring holds the last W positions; pages touching [start, end) are summarised again
@@ -323,7 +329,7 @@ class CondensateCache(DenseCache):
             scores, lse_all = self._exact_scores(layer, q)
         if self.kq is not None:  # every key's logit from its int8 copy, and its error bound
             shadow = reference.shadow_scores(q, self.kq[layer], self.kscale[layer], self.bounds[0],
-                                             self.kchan[layer])
+                                             self.kchan[layer], self.koffset[layer])
         idx = self._select(layer, q, k_top, scores, lse_all, shadow)
         if self.certify:  # measured for equivalence reports only: no extra launches on the plain decode path
             self.selected[layer] = (idx >= 0).flatten(2).sum(-1) / (idx.shape[2] if idx.dim() == 4 else 1)
@@ -370,7 +376,8 @@ class CondensateCache(DenseCache):
         U / (Z_set + U) decides each head's fallback; with certify the exact dropped mass is recorded."""
         p, ks, vs, tail = self.policy, self.k[layer], self.v[layer], self._tail(layer)
         page_bin, threshold, log_rest = self.ops.page_threshold(q, ks, self.kq[layer], self.kscale[layer],
-                                                                self.kchan[layer], self.bounds, p.max_dropped_mass,
+                                                                self.kchan[layer], self.koffset[layer], self.bounds,
+                                                                p.max_dropped_mass,
                                                                 p.page_size, tail)
         out, lse, bound = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs,
                                                            page_bin, threshold, log_rest, self.bounds, p.anchor,

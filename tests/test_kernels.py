@@ -111,17 +111,18 @@ def test_sparse_attention_reference_is_exact_softmax_over_the_union():
 
 
 def dyadic_int8_keys(B, Hkv, G, D, cap, g, spikes=slice(0)):
-    """Queries on a 1/8 grid, int8 keys with power-of-two scales and channel scales (and the keys
-    they stand for): every logit estimate is exact in both twins, so their page bins must agree bit
-    for bit. Keys at `spikes` are scaled 64x."""
+    """Queries on a 1/8 grid, int8 keys with power-of-two scales, channel scales and offsets on a
+    1/4 grid (and the keys they stand for): every logit estimate is exact in both twins, so their
+    page bins must agree bit for bit. Keys at `spikes` are scaled 64x."""
     k = torch.randn(B, Hkv, cap, D, generator=g) * torch.rand(B, Hkv, cap, 1, generator=g) * 3
     kq, scale = ref.quantize_keys(k)
     scale = torch.exp2(torch.round(torch.log2(scale)))
     scale[:, :, spikes] *= 64
     chan = torch.exp2(-torch.randint(0, 4, (B, Hkv, D), generator=g).float())
     q = torch.round(torch.randn(B, Hkv * G, D, generator=g) * 8) / 8
-    keys = kq.float() * scale[..., None] * chan[:, :, None]
-    return q.to(DEVICE), kq.to(DEVICE), scale.to(DEVICE), chan.to(DEVICE), keys.to(DEVICE)
+    offset = torch.round(torch.randn(B, Hkv, D, generator=g) * 8) / 4
+    keys = kq.float() * scale[..., None] * chan[:, :, None] + offset[:, :, None]
+    return tuple(x.to(DEVICE) for x in (q, kq, scale, chan, offset, keys))
 
 
 @pytest.mark.parametrize("B, Hkv, G, n, P, window, spikes", [
@@ -136,13 +137,13 @@ def test_page_threshold(B, Hkv, G, n, P, window, spikes, eps):
     every page; 1 keeps none), with ragged last pages, a cache of 2 positions, and tops that rise
     past every bin within a block; both write the newest key's int8 copy alike."""
     g = torch.Generator().manual_seed(n + P)
-    q, kq, scale, chan, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g, spikes)
+    q, kq, scale, chan, offset, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g, spikes)
     k[:, :, n - 1] = torch.randn(B, Hkv, 64, generator=g).to(DEVICE) * 3  # a key without its copy yet
     bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, window), DEVICE)
     copies = {twin: (kq.clone(), scale.clone()) for twin in ("ref", "tri")}
-    want = ref.page_threshold(q, k, *copies["ref"], chan, bounds, eps, P)
-    got = tri.page_threshold(q, k, *copies["tri"], chan, bounds, eps, P)
-    new_kq, new_scale = ref.quantize_keys(k[:, :, n - 1], chan)
+    want = ref.page_threshold(q, k, *copies["ref"], chan, offset, bounds, eps, P)
+    got = tri.page_threshold(q, k, *copies["tri"], chan, offset, bounds, eps, P)
+    new_kq, new_scale = ref.quantize_keys(k[:, :, n - 1], chan, offset)
     for twin_kq, twin_scale in copies.values():
         assert torch.equal(twin_kq[:, :, n - 1], new_kq) and torch.equal(twin_scale[:, :, n - 1], new_scale)
         assert torch.equal(twin_kq[:, :, :n - 1], kq[:, :, :n - 1])  # nothing else written
@@ -153,7 +154,7 @@ def test_page_threshold(B, Hkv, G, n, P, window, spikes, eps):
     # fp32 exps may differ by an ulp, so land one bf16 step (2^-8) apart; far below the top (past
     # fp32's normal range, a share of 1e-36) they may flush to zero differently
     assert torch.equal(torch.isfinite(got[2]), torch.isfinite(want[2]))
-    est, err = ref.shadow_scores(q, kq, scale, n - 1, chan)
+    est, err = ref.shadow_scores(q, kq, scale, n - 1, chan, offset)
     top = (est + err).amax(-1).view(B, -1)
     assert torch.allclose(torch.exp(got[2] - top), torch.exp(want[2] - top), rtol=2 ** -8, atol=2 ** -120)
 
@@ -167,16 +168,16 @@ def test_page_threshold_tail(B, Hkv, G, n, P, window, spikes, eps):
     over the bins, the group's top bin and the candidates' value sum (started from stale buffers:
     upto = -1 sums all of [lo, hi))."""
     g = torch.Generator().manual_seed(n + P)
-    q, kq, scale, chan, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g, spikes)
+    q, kq, scale, chan, offset, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g, spikes)
     v = torch.randn(k.shape, generator=g).to(DEVICE)
     bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, window), DEVICE)
     tails = {twin: tail_buffers(B, Hkv, G, 64, v) for twin in ("ref", "tri")}
     for twin in tails.values():
         twin.value_sum.fill_(float("nan"))
-    want = ref.page_threshold(q, k, kq.clone(), scale.clone(), chan, bounds, eps, P, tails["ref"])
-    got = tri.page_threshold(q, k, kq.clone(), scale.clone(), chan, bounds, eps, P, tails["tri"])
+    want = ref.page_threshold(q, k, kq.clone(), scale.clone(), chan, offset, bounds, eps, P, tails["ref"])
+    got = tri.page_threshold(q, k, kq.clone(), scale.clone(), chan, offset, bounds, eps, P, tails["tri"])
     assert torch.equal(got[1], want[1])
-    est, err = ref.shadow_scores(q, kq, scale, n - 1, chan)
+    est, err = ref.shadow_scores(q, kq, scale, n - 1, chan, offset)
     top = (est + err).amax(-1).view(B, -1, 1)
     for name in ("log_u", "log_l"):
         x, y = getattr(tails["tri"], name), getattr(tails["ref"], name)
@@ -195,14 +196,14 @@ def test_page_filtered_attention_tail(n, P, eps, direct, monkeypatch):
         monkeypatch.setitem(tri.KEPT_GATHER, "programs_per_sm", 1)
     g = torch.Generator().manual_seed(n)
     B, Hkv, G, D, W, anchor = 2, 2, 4, 64, 16, 4
-    q, kq, scale, chan, k = dyadic_int8_keys(B, Hkv, G, D, n, g)
+    q, kq, scale, chan, offset, k = dyadic_int8_keys(B, Hkv, G, D, n, g)
     q = q * 2  # peaked enough that eps leaves candidates out
     v = torch.randn(k.shape, generator=g).to(DEVICE)
     ring_k, ring_v = torch.zeros(B, Hkv, W, D, device=DEVICE), torch.zeros(B, Hkv, W, D, device=DEVICE)
     ref.fill_ring(ring_k, ring_v, k[:, :, n - W:], v[:, :, n - W:], n - W)
     bounds = ref.step_bounds(*ref.sparse_bounds(n, anchor, W), DEVICE)
     tail = tail_buffers(B, Hkv, G, D, v)
-    page_bin, threshold, log_rest = tri.page_threshold(q, k, kq, scale, chan, bounds, eps, P, tail)
+    page_bin, threshold, log_rest = tri.page_threshold(q, k, kq, scale, chan, offset, bounds, eps, P, tail)
     args = (q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, anchor, P)
     got, lse, _ = tri.page_filtered_attention(*args, out=torch.full_like(q, float("nan")), tail=tail)
     want, want_lse, _ = ref.page_filtered_attention(*args, tail=tail)
@@ -216,14 +217,15 @@ def test_page_threshold_certifies_the_dropped_mass():
     dropped mass and is <= eps for every head (reference, random keys of a few magnitudes)."""
     g = torch.Generator().manual_seed(5)
     B, Hkv, G, D, n, P, W = 1, 2, 4, 64, 1200, 16, 64
-    q, kq, scale, chan, k = dyadic_int8_keys(B, Hkv, G, D, n, g)
+    q, kq, scale, chan, offset, k = dyadic_int8_keys(B, Hkv, G, D, n, g)
     q, k, v = 4 * q.cpu(), k.cpu(), torch.randn(B, Hkv, n, D, generator=g)  # peaked: logits spread over ~+-20
     bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, W), "cpu")
     ring_k, ring_v = torch.zeros(B, Hkv, W, D), torch.zeros(B, Hkv, W, D)
     ref.fill_ring(ring_k, ring_v, k[:, :, n - W:], v[:, :, n - W:], n - W)
     exact_lse = ref.decode_attention(q, k, v)[1]
     for eps in (1e-3, 1e-2, 0.1):
-        page_bin, threshold, log_rest = ref.page_threshold(q, k, kq.cpu(), scale.cpu(), chan.cpu(), bounds, eps, P)
+        page_bin, threshold, log_rest = ref.page_threshold(q, k, kq.cpu(), scale.cpu(), chan.cpu(), offset.cpu(),
+                                                           bounds, eps, P)
         _, lse, bound = ref.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, 4, P)
         dropped = 1 - torch.exp(lse - exact_lse)
         assert bool((bound >= dropped - 1e-6).all()) and bool((bound <= eps).all())
@@ -252,7 +254,8 @@ def test_page_threshold_shift_ranks_by_each_heads_own_top(monkeypatch):
     assert 11 <= float(shift[0, 0, 1] - shift[0, 0, 0]) <= 13
 
     def kept() -> int:
-        page_bin, threshold, log_rest = ref.page_threshold(q, k, kq.clone(), scale.clone(), chan, bounds, eps, 1)
+        page_bin, threshold, log_rest = ref.page_threshold(q, k, kq.clone(), scale.clone(), chan,
+                                                           torch.zeros_like(chan), bounds, eps, 1)
         return int(ref.kept_pages(page_bin, threshold).sum())
 
     shifted = kept()
@@ -358,7 +361,8 @@ def test_threshold_tail_of_equal_logits_is_full_attention():
     outward: 2^-8), while dropping the tail is far from it."""
     g = torch.Generator().manual_seed(13)
     B, Hkv, G, D, n, W, anchor = 1, 2, 3, 64, 300, 16, 4
-    q, kq, scale, chan, k = (x.cpu() for x in dyadic_int8_keys(B, Hkv, G, D, n, g))
+    q, kq, scale, chan, offset, k = (x.cpu() for x in dyadic_int8_keys(B, Hkv, G, D, n, g))
+    offset.zero_()  # keys of 0 are exact copies: logit 0
     kq[:, :, anchor:n - W], k[:, :, anchor:n - W] = 0, 0
     scale[:, :, anchor:n - W] = scale[:, :, anchor:anchor + 1]  # one error bound too: sqrt(U * L) is exact
     v = torch.randn(B, Hkv, n, D, generator=g)
@@ -366,7 +370,7 @@ def test_threshold_tail_of_equal_logits_is_full_attention():
     ref.fill_ring(ring_k, ring_v, k[:, :, n - W:], v[:, :, n - W:], n - W)
     bounds = ref.step_bounds(*ref.sparse_bounds(n, anchor, W), "cpu")
     tail = tail_buffers(B, Hkv, G, D, v)
-    page_bin, threshold, log_rest = ref.page_threshold(q, k, kq, scale, chan, bounds, 1.0, 1, tail)
+    page_bin, threshold, log_rest = ref.page_threshold(q, k, kq, scale, chan, offset, bounds, 1.0, 1, tail)
     keep = ref.kept_positions(page_bin, threshold, 1, n)
     assert not (keep & ref.candidates(keep, bounds)).any()  # eps = 1: every candidate is left out
     args = (q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, anchor, 1)

@@ -13,8 +13,8 @@ from minirt.config import PAPER_POLICY, ModelConfig
 from minirt.kernels import reference
 from minirt.equivalence import compare, full_reference, needle_retrieval
 from minirt.generation import forced_steps
-from minirt.kernels.reference import (bounded_select, certified_select, channel_scales, quantize_keys, ring_positions,
-                                     shadow_bound, shadow_scores)
+from minirt.kernels.reference import (bounded_select, certified_select, channel_scales, key_offsets, quantize_keys,
+                                     ring_positions, shadow_bound, shadow_scores)
 from minirt.workloads import NEEDLES, PAPER_PROMPTS, haystack_prompts, long_prompt, passkey_prompt
 
 STORY = "The secret code is PHOENIX. Remember it. Once upon a time, in a small village by the sea, there lived"
@@ -216,6 +216,26 @@ def test_int8_keys_bound_every_logit(scaled):
         assert float(err.mean()) < 0.5 * float(shadow_scores(q, *quantize_keys(k), 40)[1].mean())
 
 
+def test_key_offsets_keep_every_logit_bounded_and_tighten_the_bounds():
+    """Keys sharing a large per-channel part (as key biases make) coded less their mid-range
+    (key_offsets): the estimate with q·offset added back stays within its bound for every key,
+    including later keys past the range the offsets came from, and the bounds are much tighter."""
+    torch.manual_seed(5)
+    k = torch.randn(1, 2, 60, 16) + torch.randn(1, 2, 1, 16) * 20
+    k[:, :, 50:] *= 1.5  # past the first keys' range
+    q = torch.randn(1, 6, 16) * 5
+    offset = key_offsets(k[:, :, :40])
+    assert torch.equal(offset, (k[:, :, :40].amax(2) + k[:, :, :40].amin(2)) / 2)
+    chan = channel_scales(k[:, :, :40] - offset[:, :, None], rotary_dim=0)
+    kq, scale = quantize_keys(k, chan[:, :, None], offset[:, :, None])
+    est, err = shadow_scores(q, kq, scale, 60, chan, offset)
+    exact = (q.view(1, 2, 3, 16) @ k.transpose(-1, -2)) / 4
+    assert bool(((est - exact).abs() <= err).all())
+    plain_chan = channel_scales(k[:, :, :40], rotary_dim=0)
+    plain_err = shadow_scores(q, *quantize_keys(k, plain_chan[:, :, None]), 60, plain_chan)[1]
+    assert float(err.mean()) < 0.3 * float(plain_err.mean())  # measured 0.23
+
+
 def test_channel_scales():
     """Powers of two in [2^-10, 1], 1 on each head's largest channel, equal within each rotated pair
     (d, d + rotary_dim / 2), each pair's at least its larger channel's share of the largest."""
@@ -269,8 +289,9 @@ def test_bounded_select_certifies_the_dropped_mass(eps, monkeypatch):
 def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm, selection, page_size):
     """Certified mode from the int8 copy (eps = 1e-3; keys ranked, or keys / pages of 4 by threshold)
     on 1K tokens of real Python source: the same tokens as full attention, and in every layer, head
-    and step the bound it decided by is >= the exact dropped mass (measured beside it) and <= eps:
-    no cap, and choosing with the kept mass at reference.KEPT_MARGIN left no head above eps here."""
+    and step the bound it decided by is >= the exact dropped mass (measured beside it); no cap.
+    Choosing with the kept mass at reference.KEPT_MARGIN may leave a head above eps (it falls back
+    to full attention: counted once per head above eps), but rarely (ranked: 1 of 810 here)."""
     ids = long_prompt(smollm2_llm.tokenizer, "code", 1024)
     policy = replace(PAPER_POLICY, selection=selection, top_k=1024, page_size=page_size, max_dropped_mass=1e-3)
     report = compare(smollm2_llm, ids, 8, policy)
@@ -279,10 +300,12 @@ def test_int8_certified_mode_matches_full_without_exact_scores(smollm2_llm, sele
     cache = smollm2_llm.new_cache(len(ids) + 4, "sparse", policy, certify=True)
     steps = forced_steps(smollm2_llm, ids, [198, 198, 198], cache)
     next(steps)  # the prefill: full attention
+    above = 0
     for _ in steps:
         exact, bound = cache.dropped[:, 0], cache.dropped_bound[:, 0]
-        assert bool((bound >= exact - 1e-6).all()) and bool((bound <= 1e-3 * (1 + 1e-4)).all())
-    assert cache.fallbacks == 0
+        assert bool((bound >= exact - 1e-6).all())
+        above += int((bound >= 1e-3).sum())
+    assert cache.fallbacks == above <= 0.01 * 3 * bound.numel()
 
 
 @pytest.mark.parametrize("kind", ["code", "prose"])

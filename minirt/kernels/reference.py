@@ -352,14 +352,15 @@ def _union_of_prefixes(x: torch.Tensor, ranked: torch.Tensor, need: torch.Tensor
 
 
 def channel_scales(k: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Per-channel scales [B, Hkv, D] for int8 copies, from keys k [B, Hkv, n, D]: each channel's
-    largest |k| over the keys relative to the head's largest, rounded up to a power of two in
-    [2^-10, 1], the same for both channels of a rotated pair (d, d + rotary_dim / 2: RoPE moves a
-    key's magnitude between them as its position changes). Keys are quantised as k / c and scored
-    with q * c (quantize_keys, shadow_scores), so a few outlier channels no longer coarsen every
-    other channel's int8 step: the error bounds shrink and certified int8 selection keeps ~5% fewer
-    keys (SmolLM2, 4K of prose, eps 1e-2). Powers of two keep q * c exact (in bf16 and fp32; in
-    fp16 but where it is subnormal, which the bounds' SHADOW_SLACK covers)."""
+    """Per-channel scales [B, Hkv, D] for int8 copies, from keys k [B, Hkv, n, D] (less their
+    offsets: key_frame): each channel's largest |k| over the keys relative to the head's largest,
+    rounded up to a power of two in [2^-10, 1], the same for both channels of a rotated pair (d, d +
+    rotary_dim / 2: RoPE moves a key's magnitude between them as its position changes). Keys are
+    quantised as k / c and scored with q * c (quantize_keys, shadow_scores), so a few outlier
+    channels no longer coarsen every other channel's int8 step: the error bounds shrink and
+    certified int8 selection keeps ~5% fewer keys (SmolLM2, 4K of prose, eps 1e-2). Powers of two
+    keep q * c exact (in bf16 and fp32; in fp16 but where it is subnormal, which the bounds'
+    SHADOW_SLACK covers)."""
     m = k.float().abs().amax(2)
     if rotary_dim:
         half = rotary_dim // 2
@@ -369,11 +370,32 @@ def channel_scales(k: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(rel.clamp(min=2.0 ** -10))))
 
 
-def quantize_keys(k: torch.Tensor, chan: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys [..., D] (divided by chan, channel_scales broadcast to k, if given) as symmetric int8
-    with one fp32 scale per key: |k / chan - q * scale| <= scale / 2 in every dim (round to
-    nearest), so q·k is known to within ||q * chan||_1 * scale / 2."""
-    x = k.float() if chan is None else k.float() / chan
+def key_offsets(k: torch.Tensor) -> torch.Tensor:
+    """Per-channel offsets [B, Hkv, D] for int8 copies, from keys k [B, Hkv, n, D]: each channel's
+    mid-range over the keys. The copies code k - offset and the scores add q·offset back exactly
+    (quantize_keys, shadow_scores): a KV head's keys share a large constant part (key biases,
+    rotary dims that turn slowly), which otherwise sets every key's int8 step. On Qwen2.5-Coder-0.5B
+    (8K of code, bench/int8_gap.py) it halves the mean error bound, 0.49 -> 0.24 nats: at eps 0.1
+    certified int8 keeps 1.44 -> 1.17x the group oracle's keys, int8-threshold 1.83 -> 1.68x (on
+    SmolLM2 1.12 -> 1.11x and 1.31 -> 1.29x). Any offset keeps the bounds valid: it is subtracted
+    and added back the same."""
+    kf = k.float()
+    return (kf.amax(2) + kf.amin(2)) / 2
+
+
+def key_frame(k: torch.Tensor, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel scales and offsets [B, Hkv, D] int8 copies code keys with, set from keys k [B, Hkv, n, D]."""
+    offset = key_offsets(k)
+    return channel_scales(k - offset[:, :, None], rotary_dim), offset
+
+
+def quantize_keys(k: torch.Tensor, chan: torch.Tensor | None = None,
+                  offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [..., D] less offset and divided by chan (key_offsets, channel_scales, broadcast to k,
+    if given) as symmetric int8 with one fp32 scale per key: |(k - offset) / chan - q * scale| <=
+    scale / 2 in every dim (round to nearest), so q·k is known to within ||q * chan||_1 * scale / 2."""
+    x = k.float() if offset is None else k.float() - offset
+    x = x if chan is None else x / chan
     scale = x.abs().amax(-1) / 127
     q = torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(-127, 127)
     return q.to(torch.int8), scale
@@ -381,33 +403,47 @@ def quantize_keys(k: torch.Tensor, chan: torch.Tensor | None = None) -> tuple[to
 
 # Slack on the int8 rounding bound for the fp32 arithmetic of quantising, estimating and attending.
 SHADOW_SLACK = 1e-3
+# Relative slack on q·offset, an fp32 sum of D <= 256 products (each rounding by at most 2^-24).
+OFFSET_SLACK = 2.0 ** -16
 
 # The int8 modes choose with the kept keys' mass counted as exp(est - KEPT_MARGIN * err): with 1 it
 # is a lower bound, so the choice provably certifies, but the rounding errors of many keys do not
 # all fall one way, and counting each at its worst made the int8 modes keep more keys than needed:
 # with 0.25 certified int8 keeps 1.64 -> 1.44x the group oracle's keys on Qwen2.5-Coder-0.5B at
-# eps 0.1 (8K of code; int8-threshold 1.96 -> 1.82x) and 1.13 -> 1.08x on SmolLM2 (bench/int8_gap.py).
-# The certificate does not rely on it: each step's bound is U over the attended set's exact mass,
-# and a head it leaves above eps falls back to full attention (at 0.25 at most 0.02% of the
-# head-steps of FRONTIER's runs did; more at 0.1). A power of two, so the twins' products stay exact.
+# eps 0.1 (8K of code; int8-threshold 1.96 -> 1.82x) and 1.13 -> 1.08x on SmolLM2 (bench/int8_gap.py,
+# before key_offsets). The certificate does not rely on it: each step's bound is U over the
+# attended set's exact mass, and a head it leaves above eps falls back to full attention (at 0.25
+# at most 0.02% of the head-steps of FRONTIER's runs did; more at 0.1). A power of two, so the
+# twins' products stay exact.
 KEPT_MARGIN = 0.25
 TAIL_WEIGHT = KEPT_MARGIN / (1 + KEPT_MARGIN)  # the tail's mass, U^w * L^(1 - w): see estimate_tail
 
 
-def shadow_scores(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, n,
-                  chan: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shadow_scores(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, n, chan: torch.Tensor | None = None,
+                  offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated logits q·k / sqrt(D) of every key from its int8 copy (kq [B, Hkv, cap, D], kscale
-    [B, Hkv, cap], made with the channel scales chan [B, Hkv, D] if given), -inf from position n on,
-    and each estimate's error bound: [B, Hkv, G, cap] both."""
+    [B, Hkv, cap], made with the channel scales chan and offsets offset [B, Hkv, D] if given), -inf
+    from position n on, and each estimate's error bound: [B, Hkv, G, cap] both."""
     B, Hq, D = q.shape
     Hkv = kq.shape[1]
     qg = q.view(B, Hkv, Hq // Hkv, D).float()
-    if chan is not None:
-        qg = qg * chan[:, :, None, :]
-    est = (qg @ kq.float().transpose(-1, -2)) * (kscale[:, :, None, :] / math.sqrt(D))
-    err = (qg.abs().sum(-1, keepdim=True) / math.sqrt(D)) * kscale[:, :, None, :] * (0.5 + SHADOW_SLACK) + SHADOW_SLACK
+    qc = qg if chan is None else qg * chan[:, :, None, :]
+    est = (qc @ kq.float().transpose(-1, -2)) * (kscale[:, :, None, :] / math.sqrt(D))
+    err = (qc.abs().sum(-1, keepdim=True) / math.sqrt(D)) * kscale[:, :, None, :] * (0.5 + SHADOW_SLACK) + SHADOW_SLACK
+    if offset is not None:
+        est, err = est + offset_scores(qg, offset)[..., None], err + offset_error(qg, offset)[..., None]
     live = torch.arange(kq.shape[2], device=q.device) < n
     return est.masked_fill(~live, NEG_INF), err
+
+
+def offset_scores(qg: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """q·offset / sqrt(D) per query head [B, Hkv, G] (qg [B, Hkv, G, D] fp32, offset [B, Hkv, D])."""
+    return (qg * offset[:, :, None]).sum(-1) / math.sqrt(qg.shape[-1])
+
+
+def offset_error(qg: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """A bound on offset_scores' fp32 rounding [B, Hkv, G]: OFFSET_SLACK * sum |q * offset| / sqrt(D)."""
+    return (qg * offset[:, :, None]).abs().sum(-1) * OFFSET_SLACK / math.sqrt(qg.shape[-1])
 
 
 def bounded_select(est: torch.Tensor, err: torch.Tensor, bounds, eps: float, k_max: int) -> torch.Tensor:
@@ -519,9 +555,9 @@ def update_value_sum(tail: Tail, bounds) -> None:
 
 
 def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
-                   bounds, eps: float, page_size: int, tail: Tail | None = None
+                   offset: torch.Tensor, bounds, eps: float, page_size: int, tail: Tail | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Certified mode's page selection from every key's int8 copy (kq, kscale, chan: shadow_scores),
+    """Certified mode's page selection from every key's int8 copy (kq, kscale, chan, offset: shadow_scores),
     no sort. It first writes the int8 copy of the newest key (position n - 1 of k), which it does
     not score.
 
@@ -540,8 +576,8 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     nothing is left out). eps = 0 keeps every page and still leaves U = 0 < eps false: full attention.
     With tail, also its value sum and per-bin sums (see Tail)."""
     n, lo, hi = _ints(as_bounds(bounds, None, "cpu"))
-    kq[:, :, n - 1], kscale[:, :, n - 1] = quantize_keys(k[:, :, n - 1], chan)
-    est, err = shadow_scores(q, kq, kscale, n, chan)
+    kq[:, :, n - 1], kscale[:, :, n - 1] = quantize_keys(k[:, :, n - 1], chan, offset)
+    est, err = shadow_scores(q, kq, kscale, n, chan, offset)
     B, Hkv, G, cap = est.shape
     pages = -(-cap // page_size)
     pos = torch.arange(cap, device=q.device)

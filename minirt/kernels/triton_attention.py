@@ -655,15 +655,16 @@ BIN_WIDTH: tl.constexpr = tl.constexpr(reference.BIN_WIDTH)
 MAX_SHIFT: tl.constexpr = tl.constexpr(reference.MAX_SHIFT)
 KEPT_MARGIN: tl.constexpr = tl.constexpr(reference.KEPT_MARGIN)
 TAIL_WEIGHT: tl.constexpr = tl.constexpr(reference.TAIL_WEIGHT)
+OFFSET_SLACK: tl.constexpr = tl.constexpr(reference.OFFSET_SLACK)
 
 
 @triton.jit
-def _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
+def _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
                  D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
                  HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Logit estimates and their error bounds [rows of q, CH * P_PAD] from the int8 copies of pages
-    c0 .. c0 + CH - 1 (as reference.shadow_scores), and which of their positions are candidates /
-    scored non-candidates."""
+    c0 .. c0 + CH - 1 (as reference.shadow_scores; q_off and q_off_err per row: offset_scores, offset_error),
+    and which of their positions are candidates / scored non-candidates."""
     i = tl.arange(0, CH * P_PAD)
     t = i % P_PAD
     pos = (c0 + i // P_PAD).to(tl.int64) * P + t
@@ -674,8 +675,8 @@ def _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb,
                 other=0)
     s = tl.load(KS + b * ssb + h * ssh + pos, mask=live, other=0.0)
     # in q's dtype: int8 values are exact in bf16 and fp16, so each product is exact in fp32
-    est = _dot(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * (s / sqrt_d)[None, :]
-    err = q_err[:, None] * s[None, :] * HALF + SLACK
+    est = _dot(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * (s / sqrt_d)[None, :] + q_off[:, None]
+    err = q_err[:, None] * s[None, :] * HALF + SLACK + q_off_err[:, None]
     return est, err, cand, live & ~cand
 
 
@@ -703,12 +704,12 @@ def _bf16_outward(x, up):
 
 
 @triton.jit
-def _quantize_newest(K, KQ, KS, chan, b, h, pos, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D: tl.constexpr,
+def _quantize_newest(K, KQ, KS, chan, offset, b, h, pos, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D: tl.constexpr,
                      D_PAD: tl.constexpr):
-    """reference.quantize_keys of the key at pos with the channel scales chan [D_PAD] (round half
-    to even, as torch.round)."""
+    """reference.quantize_keys of the key at pos with the channel scales chan and offsets offset
+    [D_PAD] (round half to even, as torch.round)."""
     d = tl.arange(0, D_PAD)
-    x = tl.load(K + b * sxb + h * sxh + pos * sxn + d, mask=d < D, other=0.0).to(tl.float32) / chan
+    x = (tl.load(K + b * sxb + h * sxh + pos * sxn + d, mask=d < D, other=0.0).to(tl.float32) - offset) / chan
     scale = tl.max(tl.abs(x), 0) / 127
     y = x / tl.maximum(scale, 1.1754943508222875e-38)  # float32's smallest normal, the reference's clamp
     r = tl.floor(y + 0.5)
@@ -739,37 +740,48 @@ def _update_value_sum(V, VSUM, UPTO, b, h, row, lo, hi, sxb, sxh, sxn, D: tl.con
 
 @triton.jit
 def _scaled_queries(Q, b, h, sqb, sqh, chan, real, G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr,
-                    D: tl.constexpr, D_PAD: tl.constexpr):
-    """The group's queries times the channel scales (powers of two, so exact) [M, D_PAD], each
-    head in two rows (see _page_scan)."""
+                    D: tl.constexpr, D_PAD: tl.constexpr, DTYPE: tl.constexpr):
+    """The group's queries times chan [D_PAD] in fp32, as DTYPE [M, D_PAD], each head in two rows
+    (see _page_scan): times the channel scales (powers of two, so exact in Q's dtype), or the
+    offsets (fp32, for q·offset)."""
     head = tl.arange(0, M) % G2
     d = tl.arange(0, D_PAD)
     q = tl.load(Q + b * sqb + (h * G + head)[:, None] * sqh + d[None, :], mask=real[:, None] & (d < D)[None, :],
                 other=0.0)
-    return (q.to(tl.float32) * chan[None, :]).to(Q.dtype.element_ty)
+    return (q.to(tl.float32) * chan[None, :]).to(DTYPE)
 
 
 @triton.jit
-def _base_shift(Q, KQ, KS, chan, q_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn, ssb, ssh, sqrt_d,
-                G: tl.constexpr, G2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, M: tl.constexpr,
+def _base_tile_top(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, c0, lo, hi, scored, sqb, sqh, skb, skh, skn,
+                   ssb, ssh, sqrt_d, G: tl.constexpr, G2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                   M: tl.constexpr, TK: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The rows' largest logit upper bound [M] over the scored non-candidates of keys c0 .. c0 + TK - 1.
+    It loads the queries itself: with one copy shared with _page_scan's loop, Triton 3.6 fails to
+    compile the fp32 products (TritonGPURemoveLayoutConversions)."""
+    q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD, Q.dtype.element_ty)
+    est, err, _, base = _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn,
+                                     ssb, ssh, 1, sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
+    return tl.max(tl.where(base[None, :], est + err, float("-inf")), 1)
+
+
+@triton.jit
+def _base_shift(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn, ssb, ssh,
+                sqrt_d, G: tl.constexpr, G2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, M: tl.constexpr,
                 TK: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr):
     """reference.base_shift for the rows of a tile [M], from the int8 copies of the scored positions
-    outside the candidates (the anchor and the window but the newest key), TK keys at a time. Every
-    pass-1 program computes it (a few hundred keys): a launch of its own cost more (7 us, H200).
-    Each tile loads the queries again: with one copy shared with _page_scan's loop, Triton 3.6
-    fails to compile the fp32 products (TritonGPURemoveLayoutConversions)."""
+    outside the candidates (the anchor, then the window but the newest key), TK keys at a time.
+    Every pass-1 program computes it (a few hundred keys): a launch of its own cost more (7 us, H200)."""
     top = tl.full([M], float("-inf"), tl.float32)
     for c0 in range(0, lo, TK):
-        q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD)
-        est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, 1,
-                                         sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
-        top = tl.maximum(top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
+        top = tl.maximum(top, _base_tile_top(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, c0, lo, hi, scored,
+                                             sqb, sqh, skb, skh, skn, ssb, ssh, sqrt_d, G, G2, D, D_PAD, M, TK, HALF,
+                                             SLACK, PRECISION, UPCAST))
     for c0 in range(hi, scored, TK):
-        q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD)
-        est, err, _, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, 1,
-                                         sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
-        top = tl.maximum(top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
+        top = tl.maximum(top, _base_tile_top(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, c0, lo, hi, scored,
+                                             sqb, sqh, skb, skh, skn, ssb, ssh, sqrt_d, G, G2, D, D_PAD, M, TK, HALF,
+                                             SLACK, PRECISION, UPCAST))
     top_bin = _to_bin(tl.where(real, top, float("-inf")))
     lowest = tl.min(tl.where(real, top_bin, MAX_BIN), 0)  # the real rows' least
     return tl.where(real, tl.minimum(top_bin - lowest, MAX_SHIFT), 0).to(tl.float32) * BIN_WIDTH
@@ -777,7 +789,7 @@ def _base_shift(Q, KQ, KS, chan, q_err, real, b, h, lo, hi, scored, sqb, sqh, sk
 
 @triton.jit
 def _page_scan(
-    Q, K, V, KQ, KS, KC, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, VSUM, UPTO,
+    Q, K, V, KQ, KS, KC, KO, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, VSUM, UPTO,
     sqb, sqh, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, scb, sch, n_pages, n_blocks, P, sqrt_d, Hkv,
     G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
@@ -810,8 +822,9 @@ def _page_scan(
     h = row % Hkv
     d = tl.arange(0, D_PAD)
     chan = tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0)
+    offset = tl.load(KO + b * scb + h * sch + d, mask=d < D, other=0.0)
     if blk == 0:  # so this launch writes it, for the steps after this one
-        _quantize_newest(K, KQ, KS, chan, b, h, scored, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D, D_PAD)
+        _quantize_newest(K, KQ, KS, chan, offset, b, h, scored, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D, D_PAD)
         if TAIL:
             _update_value_sum(V, VSUM, UPTO, b, h, row, lo, hi, sxb, sxh, sxn, D, D_PAD, 64)
     if blk * NPB * P >= scored:
@@ -820,10 +833,13 @@ def _page_scan(
     head = r % G2
     upper = r < G2
     real = (r < 2 * G2) & (head < G)
-    q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD)
+    q_times_offset = _scaled_queries(Q, b, h, sqb, sqh, offset, real, G, G2, M, D, D_PAD, tl.float32)
+    q_off = tl.sum(q_times_offset, 1) / sqrt_d
+    q_off_err = tl.sum(tl.abs(q_times_offset), 1) * OFFSET_SLACK / sqrt_d
+    q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD, Q.dtype.element_ty)
     q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
-    shift = _base_shift(Q, KQ, KS, chan, q_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn, ssb, ssh,
-                        sqrt_d, G, G2, D, D_PAD, M, CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
+    shift = _base_shift(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn,
+                        ssb, ssh, sqrt_d, G, G2, D, D_PAD, M, CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
     sign = tl.where(upper, 1.0, -KEPT_MARGIN)  # the lower rows' l = est - KEPT_MARGIN * err
     top = tl.full([M], float("-inf"), tl.float32)
     head_top = tl.full([M], NO_PAGE, tl.int32)
@@ -833,8 +849,8 @@ def _page_scan(
     hist = tl.zeros([M, NB], tl.float32)
     base_mass = tl.zeros([M], tl.float32)
     for c0 in range(blk * NPB, (blk + 1) * NPB, CH):
-        est, err, cand, base = _int8_bounds(KQ, KS, q, q_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P,
-                                            sqrt_d, D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
+        est, err, cand, base = _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn,
+                                            ssb, ssh, P, sqrt_d, D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
         u = est + err  # every row has its head's upper bound
         page_bins = _group_bins(u - shift[:, None], cand, real, CH, P_PAD)
         tl.store(PAGE_BIN + row * n_pages + c0 + c, page_bins.to(tl.int16), mask=c0 + c < n_pages)
@@ -994,7 +1010,7 @@ PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, 
 
 
 def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
-                   bounds, eps: float, page_size: int, tail: reference.Tail | None = None
+                   offset: torch.Tensor, bounds, eps: float, page_size: int, tail: reference.Tail | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified page selection from the int8 copies in two launches, the newest key's copy written
     by the first (and with tail, the candidates' value sum); see reference.page_threshold. page_bin
@@ -1003,6 +1019,7 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     Hkv, cap = kq.shape[1], kq.shape[2]
     G, rows = Hq // Hkv, B * Hkv
     assert kq.stride(-1) == 1 and kscale.stride(-1) == 1 and k.stride(-1) == 1 and chan.stride(-1) == 1
+    assert offset.stride() == chan.stride()
     bounds = reference.as_bounds(bounds, None, q.device)
     P_PAD = _pow2(page_size, 1)
     CH = max(1, PAGE_SCAN["tile_keys"] // P_PAD)
@@ -1024,7 +1041,7 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
         assert v.stride() == k.stride() and all(x.is_contiguous() for x in (vsum, upto, t_u, t_l, gtop))
         low_rest = torch.empty_like(rest)
     _launch(_page_scan, (rows, n_blocks),
-        q, k, v, kq, kscale, chan, bounds, page_bin, group_top, head_top, rest, kept, base, low_rest, vsum, upto,
+        q, k, v, kq, kscale, chan, offset, bounds, page_bin, group_top, head_top, rest, kept, base, low_rest, vsum, upto,
         q.stride(0), q.stride(1),
         *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], *chan.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
         G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
