@@ -430,7 +430,7 @@ def valid_sorted(pos: torch.Tensor, lo: int, hi: int) -> list[list[int]]:
 # k = 5: pass 2 ranks only the best 8 runs), k not a power of two, k = 1, k = the whole range.
 SELECT_CASES = [
     (2, 4, 64, 300, 4, 250, 12, torch.float32), (1, 8, 128, 2600, 4, 2500, 32, torch.float32),
-    (3, 1, 80, 20000, 10, 19900, 5, torch.float16), (2, 7, 64, 900, 0, 900, 100, torch.bfloat16),
+    (3, 1, 80, 20000, 10, 19900, 5, torch.float16), (2, 7, 64, 600, 0, 600, 100, torch.bfloat16),
     (1, 4, 64, 40, 4, 24, 20, torch.float32), (2, 2, 64, 100, 4, 90, 1, torch.float32),
 ]
 
@@ -560,7 +560,7 @@ def test_runtime_through_triton_kernels(tiny_checkpoint, monkeypatch, attention,
     for mode in ("reference", "triton"):
         monkeypatch.setenv("MINIRT_KERNELS", mode)
         cache = llm.new_cache(len(ids) + 16, attention, CondensateConfig(**policy) if policy else None)
-        runs[mode] = minirt_greedy(llm, ids, 15, cache=cache)
+        runs[mode] = minirt_greedy(llm, ids, 10, cache=cache)  # positions 30..39: 2.5 pages of 4 fill
     assert runs["triton"][1] == runs["reference"][1]
     # the tail's mass comes from sums of exps each twin rounds to bf16 against its own running tops
     # (test_page_threshold), so the twins' estimates may differ by 2^-8 of the tail's weight
