@@ -430,7 +430,7 @@ def valid_sorted(pos: torch.Tensor, lo: int, hi: int) -> list[list[int]]:
 # k = 5: pass 2 ranks only the best 8 runs), k not a power of two, k = 1, k = the whole range.
 SELECT_CASES = [
     (2, 4, 64, 300, 4, 250, 12, torch.float32), (1, 8, 128, 2600, 4, 2500, 32, torch.float32),
-    (3, 1, 80, 20000, 10, 19900, 5, torch.float16), (2, 7, 64, 600, 0, 600, 100, torch.bfloat16),
+    (3, 1, 80, 20000, 10, 19900, 5, torch.float16), (2, 7, 64, 900, 0, 900, 100, torch.bfloat16),
     (1, 4, 64, 40, 4, 24, 20, torch.float32), (2, 2, 64, 100, 4, 90, 1, torch.float32),
 ]
 
