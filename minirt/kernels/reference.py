@@ -431,19 +431,18 @@ def shadow_scores(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, n, ch
     est = (qc @ kq.float().transpose(-1, -2)) * (kscale[:, :, None, :] / math.sqrt(D))
     err = (qc.abs().sum(-1, keepdim=True) / math.sqrt(D)) * kscale[:, :, None, :] * (0.5 + SHADOW_SLACK) + SHADOW_SLACK
     if offset is not None:
-        est, err = est + offset_scores(qg, offset)[..., None], err + offset_error(qg, offset)[..., None]
+        q_off, q_off_err = offset_terms(qg, offset)
+        est, err = est + q_off[..., None], err + q_off_err[..., None]
     live = torch.arange(kq.shape[2], device=q.device) < n
     return est.masked_fill(~live, NEG_INF), err
 
 
-def offset_scores(qg: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """q·offset / sqrt(D) per query head [B, Hkv, G] (qg [B, Hkv, G, D] fp32, offset [B, Hkv, D])."""
-    return (qg * offset[:, :, None]).sum(-1) / math.sqrt(qg.shape[-1])
-
-
-def offset_error(qg: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """A bound on offset_scores' fp32 rounding [B, Hkv, G]: OFFSET_SLACK * sum |q * offset| / sqrt(D)."""
-    return (qg * offset[:, :, None]).abs().sum(-1) * OFFSET_SLACK / math.sqrt(qg.shape[-1])
+def offset_terms(qg: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head [B, Hkv, G] (qg [B, Hkv, G, D] fp32, offset [B, Hkv, D]): q·offset / sqrt(D),
+    and a bound on its fp32 rounding, OFFSET_SLACK * sum |q * offset| / sqrt(D)."""
+    terms = qg * offset[:, :, None]
+    root_d = math.sqrt(qg.shape[-1])
+    return terms.sum(-1) / root_d, terms.abs().sum(-1) * OFFSET_SLACK / root_d
 
 
 def bounded_select(est: torch.Tensor, err: torch.Tensor, bounds, eps: float, k_max: int) -> torch.Tensor:

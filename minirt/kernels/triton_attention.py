@@ -663,7 +663,7 @@ def _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, s
                  D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
                  HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Logit estimates and their error bounds [rows of q, CH * P_PAD] from the int8 copies of pages
-    c0 .. c0 + CH - 1 (as reference.shadow_scores; q_off and q_off_err per row: offset_scores, offset_error),
+    c0 .. c0 + CH - 1 (as reference.shadow_scores; q_off and q_off_err per row: reference.offset_terms),
     and which of their positions are candidates / scored non-candidates."""
     i = tl.arange(0, CH * P_PAD)
     t = i % P_PAD
