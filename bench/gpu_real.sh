@@ -6,14 +6,14 @@
 # estimate on the GPU (its kernel tests, one layer at 128K/1M, generate() and FRONTIER's rows);
 # `threshold`, `threshold-qwen`: the certified int8 rows of FRONTIER's oracle table (ranked at every
 # eps, threshold at 0.1 and 1e-2 with and without the tail) on both models, one layer at 128K/1M
-# and generate() on Qwen; `threshold-gen`: generate() on SmolLM2.
+# and generate() on Qwen (INT8_ROWS=... picks other rows); `threshold-gen`: generate() on SmolLM2.
 # Usage (on the GPU machine): bash bench/gpu_real.sh OUT_DIR [generate|frontier|tail|tail-frontier|threshold|threshold-qwen|threshold-gen]...
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tail_systems="minirt full;minirt certified (int8-threshold, eps=1e-2, W=128);minirt certified (int8-threshold, eps=3e-2, W=128, tail)"
-int8_rows='certified int8 eps=;threshold eps=0.1;threshold eps=0.01'  # the oracle table's certified int8 rows
+int8_rows=${INT8_ROWS:-'certified int8 eps=;threshold eps=0.1;threshold eps=0.01'}  # the oracle table's certified int8 rows
 SYSTEMS="minirt full;minirt sparse (default: exact, k=32, W=512);minirt sparse (whole pages, k=1024, W=512);minirt certified (int8-threshold, eps=1e-2, W=128)"
 threshold_tests() {  # the threshold's, tail's and graph's kernel and engine tests, their summary into $1
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \

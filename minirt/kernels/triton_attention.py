@@ -652,7 +652,6 @@ def page_select(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torc
 NO_PAGE: tl.constexpr = tl.constexpr(reference.NO_PAGE)
 MAX_BIN: tl.constexpr = tl.constexpr(reference.MAX_BIN)
 BIN_WIDTH: tl.constexpr = tl.constexpr(reference.BIN_WIDTH)
-MAX_SHIFT: tl.constexpr = tl.constexpr(reference.MAX_SHIFT)
 KEPT_MARGIN: tl.constexpr = tl.constexpr(reference.KEPT_MARGIN)
 TAIL_WEIGHT: tl.constexpr = tl.constexpr(reference.TAIL_WEIGHT)
 OFFSET_SLACK: tl.constexpr = tl.constexpr(reference.OFFSET_SLACK)
@@ -784,7 +783,7 @@ def _base_shift(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, lo, hi, sc
                                              SLACK, PRECISION, UPCAST))
     top_bin = _to_bin(tl.where(real, top, float("-inf")))
     lowest = tl.min(tl.where(real, top_bin, MAX_BIN), 0)  # the real rows' least
-    return tl.where(real, tl.minimum(top_bin - lowest, MAX_SHIFT), 0).to(tl.float32) * BIN_WIDTH
+    return tl.where(real, top_bin - lowest, 0).to(tl.float32) * BIN_WIDTH
 
 
 @triton.jit
