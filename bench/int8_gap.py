@@ -1,7 +1,9 @@
 """Where certified int8 selection attends keys beyond the group oracle, on real weights: the error
 bound against the estimate, per-key scales against per-channel scales without and with offsets
 (reference.key_frame), and (for int8-threshold) bins shared by the KV group, with and without
-each head's shift (reference.base_shift), against per-head bins. CPU is enough.
+each head's shift (reference.base_shift), against per-head bins and against shifts that align
+the heads' cuts (known only after the step, or estimated on a sample of the candidates). CPU is
+enough.
 
     python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8] [--eps 1e-2 1e-3]
 
@@ -44,25 +46,42 @@ def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache
     return cache, queries
 
 
-def head_bins_threshold(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float) -> torch.Tensor:
-    """int8-threshold with single keys binned per query head instead of per KV group: keys kept per group."""
+def own_cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float,
+             sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8-threshold with single keys binned per query head instead of per KV group: each head's
+    own threshold bin [B, Hkv, G] and the keys kept per group [B, Hkv]. With `sample`, the
+    candidates are only that many, evenly spaced, each standing for (hi - lo) / sample keys: the
+    cut a step could estimate before its first pass."""
     n, lo, hi = bounds
-    up, low = est + err, est - err
+    up, low = est + err, est - R.KEPT_MARGIN * err
     pos = torch.arange(est.shape[-1])
     cand = (pos >= lo) & (pos < hi)
+    base = (pos < n - 1) & ~cand
+    weight = torch.ones(est.shape[-1], dtype=torch.float64)
+    if sample:
+        picked = lo + ((torch.arange(sample) + 0.5) * (hi - lo) / sample).long()
+        cand = torch.zeros_like(cand).index_fill(0, picked, True)
+        weight = torch.where(cand, (hi - lo) / sample, 1.0).double()
     key_bin = R.to_bin(torch.where(cand, up, R.NEG_INF))
     top = key_bin.amax(-1, keepdim=True)
     ref = (top + 1) * R.BIN_WIDTH
     bins = torch.where(cand, (top - key_bin).clamp(max=R.PAGE_BINS - 1), 0).long()
     hist = torch.zeros(*est.shape[:-1], R.PAGE_BINS, dtype=torch.float64)
-    rest = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(up - ref), 0).double())
-    kept = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(low - ref), 0).double())
-    base = torch.exp(torch.where((pos < n - 1) & ~cand, low, R.NEG_INF) - ref).double().sum(-1, keepdim=True)  # as page_threshold
+    rest = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(up - ref), 0).double() * weight)
+    kept = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(low - ref), 0).double() * weight)
+    base_mass = torch.exp(torch.where(base, low, R.NEG_INF) - ref).double().sum(-1, keepdim=True)  # as page_threshold
     rest = F.pad(rest.flip(-1).cumsum(-1).flip(-1), (0, 1))
-    kept = base + F.pad(kept.cumsum(-1), (1, 0))
+    kept = base_mass + F.pad(kept.cumsum(-1), (1, 0))
     need = (rest > R.rest_ratio(eps) * kept).sum(-1, keepdim=True)
-    keep = cand & ((key_bin >= top - need + 1) | (need >= R.PAGE_BINS))  # a head that cannot: every key
-    return keep.any(2).sum(-1).float()
+    cut = top - need + 1
+    keep = cand & ((key_bin >= cut) | (need >= R.PAGE_BINS))  # a head that cannot: every key
+    return cut[..., 0], keep.any(2).sum(-1).float()
+
+
+def aligned_shift(cut: torch.Tensor) -> torch.Tensor:
+    """A base_shift [B, Hkv, G] that lowers each head's bounds by how far its cut (bins) is above
+    the KV group's lowest: every head of the group then cuts at the same bin."""
+    return (cut - cut.amin(-1, keepdim=True)) * R.BIN_WIDTH
 
 
 def query_args(doc: str, positions: int) -> argparse.ArgumentParser:
@@ -87,6 +106,7 @@ def captured(args: argparse.Namespace) -> tuple[LLM, list[int], DenseCache, dict
 def main() -> None:
     ap = query_args(__doc__, 8)
     ap.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3])
+    ap.add_argument("--sample", type=int, nargs="*", default=[512], help="candidates a sampled cut is estimated on")
     args = ap.parse_args()
     llm, ids, cache, queries = captured(args)
     print("| eps | selection | keys over the oracle |\n|---|---|---|")
@@ -113,9 +133,8 @@ def main() -> None:
                 def chosen(idx: torch.Tensor) -> float:
                     return float((idx >= 0).sum()) + always * k.shape[1]
 
-                def threshold(frame: str, shifted: bool = True) -> float:
-                    no_shift = lambda up, base: torch.zeros_like(up[..., 0])  # noqa: E731  every head ranked as it is
-                    with mock.patch.object(R, "base_shift", R.base_shift if shifted else no_shift):
+                def threshold(frame: str, shift=R.base_shift) -> float:
+                    with mock.patch.object(R, "base_shift", shift):
                         page_bin, th, _ = R.page_threshold(q, k, *(x.clone() for x in codes[frame]), *frames[frame],
                                                            bounds, eps, 1)
                     return float(R.kept_pages(page_bin, th).sum()) + always * k.shape[1]
@@ -128,9 +147,12 @@ def main() -> None:
                     f"ranked, {best}, the true int8 error as its bound": chosen(
                         R.bounded_select(est, (est - scores).abs() * 1.0001, bounds, eps, n)),
                     **{f"threshold, {name}": threshold(name) for name in frames},
-                    f"threshold, {best}, no shift": threshold(best, shifted=False),
-                    f"threshold, {best}, bins per query head": float(
-                        head_bins_threshold(est, err, b, eps).sum()) + always * k.shape[1],
+                    f"threshold, {best}, no shift": threshold(best, lambda up, base: torch.zeros_like(up[..., 0])),
+                    f"threshold, {best}, bins per query head": float(own_cuts(est, err, b, eps)[1].sum()) + always * k.shape[1],
+                    f"threshold, {best}, each head shifted to its own cut (known only after the step)": threshold(
+                        best, lambda up, base: aligned_shift(own_cuts(est, err, b, eps)[0])),
+                    **{f"threshold, {best}, each head shifted to its cut on {s} sampled candidates": threshold(
+                        best, lambda up, base, s=s: aligned_shift(own_cuts(est, err, b, eps, s)[0])) for s in args.sample},
                 }
                 for name, count in rows.items():
                     totals[name] = totals.get(name, 0.0) + count
