@@ -606,6 +606,8 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     rest = F.pad(rest_hist.flip(-1).cumsum(-1).flip(-1), (0, 1))  # rest[j]: outside the top j bins, j = 0..PAGE_BINS
     kept = base_mass + F.pad(kept_hist.cumsum(-1), (1, 0))
     need = (rest > rest_ratio(eps) * kept).sum(-1)  # the first j that holds: rest falls and kept grows with j
+    if eps == 0:  # every bin, by construction: rest > 0 would turn on masses at fp32's underflow, where twins differ
+        need = torch.full_like(need, PAGE_BINS)
     threshold = torch.where(need < PAGE_BINS, group_top - need + 1, float(NO_PAGE))
     log_rest = torch.log(rest.gather(-1, need[..., None])[..., 0]) + ref
     if tail is not None:

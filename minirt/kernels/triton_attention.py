@@ -930,6 +930,7 @@ def _page_threshold(GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, BOUNDS, THRESHOLD, 
         base_mass += weight * tl.load(HBASE + at, mask=ok, other=0.0)
     kept += tl.sum(base_mass, 0)
     need = tl.sum((rest > c * kept).to(tl.int32), 0)  # keeping all NB bins leaves nothing: it always holds
+    need = tl.where(c > 0, need, NB)  # eps = 0: every bin (as the reference)
     tl.store(THRESHOLD + pid, tl.where(need < NB, group_top - need + 1, NO_PAGE))
     left = tl.sum(tl.where(bins == need, rest, 0.0), 0)
     ref = (head_top + 1).to(tl.float32) * BIN_WIDTH
