@@ -57,11 +57,10 @@ def own_cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int],
     pos = torch.arange(est.shape[-1])
     cand = (pos >= lo) & (pos < hi)
     base = (pos < n - 1) & ~cand
-    weight = torch.ones(est.shape[-1], dtype=torch.float64)
+    weight = (hi - lo) / sample if sample else 1.0  # keys each candidate stands for
     if sample:
         picked = lo + ((torch.arange(sample) + 0.5) * (hi - lo) / sample).long()
         cand = torch.zeros_like(cand).index_fill(0, picked, True)
-        weight = torch.where(cand, (hi - lo) / sample, 1.0).double()
     key_bin = R.to_bin(torch.where(cand, up, R.NEG_INF))
     top = key_bin.amax(-1, keepdim=True)
     ref = (top + 1) * R.BIN_WIDTH
@@ -141,6 +140,7 @@ def main() -> None:
 
                 best = "per-channel scales and offsets"
                 est, err = shadows[best]
+                cut, head_keys = own_cuts(est, err, b, eps)
                 rows = {
                     "oracle (exact scores)": chosen(R.certified_select(scores, scores.logsumexp(-1), bounds, eps, n)),
                     **{f"ranked, {name}": chosen(R.bounded_select(*shadows[name], bounds, eps, n)) for name in frames},
@@ -148,9 +148,9 @@ def main() -> None:
                         R.bounded_select(est, (est - scores).abs() * 1.0001, bounds, eps, n)),
                     **{f"threshold, {name}": threshold(name) for name in frames},
                     f"threshold, {best}, no shift": threshold(best, lambda up, base: torch.zeros_like(up[..., 0])),
-                    f"threshold, {best}, bins per query head": float(own_cuts(est, err, b, eps)[1].sum()) + always * k.shape[1],
+                    f"threshold, {best}, bins per query head": float(head_keys.sum()) + always * k.shape[1],
                     f"threshold, {best}, each head shifted to its own cut (known only after the step)": threshold(
-                        best, lambda up, base: aligned_shift(own_cuts(est, err, b, eps)[0])),
+                        best, lambda up, base: aligned_shift(cut)),
                     **{f"threshold, {best}, each head shifted to its cut on {s} sampled candidates": threshold(
                         best, lambda up, base, s=s: aligned_shift(own_cuts(est, err, b, eps, s)[0])) for s in args.sample},
                 }
