@@ -54,8 +54,11 @@ UNSHIFTED_BINS = {"4bbb6de", "11b9e3e", "3963de9", "c324d44"}
 # runs whose meta has no kept_margin counted the kept keys' mass at its lower bound in the int8
 # modes (before reference.KEPT_MARGIN), those with no key_offsets coded keys without offsets
 # (before reference.key_offsets), those with no uncapped_shift capped each head's shift at 128 nats
-# (before 2026-12-03): their int8 (threshold) rows are named so. The marks of rows later runs replace:
-SUPERSEDED = (" (per-key scales)", " (unshifted bins)", " (margin 1)", " (no offsets)", " (capped shift)")
+# (before 2026-12-03), those with no sampled_cut_shift shifted each head by its top over the anchor
+# and window (before reference.sampled_cut): their int8 (threshold) rows are named so. The marks of
+# rows later runs replace:
+SUPERSEDED = (" (per-key scales)", " (unshifted bins)", " (margin 1)", " (no offsets)", " (capped shift)",
+              " (top shift)")
 
 
 def superseded(variant: str) -> bool:
@@ -208,7 +211,7 @@ def save(args, name: str, rows: list[dict], t0: float) -> None:
     meta = {"model": name, "set": args.set, "steps": args.steps, "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
             "dtype": args.dtype, "minutes": (time.time() - t0) / 60, "commit": commit(), "date": str(datetime.date.today()),
             "command": "python " + shlex.join(sys.argv), "kept_margin": R.KEPT_MARGIN, "key_offsets": True,
-            "uncapped_shift": True}
+            "uncapped_shift": True, "sampled_cut_shift": R.SHIFT_SAMPLES}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.json}", file=sys.stderr)
@@ -238,6 +241,8 @@ def load(paths: list[str]) -> list[dict]:
                 r["variant"] += " (no offsets)"
             elif "uncapped_shift" not in res["meta"] and "threshold" in r["variant"]:
                 r["variant"] += " (capped shift)"
+            elif "sampled_cut_shift" not in res["meta"] and "threshold" in r["variant"]:
+                r["variant"] += " (top shift)"
             r["nominal"] = min(n for n in asked if n >= r["length"])
     return results
 
@@ -315,14 +320,16 @@ error bounds alone and decides fallbacks from the resulting bound, never from an
 int8 copies are made with per-channel scales (powers of two set from the first prefill's keys,
 `kernels.reference.channel_scales`), which tightens the bounds; rows marked *(per-key scales)* are
 runs from before. Rows marked *(unshifted bins)* are int8-threshold runs from before each head's
-bounds were shifted to its own top over the anchor and window (`kernels.reference.base_shift`).
+bounds were shifted (`kernels.reference.cut_shift`).
 Rows marked *(margin 1)* are int8 runs from before the choice counted the kept keys' mass as
 exp(estimate - a quarter of its error bound) instead of its lower bound (`kernels.reference.KEPT_MARGIN`;
 the bound a step certifies is still U over the attended keys' exact mass). Rows marked *(no offsets)* are int8 runs
 from before the copies coded each key less its KV head's per-channel mid-range (`kernels.reference.key_offsets`),
 which halves the error bounds on Qwen. Rows marked *(capped shift)* are int8-threshold runs from
 before each head's shift was uncapped (it was at most 128 nats; in some of Qwen's layers the heads'
-tops lie hundreds of nats apart). Its *KV read* is what the algorithm needs
+tops lie hundreds of nats apart), *(top shift)* from before the shift aligned the heads' cuts
+estimated on 512 sampled candidates (`kernels.reference.sampled_cut`) instead of their tops over
+the anchor and window. Its *KV read* is what the algorithm needs
 (the GPU step's fallback launch reads the cache of the KV groups that fall back, and no other).
 Retrieval: a pass key at depths 10, 30, 50, 70 and
 90% of the prompt, and five needles at the same depths in one haystack, answered greedily.
@@ -345,7 +352,8 @@ ranks keys by their upper bound (`--selection int8`); *threshold*: keys kept by 
 threshold on binned bounds, no sort (`--selection int8-threshold --page-size 1`; bins per query
 head before b0fd441, shared by the KV group since; *unshifted bins*: before each head's shift;
 *margin 1*: the kept keys' mass counted at its lower bound, before `kernels.reference.KEPT_MARGIN`;
-*no offsets*: before `kernels.reference.key_offsets`; *capped shift*: before the shift was uncapped).
+*no offsets*: before `kernels.reference.key_offsets`; *capped shift*: before the shift was uncapped;
+*top shift*: before the shift came from each head's sampled cut).
 
 | model | prompt | eps | int8 mode | oracle attended | int8 attended | ratio | KV read (exact scores) | KV read (int8) | int8 fallbacks |
 |---|---|---|---|---|---|---|---|---|---|

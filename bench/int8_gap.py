@@ -1,9 +1,9 @@
 """Where certified int8 selection attends keys beyond the group oracle, on real weights: the error
 bound against the estimate, per-key scales against per-channel scales without and with offsets
 (reference.key_frame), and (for int8-threshold) bins shared by the KV group, with and without
-each head's shift (reference.base_shift), against per-head bins and against shifts that align
-the heads' cuts (known only after the step, or estimated on a sample of the candidates). CPU is
-enough.
+each head's shift (reference.cut_shift of its cut on SHIFT_SAMPLES sampled candidates, or on
+--sample others), against per-head bins and against shifts from each head's own cut (known only
+after the step). CPU is enough.
 
     python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8] [--eps 1e-2 1e-3]
 
@@ -46,41 +46,21 @@ def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache
     return cache, queries
 
 
-def own_cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float,
-             sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def own_cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8-threshold with single keys binned per query head instead of per KV group: each head's
-    own threshold bin [B, Hkv, G] and the keys kept per group [B, Hkv]. With `sample`, the
-    candidates are only that many, evenly spaced, each standing for (hi - lo) / sample keys: the
-    cut a step could estimate before its first pass."""
+    own threshold bin [B, Hkv, G] (reference.sampled_cut on every candidate) and the keys kept
+    per group [B, Hkv]."""
     n, lo, hi = bounds
     up, low = est + err, est - R.KEPT_MARGIN * err
     pos = torch.arange(est.shape[-1])
     cand = (pos >= lo) & (pos < hi)
-    base = (pos < n - 1) & ~cand
-    weight = (hi - lo) / sample if sample else 1.0  # keys each candidate stands for
-    if sample:
-        picked = lo + ((torch.arange(sample) + 0.5) * (hi - lo) / sample).long()
-        cand = torch.zeros_like(cand).index_fill(0, picked, True)
-    key_bin = R.to_bin(torch.where(cand, up, R.NEG_INF))
-    top = key_bin.amax(-1, keepdim=True)
-    ref = (top + 1) * R.BIN_WIDTH
-    bins = torch.where(cand, (top - key_bin).clamp(max=R.PAGE_BINS - 1), 0).long()
-    hist = torch.zeros(*est.shape[:-1], R.PAGE_BINS, dtype=torch.float64)
-    rest = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(up - ref), 0).double() * weight)
-    kept = hist.scatter_add(-1, bins, torch.where(cand, torch.exp(low - ref), 0).double() * weight)
-    base_mass = torch.exp(torch.where(base, low, R.NEG_INF) - ref).double().sum(-1, keepdim=True)  # as page_threshold
-    rest = F.pad(rest.flip(-1).cumsum(-1).flip(-1), (0, 1))
-    kept = base_mass + F.pad(kept.cumsum(-1), (1, 0))
-    need = (rest > R.rest_ratio(eps) * kept).sum(-1, keepdim=True)
-    cut = top - need + 1
-    keep = cand & ((key_bin >= cut) | (need >= R.PAGE_BINS))  # a head that cannot: every key
-    return cut[..., 0], keep.any(2).sum(-1).float()
-
-
-def aligned_shift(cut: torch.Tensor) -> torch.Tensor:
-    """A base_shift [B, Hkv, G] that lowers each head's bounds by how far its cut (bins) is above
-    the KV group's lowest: every head of the group then cuts at the same bin."""
-    return (cut - cut.amin(-1, keepdim=True)) * R.BIN_WIDTH
+    with mock.patch.object(R, "SHIFT_SAMPLES", hi - lo):  # every candidate once, standing for itself
+        cut = R.sampled_cut(up, low, (pos < n - 1) & ~cand, lo, hi, eps)
+    top = R.to_bin(torch.where(cand, up, R.NEG_INF).amax(-1, keepdim=True))
+    cut_bin = cut[..., None]
+    keep = cand & ((R.to_bin(up) >= cut_bin) | (top - cut_bin + 1 >= R.PAGE_BINS))  # a head that cannot cut: every key
+    return cut, keep.any(2).sum(-1).float()
 
 
 def query_args(doc: str, positions: int) -> argparse.ArgumentParser:
@@ -105,7 +85,8 @@ def captured(args: argparse.Namespace) -> tuple[LLM, list[int], DenseCache, dict
 def main() -> None:
     ap = query_args(__doc__, 8)
     ap.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3])
-    ap.add_argument("--sample", type=int, nargs="*", default=[512], help="candidates a sampled cut is estimated on")
+    ap.add_argument("--sample", type=int, nargs="*", default=[],
+                    help="rows with the cut sampled on this many candidates instead of SHIFT_SAMPLES")
     args = ap.parse_args()
     llm, ids, cache, queries = captured(args)
     print("| eps | selection | keys over the oracle |\n|---|---|---|")
@@ -132,8 +113,8 @@ def main() -> None:
                 def chosen(idx: torch.Tensor) -> float:
                     return float((idx >= 0).sum()) + always * k.shape[1]
 
-                def threshold(frame: str, shift=R.base_shift) -> float:
-                    with mock.patch.object(R, "base_shift", shift):
+                def threshold(frame: str, shift=R.cut_shift, samples=R.SHIFT_SAMPLES) -> float:
+                    with mock.patch.object(R, "cut_shift", shift), mock.patch.object(R, "SHIFT_SAMPLES", samples):
                         page_bin, th, _ = R.page_threshold(q, k, *(x.clone() for x in codes[frame]), *frames[frame],
                                                            bounds, eps, 1)
                     return float(R.kept_pages(page_bin, th).sum()) + always * k.shape[1]
@@ -141,18 +122,19 @@ def main() -> None:
                 best = "per-channel scales and offsets"
                 est, err = shadows[best]
                 cut, head_keys = own_cuts(est, err, b, eps)
+                own_shift = R.cut_shift(cut)
                 rows = {
                     "oracle (exact scores)": chosen(R.certified_select(scores, scores.logsumexp(-1), bounds, eps, n)),
                     **{f"ranked, {name}": chosen(R.bounded_select(*shadows[name], bounds, eps, n)) for name in frames},
                     f"ranked, {best}, the true int8 error as its bound": chosen(
                         R.bounded_select(est, (est - scores).abs() * 1.0001, bounds, eps, n)),
                     **{f"threshold, {name}": threshold(name) for name in frames},
-                    f"threshold, {best}, no shift": threshold(best, lambda up, base: torch.zeros_like(up[..., 0])),
+                    f"threshold, {best}, no shift": threshold(best, torch.zeros_like),
                     f"threshold, {best}, bins per query head": float(head_keys.sum()) + always * k.shape[1],
                     f"threshold, {best}, each head shifted to its own cut (known only after the step)": threshold(
-                        best, lambda up, base: aligned_shift(cut)),
-                    **{f"threshold, {best}, each head shifted to its cut on {s} sampled candidates": threshold(
-                        best, lambda up, base, s=s: aligned_shift(own_cuts(est, err, b, eps, s)[0])) for s in args.sample},
+                        best, lambda _: own_shift),
+                    **{f"threshold, {best}, the cut sampled on {s} candidates": threshold(best, samples=s)
+                       for s in args.sample},
                 }
                 for name, count in rows.items():
                     totals[name] = totals.get(name, 0.0) + count

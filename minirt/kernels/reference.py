@@ -483,7 +483,7 @@ def shadow_bound(est: torch.Tensor, err: torch.Tensor, bounds, idx: torch.Tensor
 
 # Certified page selection from the int8 copies (selection "int8-threshold"), with no sort: a KV
 # group bins pages by their best key's logit upper bound over its query heads, each head's bound
-# lowered by its shift (base_shift), BIN_WIDTH nats per bin counted down from the group's top bin,
+# lowered by its shift (cut_shift), BIN_WIDTH nats per bin counted down from the group's top bin,
 # the last of PAGE_BINS bins holding the rest. Sharing the bins across the group makes a block's
 # histogram one matrix product for all its heads. The width is a power of two, so the twins bin
 # alike. Keys over the group oracle's at eps 1e-2 (FRONTIER.md, Qwen2.5-Coder-0.5B decoding after
@@ -508,22 +508,57 @@ def to_bin(x: torch.Tensor) -> torch.Tensor:
 def bf16_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     """x >= 0 (fp32) to the nearest bf16 value above (up) or below it, as fp32: the histogram's sums
     of exps are products of bf16 values with a one-hot matrix, exact on tensor cores, and rounding
-    outward keeps U an upper bound and Z a lower one (each looser by at most 2^-8 of itself)."""
+    outward keeps U an upper bound and Z a lower one (each looser by at most 2^-7 of itself: bf16 keeps 8 significant bits)."""
     bits = x.float().view(torch.int32)
     down = bits & -65536
     return torch.where((down != bits) & up, down + 65536, down).view(torch.float32)
 
 
-def base_shift(up: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Each query head's shift [B, Hkv, G] (in nats, whole bins) from its logit upper bounds up
-    [B, Hkv, G, cap] over the always-attended keys `base` (anchor and window): how far its best bin
-    there is above the KV group's lowest such bin. Lowered by it, the heads' bounds rank keys by
-    how far they are below each head's own top rather than by their raw logits, so a head whose
-    logits run high no longer pulls the group's threshold down to its tail. Uncapped: in some of
-    Qwen2's layers the heads' tops lie hundreds of nats apart (capped at 128 nats, the group kept
-    1.68x the oracle's keys on 8K of code at eps 0.1; uncapped 1.37x, bench/int8_gap.py)."""
-    top = to_bin(torch.where(base, up, NEG_INF).amax(-1))
-    return (top - top.amin(-1, keepdim=True)) * BIN_WIDTH
+# Each head's shift aligns where the heads of a KV group would cut: estimated before the scan on
+# SHIFT_SAMPLES evenly spaced candidates. On captured queries (bench/int8_gap.py, Qwen2.5-Coder-0.5B
+# after 24K of code, eps 0.1) the group kept 1.89x the oracle's keys with heads aligned on their
+# tops over the anchor and window, 1.44x aligned on this estimate, 1.41x on each head's true cut
+# (known only after the step).
+SHIFT_SAMPLES = 512
+
+
+def shift_samples(lo: int, hi: int, device: torch.device | str) -> torch.Tensor:
+    """The candidates a step estimates each head's cut on: lo + ((2i + 1)(hi - lo)) // (2S) for i
+    < S = SHIFT_SAMPLES, the middles of S equal spans of [lo, hi) (integers, so twins agree)."""
+    i = torch.arange(SHIFT_SAMPLES, device=device, dtype=torch.int64)
+    return lo + ((2 * i + 1) * (hi - lo)) // (2 * SHIFT_SAMPLES)
+
+
+def sampled_cut(up: torch.Tensor, low: torch.Tensor, base: torch.Tensor, lo: int, hi: int, eps: float) -> torch.Tensor:
+    """Each query head's cut [B, Hkv, G] (a bin) from its logit bounds up, low [B, Hkv, G, cap]:
+    page_threshold's choice made per head and key by key on the shift_samples candidates, each
+    standing for (hi - lo) / SHIFT_SAMPLES keys, its bins counted down from the samples' top, the
+    always-attended keys `base` (anchor and window) counted in Z. 0 without candidates."""
+    if hi <= lo:
+        return torch.zeros(up.shape[:-1], device=up.device)
+    pos = shift_samples(lo, hi, up.device)
+    u, l = up[..., pos], low[..., pos]
+    top = to_bin(u.amax(-1))
+    ref = (torch.maximum(top, to_bin(torch.where(base, up, NEG_INF).amax(-1))) + 1)[..., None] * BIN_WIDTH
+    weight = (hi - lo) / SHIFT_SAMPLES
+    j = (top[..., None] - to_bin(u)).clamp(max=PAGE_BINS - 1).long()
+    hist = torch.zeros(*u.shape[:-1], PAGE_BINS, dtype=torch.float64, device=up.device)
+    rest = hist.scatter_add(-1, j, torch.exp(u - ref).double() * weight)
+    kept = hist.scatter_add(-1, j, torch.exp(l - ref).double() * weight)
+    base_mass = torch.exp(torch.where(base, low, NEG_INF) - ref).double().sum(-1, keepdim=True)
+    rest = F.pad(rest.flip(-1).cumsum(-1).flip(-1), (0, 1))
+    kept = base_mass + F.pad(kept.cumsum(-1), (1, 0))
+    need = (rest > rest_ratio(eps) * kept).sum(-1) if eps > 0 else PAGE_BINS
+    return top - need + 1
+
+
+def cut_shift(cut: torch.Tensor) -> torch.Tensor:
+    """Each query head's shift [B, Hkv, G] in nats: how far its cut (sampled_cut) lies above the
+    KV group's lowest. Lowered by it, the heads' bounds rank keys by how far they are from where
+    each head would cut rather than by their raw logits, so a head whose logits run high (in some
+    of Qwen2's layers the heads' tops lie hundreds of nats apart) no longer pulls the group's
+    threshold down into its tail."""
+    return (cut - cut.amin(-1, keepdim=True)) * BIN_WIDTH
 
 
 class Tail(NamedTuple):
@@ -563,7 +598,7 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
 
     Per query head, each key has logit bounds l <= q·k / sqrt(D) <= u. A page's bin is
     to_bin(max u - shift) over its candidates (positions [lo, hi)) and the query heads of its KV
-    group, shift the head's base_shift (the ranking only: every head's mass is counted whole). Each
+    group, shift the head's cut_shift (the ranking only: every head's mass is counted whole). Each
     head keeps the fewest top bins after which U <= eps / (1 - eps) * Z, with U the sum of its exp(u)
     over the candidates of the other bins and Z the sum of its exp(l) over the anchor, the window
     (but for the newest key, so its int8 copy need not exist yet: leaving a key out only lowers Z)
@@ -584,7 +619,7 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
     cand = (pos >= lo) & (pos < hi)
     base = (pos < n - 1) & ~cand
     up, low = est + err, est - KEPT_MARGIN * err
-    shift = base_shift(up, base)[..., None]  # [B, Hkv, G, 1]
+    shift = cut_shift(sampled_cut(up, low, base, lo, hi, eps))[..., None]  # [B, Hkv, G, 1]
     top = torch.where(cand | base, up, NEG_INF).amax(-1, keepdim=True)
     head_top = to_bin(top[..., 0])  # [B, Hkv, G]
     group_top = to_bin(top - shift).amax(2)  # [B, Hkv, 1], above every page's bin

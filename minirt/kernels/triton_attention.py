@@ -658,17 +658,11 @@ OFFSET_SLACK: tl.constexpr = tl.constexpr(reference.OFFSET_SLACK)
 
 
 @triton.jit
-def _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
-                 D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
-                 HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Logit estimates and their error bounds [rows of q, CH * P_PAD] from the int8 copies of pages
-    c0 .. c0 + CH - 1 (as reference.shadow_scores; q_off and q_off_err per row: reference.offset_terms),
-    and which of their positions are candidates / scored non-candidates."""
-    i = tl.arange(0, CH * P_PAD)
-    t = i % P_PAD
-    pos = (c0 + i // P_PAD).to(tl.int64) * P + t
-    live = (t < P) & (pos < scored)
-    cand = live & (pos >= lo) & (pos < hi)
+def _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, live, skb, skh, skn, ssb, ssh, sqrt_d,
+             D: tl.constexpr, D_PAD: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """Logit estimates and their error bounds [rows of q, len(pos)] from the int8 copies at pos
+    (where live; as reference.shadow_scores, q_off and q_off_err per row: reference.offset_terms)."""
     d = tl.arange(0, D_PAD)
     k = tl.load(KQ + (b * skb + h * skh + pos * skn)[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :],
                 other=0)
@@ -676,6 +670,22 @@ def _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, s
     # in q's dtype: int8 values are exact in bf16 and fp16, so each product is exact in fp32
     est = _dot(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * (s / sqrt_d)[None, :] + q_off[:, None]
     err = q_err[:, None] * s[None, :] * HALF + SLACK + q_off_err[:, None]
+    return est, err
+
+
+@triton.jit
+def _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
+                 D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
+                 HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """_int8_at for the positions of pages c0 .. c0 + CH - 1 [rows of q, CH * P_PAD], and which of
+    them are candidates / scored non-candidates."""
+    i = tl.arange(0, CH * P_PAD)
+    t = i % P_PAD
+    pos = (c0 + i // P_PAD).to(tl.int64) * P + t
+    live = (t < P) & (pos < scored)
+    cand = live & (pos >= lo) & (pos < hi)
+    est, err = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, live, skb, skh, skn, ssb, ssh, sqrt_d,
+                        D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
     return est, err, cand, live & ~cand
 
 
@@ -751,44 +761,97 @@ def _scaled_queries(Q, b, h, sqb, sqh, chan, real, G: tl.constexpr, G2: tl.const
 
 
 @triton.jit
-def _base_tile_top(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, c0, lo, hi, scored, sqb, sqh, skb, skh, skn,
-                   ssb, ssh, sqrt_d, G: tl.constexpr, G2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                   M: tl.constexpr, TK: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The rows' largest logit upper bound [M] over the scored non-candidates of keys c0 .. c0 + TK - 1.
-    It loads the queries itself: with one copy shared with _page_scan's loop, Triton 3.6 fails to
-    compile the fp32 products (TritonGPURemoveLayoutConversions)."""
+def _query_terms(Q, KC, KO, b, h, real, sqb, sqh, scb, sch, sqrt_d, G: tl.constexpr, G2: tl.constexpr,
+                 M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """For the rows of a tile (see _scaled_queries): the group's queries times the channel scales
+    (in Q's dtype), |q| summed (the error bound's factor), q·offset and its rounding bound."""
+    d = tl.arange(0, D_PAD)
+    chan = tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0)
+    offset = tl.load(KO + b * scb + h * sch + d, mask=d < D, other=0.0)
+    q_times_offset = _scaled_queries(Q, b, h, sqb, sqh, offset, real, G, G2, M, D, D_PAD, tl.float32)
+    q_off = tl.sum(q_times_offset, 1) / sqrt_d
+    q_off_err = tl.sum(tl.abs(q_times_offset), 1) * OFFSET_SLACK / sqrt_d
     q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD, Q.dtype.element_ty)
-    est, err, _, base = _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn,
-                                     ssb, ssh, 1, sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
-    return tl.max(tl.where(base[None, :], est + err, float("-inf")), 1)
+    q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
+    return q, q_err, q_off, q_off_err
 
 
 @triton.jit
-def _base_shift(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn, ssb, ssh,
-                sqrt_d, G: tl.constexpr, G2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, M: tl.constexpr,
-                TK: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
-    """reference.base_shift for the rows of a tile [M], from the int8 copies of the scored positions
-    outside the candidates (the anchor, then the window but the newest key), TK keys at a time.
-    Every pass-1 program computes it (a few hundred keys): a launch of its own cost more (7 us, H200)."""
-    top = tl.full([M], float("-inf"), tl.float32)
+def _base_tile(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d,
+               base_top, low_top, base_mass, D: tl.constexpr, D_PAD: tl.constexpr, TK: tl.constexpr,
+               HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """_sampled_cut's running top of u, top of l and sum of exp(l - that top) over the scored
+    non-candidates (anchor and window) brought past keys c0 .. c0 + TK - 1."""
+    est, err, _, base = _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn,
+                                     ssb, ssh, 1, sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
+    base_top = tl.maximum(base_top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
+    low = tl.where(base[None, :], est - KEPT_MARGIN * err, float("-inf"))
+    new_top = tl.maximum(low_top, tl.max(low, 1))
+    safe = tl.where(new_top > float("-inf"), new_top, 0.0)
+    return base_top, new_top, base_mass * tl.exp(low_top - safe) + tl.sum(tl.exp(low - safe[:, None]), 1)
+
+
+@triton.jit
+def _sampled_cut(Q, KQ, KS, KC, KO, BOUNDS, CUT, sqb, sqh, skb, skh, skn, ssb, ssh, scb, sch, sqrt_d, c, Hkv,
+                 G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                 S: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, STEPS: tl.constexpr, HALF: tl.constexpr,
+                 SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """reference.sampled_cut, one program per KV group (a row per query head): the S samples'
+    bounds in one tile, the anchor and window's TK keys at a time (their top, and their mass
+    online), then each head's number of kept bins by bisection (rest falls and kept grows with
+    it), not a histogram: the cut moves only the ranking, so the sums' order need not match."""
+    row = tl.program_id(0)
+    n = tl.load(BOUNDS)
+    lo = tl.load(BOUNDS + 1)
+    hi = tl.load(BOUNDS + 2)
+    scored = n - 1
+    b = row // Hkv
+    h = row % Hkv
+    r = tl.arange(0, M)
+    real = r < G
+    q, q_err, q_off, q_off_err = _query_terms(Q, KC, KO, b, h, real, sqb, sqh, scb, sch, sqrt_d, G, G2, M, D, D_PAD)
+    base_top = tl.full([M], float("-inf"), tl.float32)
+    low_top = tl.full([M], float("-inf"), tl.float32)
+    base_mass = tl.zeros([M], tl.float32)  # the sum of exp(l - low_top)
     for c0 in range(0, lo, TK):
-        top = tl.maximum(top, _base_tile_top(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, c0, lo, hi, scored,
-                                             sqb, sqh, skb, skh, skn, ssb, ssh, sqrt_d, G, G2, D, D_PAD, M, TK, HALF,
-                                             SLACK, PRECISION, UPCAST))
-    for c0 in range(hi, scored, TK):
-        top = tl.maximum(top, _base_tile_top(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, c0, lo, hi, scored,
-                                             sqb, sqh, skb, skh, skn, ssb, ssh, sqrt_d, G, G2, D, D_PAD, M, TK, HALF,
-                                             SLACK, PRECISION, UPCAST))
-    top_bin = _to_bin(tl.where(real, top, float("-inf")))
-    lowest = tl.min(tl.where(real, top_bin, MAX_BIN), 0)  # the real rows' least
-    return tl.where(real, top_bin - lowest, 0).to(tl.float32) * BIN_WIDTH
+        base_top, low_top, base_mass = _base_tile(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb,
+                                                  skh, skn, ssb, ssh, sqrt_d, base_top, low_top, base_mass, D, D_PAD,
+                                                  TK, HALF, SLACK, PRECISION, UPCAST)
+    for c0 in range(tl.maximum(hi, tl.cdiv(lo, TK) * TK), scored, TK):  # past the anchor's tiles
+        base_top, low_top, base_mass = _base_tile(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb,
+                                                  skh, skn, ssb, ssh, sqrt_d, base_top, low_top, base_mass, D, D_PAD,
+                                                  TK, HALF, SLACK, PRECISION, UPCAST)
+    i = tl.arange(0, S)
+    has = hi > lo
+    pos = lo + ((2 * i.to(tl.int64) + 1) * (hi - lo)) // (2 * S)
+    est, err = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, i < tl.where(has, S, 0), skb, skh, skn, ssb, ssh,
+                        sqrt_d, D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
+    u = est + err
+    key_bin = _to_bin(u)
+    top = tl.max(key_bin, 1)
+    ref = (tl.maximum(top, _to_bin(base_top)) + 1).to(tl.float32) * BIN_WIDTH
+    base_mass = tl.where(low_top > float("-inf"), base_mass * tl.exp(low_top - ref), 0.0)
+    weight = (hi - lo).to(tl.float32) / S
+    e_u = tl.exp(u - ref[:, None]) * weight
+    e_l = tl.exp(est - KEPT_MARGIN * err - ref[:, None]) * weight
+    j = tl.minimum(top[:, None] - key_bin, NB - 1)
+    first = tl.zeros([M], tl.int32)  # the answer lies in [first, last]: the first j that holds
+    last = tl.full([M], NB, tl.int32)
+    for _ in tl.static_range(STEPS):
+        mid = (first + last) // 2
+        rest = tl.sum(tl.where(j >= mid[:, None], e_u, 0.0), 1)
+        kept = base_mass + tl.sum(tl.where(j < mid[:, None], e_l, 0.0), 1)
+        fails = rest > c * kept
+        open_ = first < last
+        first = tl.where(open_ & fails, mid + 1, first)
+        last = tl.where(open_ & ~fails, mid, last)
+    need = tl.where(c > 0, first, NB)
+    tl.store(CUT + b * Hkv * G + h * G + r, tl.where(has, top - need + 1, 0), mask=real)
 
 
 @triton.jit
 def _page_scan(
-    Q, K, V, KQ, KS, KC, KO, BOUNDS, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, VSUM, UPTO,
+    Q, K, V, KQ, KS, KC, KO, BOUNDS, CUT, PAGE_BIN, GTOP, HTOP, HREST, HKEPT, HBASE, HLREST, VSUM, UPTO,
     sqb, sqh, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, scb, sch, n_pages, n_blocks, P, sqrt_d, Hkv,
     G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     P_PAD: tl.constexpr, CH: tl.constexpr, NPB: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr,
@@ -796,9 +859,9 @@ def _page_scan(
     TAIL: tl.constexpr,
 ):
     """page_threshold pass 1: one program reads the int8 copies of NPB pages of one KV head, once,
-    and writes each page's group bin (each head's bounds lowered by its shift, _base_shift),
-    the block's top bin (the group's, so shifted, and each head's own), and per
-    query head the block's histogram over bins counted down from the group's top (exp relative to
+    and writes each page's group bin (each head's bounds lowered by its shift: how far its sampled
+    cut, CUT, lies above the group's lowest; reference.cut_shift), the block's top bin (the
+    group's, so shifted, and each head's own), and per query head the block's histogram over bins counted down from the group's top (exp relative to
     the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
     candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Rows
     0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their l (reference.KEPT_MARGIN), so
@@ -832,13 +895,9 @@ def _page_scan(
     head = r % G2
     upper = r < G2
     real = (r < 2 * G2) & (head < G)
-    q_times_offset = _scaled_queries(Q, b, h, sqb, sqh, offset, real, G, G2, M, D, D_PAD, tl.float32)
-    q_off = tl.sum(q_times_offset, 1) / sqrt_d
-    q_off_err = tl.sum(tl.abs(q_times_offset), 1) * OFFSET_SLACK / sqrt_d
-    q = _scaled_queries(Q, b, h, sqb, sqh, chan, real, G, G2, M, D, D_PAD, Q.dtype.element_ty)
-    q_err = tl.sum(tl.abs(q.to(tl.float32)), 1) / sqrt_d
-    shift = _base_shift(Q, KQ, KS, chan, q_err, q_off, q_off_err, real, b, h, lo, hi, scored, sqb, sqh, skb, skh, skn,
-                        ssb, ssh, sqrt_d, G, G2, D, D_PAD, M, CH * P_PAD, HALF, SLACK, PRECISION, UPCAST)
+    q, q_err, q_off, q_off_err = _query_terms(Q, KC, KO, b, h, real, sqb, sqh, scb, sch, sqrt_d, G, G2, M, D, D_PAD)
+    cut = tl.load(CUT + row * G + head, mask=real, other=0)  # the group's heads' sampled cuts (_sampled_cut)
+    shift = tl.where(real, cut - tl.min(tl.where(real, cut, MAX_BIN), 0), 0).to(tl.float32) * BIN_WIDTH
     sign = tl.where(upper, 1.0, -KEPT_MARGIN)  # the lower rows' l = est - KEPT_MARGIN * err
     top = tl.full([M], float("-inf"), tl.float32)
     head_top = tl.full([M], NO_PAGE, tl.int32)
@@ -1005,15 +1064,36 @@ def kept_list(page_bin: torch.Tensor, threshold: torch.Tensor, bounds: torch.Ten
 # page_threshold's launch settings (H200, 32q/4kv x64): keys per pass-1 program (at least
 # block_keys, more once the capacity would need over `programs` of them: pass 2 reads every
 # block's histogram, 136 us at 1M with blocks of 1024 against 29 with 4096), keys per tile (each
-# tile's one-hot product), pass-2 blocks per tile.
-PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16}
+# tile's one-hot product; the sampled cut's anchor and window tiles), pass-2 blocks per tile, and
+# the warps of the sampled cut's program (its tile of SHIFT_SAMPLES keys).
+PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16, "cut_warps": 8}
+
+
+def sampled_cut(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor, offset: torch.Tensor,
+                bounds: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each query head's cut [B, Hq] (int32) estimated on reference.SHIFT_SAMPLES candidates from
+    the int8 copies of positions [0, n - 1), one program per KV group; see reference.sampled_cut."""
+    B, Hq, D = q.shape
+    Hkv = kq.shape[1]
+    G = Hq // Hkv
+    cut = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
+    _launch(_sampled_cut, (B * Hkv,),
+        q, kq, kscale, chan, offset, bounds, cut, q.stride(0), q.stride(1), *kq.stride()[:3], *kscale.stride()[:2],
+        *chan.stride()[:2], math.sqrt(D), reference.rest_ratio(eps), Hkv,
+        G=G, G2=_pow2(G, 1), M=max(16, _pow2(G, 1)), D=D, D_PAD=_pow2(D), S=reference.SHIFT_SAMPLES,
+        TK=PAGE_SCAN["tile_keys"], NB=reference.PAGE_BINS, STEPS=reference.PAGE_BINS.bit_length(),
+        HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q),
+        num_warps=PAGE_SCAN["cut_warps"],
+    )
+    return cut
 
 
 def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor,
                    offset: torch.Tensor, bounds, eps: float, page_size: int, tail: reference.Tail | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Certified page selection from the int8 copies in two launches, the newest key's copy written
-    by the first (and with tail, the candidates' value sum); see reference.page_threshold. page_bin
+    """Certified page selection from the int8 copies in three launches: each head's sampled cut,
+    then the scan, which writes the newest key's copy (and with tail, the candidates' value sum),
+    then the thresholds; see reference.page_threshold. page_bin
     is written for pages holding scored positions (those [0, n - 1) of bounds) only."""
     B, Hq, D = q.shape
     Hkv, cap = kq.shape[1], kq.shape[2]
@@ -1040,8 +1120,9 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
         v, vsum, upto, t_u, t_l, gtop = tail
         assert v.stride() == k.stride() and all(x.is_contiguous() for x in (vsum, upto, t_u, t_l, gtop))
         low_rest = torch.empty_like(rest)
+    cut = sampled_cut(q, kq, kscale, chan, offset, bounds, eps)
     _launch(_page_scan, (rows, n_blocks),
-        q, k, v, kq, kscale, chan, offset, bounds, page_bin, group_top, head_top, rest, kept, base, low_rest, vsum, upto,
+        q, k, v, kq, kscale, chan, offset, bounds, cut, page_bin, group_top, head_top, rest, kept, base, low_rest, vsum, upto,
         q.stride(0), q.stride(1),
         *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], *chan.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
         G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
