@@ -508,7 +508,8 @@ def to_bin(x: torch.Tensor) -> torch.Tensor:
 def bf16_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     """x >= 0 (fp32) to the nearest bf16 value above (up) or below it, as fp32: the histogram's sums
     of exps are products of bf16 values with a one-hot matrix, exact on tensor cores, and rounding
-    outward keeps U an upper bound and Z a lower one (each looser by at most 2^-7 of itself: bf16 keeps 8 significant bits)."""
+    outward keeps U an upper bound and Z a lower one (each looser by at most 2^-7 of itself: bf16
+    keeps 8 significant bits)."""
     bits = x.float().view(torch.int32)
     down = bits & -65536
     return torch.where((down != bits) & up, down + 65536, down).view(torch.float32)

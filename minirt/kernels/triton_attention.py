@@ -761,13 +761,18 @@ def _scaled_queries(Q, b, h, sqb, sqh, chan, real, G: tl.constexpr, G2: tl.const
 
 
 @triton.jit
-def _query_terms(Q, KC, KO, b, h, real, sqb, sqh, scb, sch, sqrt_d, G: tl.constexpr, G2: tl.constexpr,
+def _key_frame(KC, KO, b, h, scb, sch, D: tl.constexpr, D_PAD: tl.constexpr):
+    """KV head h's channel scales and offsets [D_PAD] (reference.key_frame), padded with 1 and 0."""
+    d = tl.arange(0, D_PAD)
+    return (tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0),
+            tl.load(KO + b * scb + h * sch + d, mask=d < D, other=0.0))
+
+
+@triton.jit
+def _query_terms(Q, chan, offset, b, h, real, sqb, sqh, sqrt_d, G: tl.constexpr, G2: tl.constexpr,
                  M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     """For the rows of a tile (see _scaled_queries): the group's queries times the channel scales
     (in Q's dtype), |q| summed (the error bound's factor), q·offset and its rounding bound."""
-    d = tl.arange(0, D_PAD)
-    chan = tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0)
-    offset = tl.load(KO + b * scb + h * sch + d, mask=d < D, other=0.0)
     q_times_offset = _scaled_queries(Q, b, h, sqb, sqh, offset, real, G, G2, M, D, D_PAD, tl.float32)
     q_off = tl.sum(q_times_offset, 1) / sqrt_d
     q_off_err = tl.sum(tl.abs(q_times_offset), 1) * OFFSET_SLACK / sqrt_d
@@ -809,7 +814,8 @@ def _sampled_cut(Q, KQ, KS, KC, KO, BOUNDS, CUT, sqb, sqh, skb, skh, skn, ssb, s
     h = row % Hkv
     r = tl.arange(0, M)
     real = r < G
-    q, q_err, q_off, q_off_err = _query_terms(Q, KC, KO, b, h, real, sqb, sqh, scb, sch, sqrt_d, G, G2, M, D, D_PAD)
+    chan, offset = _key_frame(KC, KO, b, h, scb, sch, D, D_PAD)
+    q, q_err, q_off, q_off_err = _query_terms(Q, chan, offset, b, h, real, sqb, sqh, sqrt_d, G, G2, M, D, D_PAD)
     base_top = tl.full([M], float("-inf"), tl.float32)
     low_top = tl.full([M], float("-inf"), tl.float32)
     base_mass = tl.zeros([M], tl.float32)  # the sum of exp(l - low_top)
@@ -861,8 +867,8 @@ def _page_scan(
     """page_threshold pass 1: one program reads the int8 copies of NPB pages of one KV head, once,
     and writes each page's group bin (each head's bounds lowered by its shift: how far its sampled
     cut, CUT, lies above the group's lowest; reference.cut_shift), the block's top bin (the
-    group's, so shifted, and each head's own), and per query head the block's histogram over bins counted down from the group's top (exp relative to
-    the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
+    group's, so shifted, and each head's own), and per query head the block's histogram over
+    bins counted down from the group's top (exp relative to the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
     candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Rows
     0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their l (reference.KEPT_MARGIN), so
     one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head. The
@@ -882,9 +888,7 @@ def _page_scan(
     scored = n - 1  # the newest key is left out: its int8 copy need not exist yet (see the reference)
     b = row // Hkv
     h = row % Hkv
-    d = tl.arange(0, D_PAD)
-    chan = tl.load(KC + b * scb + h * sch + d, mask=d < D, other=1.0)
-    offset = tl.load(KO + b * scb + h * sch + d, mask=d < D, other=0.0)
+    chan, offset = _key_frame(KC, KO, b, h, scb, sch, D, D_PAD)
     if blk == 0:  # so this launch writes it, for the steps after this one
         _quantize_newest(K, KQ, KS, chan, offset, b, h, scored, sxb, sxh, sxn, skb, skh, skn, ssb, ssh, D, D_PAD)
         if TAIL:
@@ -895,7 +899,7 @@ def _page_scan(
     head = r % G2
     upper = r < G2
     real = (r < 2 * G2) & (head < G)
-    q, q_err, q_off, q_off_err = _query_terms(Q, KC, KO, b, h, real, sqb, sqh, scb, sch, sqrt_d, G, G2, M, D, D_PAD)
+    q, q_err, q_off, q_off_err = _query_terms(Q, chan, offset, b, h, real, sqb, sqh, sqrt_d, G, G2, M, D, D_PAD)
     cut = tl.load(CUT + row * G + head, mask=real, other=0)  # the group's heads' sampled cuts (_sampled_cut)
     shift = tl.where(real, cut - tl.min(tl.where(real, cut, MAX_BIN), 0), 0).to(tl.float32) * BIN_WIDTH
     sign = tl.where(upper, 1.0, -KEPT_MARGIN)  # the lower rows' l = est - KEPT_MARGIN * err
