@@ -246,12 +246,14 @@ def shadow_terms(q, kq, scale, chan, offset, bounds):
 
 
 @pytest.mark.parametrize("B, Hkv, G, n, window", [(1, 2, 8, 90, 8), (2, 1, 7, 1500, 128), (1, 2, 3, 5000, 64),
-                                                  (1, 1, 4, 2, 8), (1, 2, 3, 300, 200)])
+                                                  (1, 1, 4, 2, 8), (1, 2, 3, 300, 200), (1, 1, 1, 700, 16),
+                                                  (1, 1, 16, 3000, 32)])
 @pytest.mark.parametrize("eps", [0.0, 1e-2, 0.1, 1.0])
 def test_sampled_cut(B, Hkv, G, n, window, eps):
     """Each head's cut on SHIFT_SAMPLES evenly spaced candidates: the kernel's (anchor and window
     read a tile at a time, kept bins found by bisection) is the reference's (a histogram), with
-    fewer candidates than samples, far more, none, and a window longer than a tile."""
+    fewer candidates than samples, far more, none, a window longer than a tile, and groups of 1 to
+    16 heads."""
     g = torch.Generator().manual_seed(n + G)
     q, kq, scale, chan, offset, _ = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g)
     q = q * 2  # peaked enough that the cuts differ between heads

@@ -782,29 +782,24 @@ def _query_terms(Q, chan, offset, b, h, real, sqb, sqh, sqrt_d, G: tl.constexpr,
 
 
 @triton.jit
-def _base_tile(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, sqrt_d,
-               base_top, low_top, base_mass, D: tl.constexpr, D_PAD: tl.constexpr, TK: tl.constexpr,
-               HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """_sampled_cut's running top of u, top of l and sum of exp(l - that top) over the scored
-    non-candidates (anchor and window) brought past keys c0 .. c0 + TK - 1."""
-    est, err, _, base = _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn,
-                                     ssb, ssh, 1, sqrt_d, D, D_PAD, 1, TK, HALF, SLACK, PRECISION, UPCAST)
-    base_top = tl.maximum(base_top, tl.max(tl.where(base[None, :], est + err, float("-inf")), 1))
-    low = tl.where(base[None, :], est - KEPT_MARGIN * err, float("-inf"))
-    new_top = tl.maximum(low_top, tl.max(low, 1))
-    safe = tl.where(new_top > float("-inf"), new_top, 0.0)
-    return base_top, new_top, base_mass * tl.exp(low_top - safe) + tl.sum(tl.exp(low - safe[:, None]), 1)
+def _head_reduce(x, M: tl.constexpr, G2: tl.constexpr, MAX: tl.constexpr):
+    """Each row's head's max (MAX) or sum of x [M] over its rows (row r serves head r % G2)."""
+    x = tl.reshape(x, [M // G2, G2])
+    x = tl.max(x, 0) if MAX else tl.sum(x, 0)
+    return tl.reshape(tl.broadcast_to(x[None, :], [M // G2, G2]), [M])
 
 
 @triton.jit
 def _sampled_cut(Q, KQ, KS, KC, KO, BOUNDS, CUT, sqb, sqh, skb, skh, skn, ssb, ssh, scb, sch, sqrt_d, c, Hkv,
                  G: tl.constexpr, G2: tl.constexpr, M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                 S: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, STEPS: tl.constexpr, HALF: tl.constexpr,
+                 S: tl.constexpr, BT: tl.constexpr, NB: tl.constexpr, STEPS: tl.constexpr, HALF: tl.constexpr,
                  SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """reference.sampled_cut, one program per KV group (a row per query head): the S samples'
-    bounds in one tile, the anchor and window's TK keys at a time (their top, and their mass
-    online), then each head's number of kept bins by bisection (rest falls and kept grows with
-    it), not a histogram: the cut moves only the ranking, so the sums' order need not match."""
+    """reference.sampled_cut, one program per KV group, rows as _page_scan's (each head's u, then
+    its l, so a tile holds one exp per sample and row): the S samples in one tile, the anchor and
+    window BT keys at a time (their top and mass online), then each head's number of kept bins by
+    bisection, each step one sum over the samples of exp(u) past the mid bin less c times exp(l)
+    before it (only its sign counts), not a histogram: the cut moves only the ranking, so the
+    sums' order need not match the reference's."""
     row = tl.program_id(0)
     n = tl.load(BOUNDS)
     lo = tl.load(BOUNDS + 1)
@@ -813,46 +808,55 @@ def _sampled_cut(Q, KQ, KS, KC, KO, BOUNDS, CUT, sqb, sqh, skb, skh, skn, ssb, s
     b = row // Hkv
     h = row % Hkv
     r = tl.arange(0, M)
-    real = r < G
+    head = r % G2
+    upper = r < G2
+    real = (r < 2 * G2) & (head < G)
+    at = CUT + row * G + head
+    if hi <= lo:  # no candidates: every cut is 0
+        tl.store(at, tl.zeros([M], tl.int32), mask=upper & real)
+        return
     chan, offset = _key_frame(KC, KO, b, h, scb, sch, D, D_PAD)
     q, q_err, q_off, q_off_err = _query_terms(Q, chan, offset, b, h, real, sqb, sqh, sqrt_d, G, G2, M, D, D_PAD)
-    base_top = tl.full([M], float("-inf"), tl.float32)
-    low_top = tl.full([M], float("-inf"), tl.float32)
-    base_mass = tl.zeros([M], tl.float32)  # the sum of exp(l - low_top)
-    for c0 in range(0, lo, TK):
-        base_top, low_top, base_mass = _base_tile(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb,
-                                                  skh, skn, ssb, ssh, sqrt_d, base_top, low_top, base_mass, D, D_PAD,
-                                                  TK, HALF, SLACK, PRECISION, UPCAST)
-    for c0 in range(tl.maximum(hi, tl.cdiv(lo, TK) * TK), scored, TK):  # past the anchor's tiles
-        base_top, low_top, base_mass = _base_tile(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb,
-                                                  skh, skn, ssb, ssh, sqrt_d, base_top, low_top, base_mass, D, D_PAD,
-                                                  TK, HALF, SLACK, PRECISION, UPCAST)
+    sign = tl.where(upper, 1.0, -KEPT_MARGIN)[:, None]  # the lower rows' l = est - KEPT_MARGIN * err
     i = tl.arange(0, S)
-    has = hi > lo
     pos = lo + ((2 * i.to(tl.int64) + 1) * (hi - lo)) // (2 * S)
-    est, err = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, i < tl.where(has, S, 0), skb, skh, skn, ssb, ssh,
-                        sqrt_d, D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
-    u = est + err
-    key_bin = _to_bin(u)
+    est, err = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, i < S, skb, skh, skn, ssb, ssh, sqrt_d,
+                        D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
+    key_bin = _to_bin(est + err)  # each head's bins of u, in both its rows
     top = tl.max(key_bin, 1)
-    ref = (tl.maximum(top, _to_bin(base_top)) + 1).to(tl.float32) * BIN_WIDTH
-    base_mass = tl.where(low_top > float("-inf"), base_mass * tl.exp(low_top - ref), 0.0)
+    # the anchor [0, lo) then the window [hi, scored), numbered 0 .. n_base - 1
+    t = tl.arange(0, BT)
+    n_base = tl.minimum(lo, scored) + tl.maximum(scored - hi, 0)
+    base_top = tl.full([M], float("-inf"), tl.float32)
+    base_mass = tl.zeros([M], tl.float32)  # the sum of exp(x - base_top), x = u or l
+    for v0 in range(0, n_base, BT):
+        v = v0 + t
+        est_b, err_b = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, tl.where(v < lo, v, hi + v - lo).to(tl.int64),
+                                v < n_base, skb, skh, skn, ssb, ssh, sqrt_d, D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
+        x = tl.where((v < n_base)[None, :], est_b + sign * err_b, float("-inf"))
+        new_top = tl.maximum(base_top, tl.max(x, 1))
+        safe = tl.where(new_top > float("-inf"), new_top, 0.0)
+        base_mass = base_mass * tl.exp(base_top - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+        base_top = new_top
+    base_u_top = _head_reduce(tl.where(upper, base_top, float("-inf")), M, G2, True)
+    ref = (tl.maximum(top, _to_bin(base_u_top)) + 1).to(tl.float32) * BIN_WIDTH
+    base_kept = tl.where(real & ~upper & (base_top > float("-inf")), base_mass * tl.exp(base_top - ref), 0.0)
     weight = (hi - lo).to(tl.float32) / S
-    e_u = tl.exp(u - ref[:, None]) * weight
-    e_l = tl.exp(est - KEPT_MARGIN * err - ref[:, None]) * weight
+    e = tl.where(real[:, None], tl.exp(est + sign * err - ref[:, None]) * weight, 0.0)
+    e = tl.where(upper[:, None], e, -c * e)
     j = tl.minimum(top[:, None] - key_bin, NB - 1)
+    c_base = _head_reduce(-c * base_kept, M, G2, False)
     first = tl.zeros([M], tl.int32)  # the answer lies in [first, last]: the first j that holds
     last = tl.full([M], NB, tl.int32)
     for _ in tl.static_range(STEPS):
         mid = (first + last) // 2
-        rest = tl.sum(tl.where(j >= mid[:, None], e_u, 0.0), 1)
-        kept = base_mass + tl.sum(tl.where(j < mid[:, None], e_l, 0.0), 1)
-        fails = rest > c * kept
+        side = tl.where(upper[:, None], j >= mid[:, None], j < mid[:, None])
+        fails = _head_reduce(tl.sum(tl.where(side, e, 0.0), 1), M, G2, False) + c_base > 0  # rest > c kept
         open_ = first < last
         first = tl.where(open_ & fails, mid + 1, first)
         last = tl.where(open_ & ~fails, mid, last)
     need = tl.where(c > 0, first, NB)
-    tl.store(CUT + b * Hkv * G + h * G + r, tl.where(has, top - need + 1, 0), mask=real)
+    tl.store(at, top - need + 1, mask=upper & real)
 
 
 @triton.jit
@@ -1070,7 +1074,8 @@ def kept_list(page_bin: torch.Tensor, threshold: torch.Tensor, bounds: torch.Ten
 # block's histogram, 136 us at 1M with blocks of 1024 against 29 with 4096), keys per tile (each
 # tile's one-hot product; the sampled cut's anchor and window tiles), pass-2 blocks per tile, and
 # the warps of the sampled cut's program (its tile of SHIFT_SAMPLES keys).
-PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16, "cut_warps": 8}
+PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16,
+             "cut_base_keys": 256, "cut_warps": 8}
 
 
 def sampled_cut(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: torch.Tensor, offset: torch.Tensor,
@@ -1079,13 +1084,13 @@ def sampled_cut(q: torch.Tensor, kq: torch.Tensor, kscale: torch.Tensor, chan: t
     the int8 copies of positions [0, n - 1), one program per KV group; see reference.sampled_cut."""
     B, Hq, D = q.shape
     Hkv = kq.shape[1]
-    G = Hq // Hkv
+    G, G2 = Hq // Hkv, _pow2(Hq // Hkv, 1)
     cut = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
     _launch(_sampled_cut, (B * Hkv,),
         q, kq, kscale, chan, offset, bounds, cut, q.stride(0), q.stride(1), *kq.stride()[:3], *kscale.stride()[:2],
         *chan.stride()[:2], math.sqrt(D), reference.rest_ratio(eps), Hkv,
-        G=G, G2=_pow2(G, 1), M=max(16, _pow2(G, 1)), D=D, D_PAD=_pow2(D), S=reference.SHIFT_SAMPLES,
-        TK=PAGE_SCAN["tile_keys"], NB=reference.PAGE_BINS, STEPS=reference.PAGE_BINS.bit_length(),
+        G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), S=reference.SHIFT_SAMPLES, BT=PAGE_SCAN["cut_base_keys"],
+        NB=reference.PAGE_BINS, STEPS=reference.PAGE_BINS.bit_length(),
         HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q),
         num_warps=PAGE_SCAN["cut_warps"],
     )
