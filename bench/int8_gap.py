@@ -2,8 +2,9 @@
 bound against the estimate, per-key scales against per-channel scales without and with offsets
 (reference.key_frame), and (for int8-threshold) bins shared by the KV group, with and without
 each head's shift (reference.cut_shift of its cut on SHIFT_SAMPLES sampled candidates, or on
---sample others), against per-head bins and against shifts from each head's own cut (known only
-after the step). CPU is enough.
+--sample others), against per-head bins, against shifts from each head's own cut (known only
+after the step), and against shifts carried over from the position before (its own cut or its
+sampled one: what a step could reuse instead of estimating its own). CPU is enough.
 
     python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8] [--eps 1e-2 1e-3]
 
@@ -46,17 +47,26 @@ def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache
     return cache, queries
 
 
+def cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float, samples: int
+         ) -> torch.Tensor:
+    """Each head's cut [B, Hkv, G] on `samples` evenly spaced candidates (reference.sampled_cut)."""
+    n, lo, hi = bounds
+    pos = torch.arange(est.shape[-1])
+    with mock.patch.object(R, "SHIFT_SAMPLES", samples):
+        return R.sampled_cut(est + err, est - R.KEPT_MARGIN * err, (pos < n - 1) & ~((pos >= lo) & (pos < hi)),
+                             lo, hi, eps)
+
+
 def own_cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """int8-threshold with single keys binned per query head instead of per KV group: each head's
-    own threshold bin [B, Hkv, G] (reference.sampled_cut on every candidate) and the keys kept
-    per group [B, Hkv]."""
+    own threshold bin [B, Hkv, G] (reference.sampled_cut on every candidate, each standing for
+    itself) and the keys kept per group [B, Hkv]."""
     n, lo, hi = bounds
-    up, low = est + err, est - R.KEPT_MARGIN * err
+    up = est + err
     pos = torch.arange(est.shape[-1])
     cand = (pos >= lo) & (pos < hi)
-    with mock.patch.object(R, "SHIFT_SAMPLES", hi - lo):  # every candidate once, standing for itself
-        cut = R.sampled_cut(up, low, (pos < n - 1) & ~cand, lo, hi, eps)
+    cut = cuts(est, err, bounds, eps, hi - lo)
     top = R.to_bin(torch.where(cand, up, R.NEG_INF).amax(-1, keepdim=True))
     cut_bin = cut[..., None]
     keep = cand & ((R.to_bin(up) >= cut_bin) | (top - cut_bin + 1 >= R.PAGE_BINS))  # a head that cannot cut: every key
@@ -99,6 +109,7 @@ def main() -> None:
                       "per-channel scales, no offsets": (R.channel_scales(prefix, llm.cfg.rotary_dim),
                                                          torch.zeros_like(prefix[:, :, 0])),
                       "per-channel scales and offsets": R.key_frame(prefix, llm.cfg.rotary_dim)}  # the cache's
+            before: dict[str, torch.Tensor] = {}  # the position before's shifts (the first reuses its own sampled one)
             for t in range(args.positions):
                 n = len(ids) - args.positions + t + 1
                 k, q = keys[:, :, :n], qs[:, :, t]
@@ -123,6 +134,8 @@ def main() -> None:
                 est, err = shadows[best]
                 cut, head_keys = own_cuts(est, err, b, eps)
                 own_shift = R.cut_shift(cut)
+                sampled_shift = R.cut_shift(cuts(est, err, b, eps, R.SHIFT_SAMPLES))
+                before = before or {"own": sampled_shift, "sampled": sampled_shift}
                 rows = {
                     "oracle (exact scores)": chosen(R.certified_select(scores, scores.logsumexp(-1), bounds, eps, n)),
                     **{f"ranked, {name}": chosen(R.bounded_select(*shadows[name], bounds, eps, n)) for name in frames},
@@ -135,7 +148,12 @@ def main() -> None:
                         best, lambda _: own_shift),
                     **{f"threshold, {best}, the cut sampled on {s} candidates": threshold(best, samples=s)
                        for s in args.sample},
+                    f"threshold, {best}, each head shifted to its own cut at the position before": threshold(
+                        best, lambda _: before["own"]),
+                    f"threshold, {best}, each head shifted to its sampled cut at the position before": threshold(
+                        best, lambda _: before["sampled"]),
                 }
+                before = {"own": own_shift, "sampled": sampled_shift}
                 for name, count in rows.items():
                     totals[name] = totals.get(name, 0.0) + count
         oracle = totals["oracle (exact scores)"]
