@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import sweep  # noqa: E402
@@ -25,37 +24,21 @@ SHAPES = {"32q/4kv (TinyLlama)": (32, 4), "14q/2kv (Qwen2.5-Coder-0.5B)": (14, 2
 
 
 def table(results: dict) -> str:
-    keys = tuple(SETTINGS)
-    current = tuple(results["meta"]["current"].get(k) for k in keys)
-    out = ["| shape | context | " + " | ".join(keys) + " | us | cuts as the current's | |", "|---" * (len(keys) + 5) + "|"]
-    for r in sorted(results["rows"], key=lambda r: (r["shape"], r["context"], r["us"])):
-        setting = tuple(r[k] for k in keys)
-        out.append(f"| {r['shape']} | {r['context']} | " + " | ".join(map(str, setting)) + f" | {r['us']:.1f} | "
-                   f"{'yes' if r['same_cuts'] else 'no'} | " + ("current (PAGE_SCAN)" if setting == current else "") + " |")
-    return "\n".join(out) + "\n"
+    return sweep.settings_table(results, SETTINGS, ("shape", "context"), "same_cuts", "cuts as the current's")
 
 
 def main() -> None:
     args = sweep.arguments(__doc__, "32768", "results/tune_cut.json", table)
     if args is None:
         return
-    current = dict(tri.PAGE_SCAN)
-    results = sweep.results(current)
+    results = sweep.results(dict(tri.PAGE_SCAN))
     for (shape, (Hq, Hkv)), n in itertools.product(SHAPES.items(), map(int, args.contexts.split(","))):
         torch.manual_seed(n)
         cache = make_cache(Hq, Hkv, 64, n, sweep.POLICY, torch.float16)
         q = torch.randn(1, Hq, 64, device="cuda", dtype=torch.float16) * PEAK
         cut = lambda: tri.sampled_cut(q, cache.kq[0], cache.kscale[0], cache.kchan[0], cache.koffset[0],  # noqa: E731
                                       cache.bounds, 0.01)
-        want = cut()
-        for values in itertools.product(*SETTINGS.values()):
-            tri.PAGE_SCAN.update(zip(SETTINGS, values))
-            same = torch.equal(cut(), want)
-            us = triton.testing.do_bench_cudagraph(cut, rep=100) * 1000
-            results["rows"].append({"shape": shape, "context": n, **dict(zip(SETTINGS, values)), "us": us,
-                                    "same_cuts": same})
-            print(shape, n, values, f"{us:.1f} us", flush=True)
-        tri.PAGE_SCAN.update(current)
+        sweep.time_settings(tri.PAGE_SCAN, SETTINGS, cut, {"shape": shape, "context": n}, results, "same_cuts")
         del cache
         torch.cuda.empty_cache()
     sweep.save(results, args.out, table)

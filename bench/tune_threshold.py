@@ -7,12 +7,10 @@ histogram per block) and blocks per pass-2 tile. CUDA-graph timings; writes JSON
 """
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import sweep  # noqa: E402
@@ -23,36 +21,21 @@ SETTINGS = {"block_keys": (512, 1024, 2048, 4096), "blocks_per_tile": (16, 32, 6
 
 
 def table(results: dict) -> str:
-    keys = tuple(SETTINGS)
-    current = tuple(results["meta"]["current"][k] for k in keys)
-    out = ["| context | " + " | ".join(keys) + " | us | thresholds as the current's | |", "|---" * (len(keys) + 4) + "|"]
-    for r in sorted(results["rows"], key=lambda r: (r["context"], r["us"])):
-        setting = tuple(r[k] for k in keys)
-        out.append(f"| {r['context']} | " + " | ".join(map(str, setting)) + f" | {r['us']:.1f} | {'yes' if r['same_thresholds'] else 'no'} | "
-                   + ("current (PAGE_SCAN)" if setting == current else "") + " |")
-    return "\n".join(out) + "\n"
+    return sweep.settings_table(results, SETTINGS, ("context",), "same_thresholds", "thresholds as the current's")
 
 
 def main() -> None:
     args = sweep.arguments(__doc__, "32768,131072,1048576", "results/tune_threshold.json", table)
     if args is None:
         return
-    current = dict(tri.PAGE_SCAN)
-    results = sweep.results(current)
+    results = sweep.results(dict(tri.PAGE_SCAN))
     for n in map(int, args.contexts.split(",")):
         torch.manual_seed(n)
         cache = make_cache(32, 4, 64, n, sweep.POLICY, torch.float16)
         q = torch.randn(1, 32, 64, device="cuda", dtype=torch.float16) * PEAK
         select = lambda: tri.page_threshold(q, cache.k[0], cache.kq[0], cache.kscale[0], cache.kchan[0],  # noqa: E731
-                                            cache.koffset[0], cache.bounds, 0.01, 1)
-        want = select()[1]
-        for values in itertools.product(*SETTINGS.values()):
-            tri.PAGE_SCAN.update(zip(SETTINGS, values))
-            same = torch.equal(select()[1], want)  # summation order may move a threshold by a bin
-            us = triton.testing.do_bench_cudagraph(select, rep=100) * 1000
-            results["rows"].append({"context": n, **dict(zip(SETTINGS, values)), "us": us, "same_thresholds": same})
-            print(n, values, f"{us:.1f} us", flush=True)
-        tri.PAGE_SCAN.update(current)
+                                            cache.koffset[0], cache.bounds, 0.01, 1)[1]
+        sweep.time_settings(tri.PAGE_SCAN, SETTINGS, select, {"context": n}, results, "same_thresholds")
         del cache
         torch.cuda.empty_cache()
     sweep.save(results, args.out, table)
