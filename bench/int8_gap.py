@@ -3,8 +3,9 @@ bound against the estimate, per-key scales against per-channel scales without an
 (reference.key_frame), and (for int8-threshold) bins shared by the KV group, with and without
 each head's shift (reference.cut_shift of its cut on SHIFT_SAMPLES sampled candidates, or on
 --sample others), against per-head bins, against shifts from each head's own cut (known only
-after the step), and against shifts carried over from the position before (its own cut or its
-sampled one: what a step could reuse instead of estimating its own). CPU is enough.
+after the step), against shifts carried over from the position before (its own cut or its
+sampled one: what a step could reuse instead of estimating its own), and against cuts that count
+less than the anchor and window as kept (what a cheaper cut would score). CPU is enough.
 
     python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8] [--eps 1e-2 1e-3]
 
@@ -29,6 +30,7 @@ from minirt.kernels import reference as R  # noqa: E402
 from minirt.workloads import long_prompt  # noqa: E402
 
 ANCHOR, WINDOW = 4, 128
+WINDOW_STRIDE = 4  # a cut that scores every 4th window key (each standing for 4): a quarter of the window's scoring
 
 
 def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache, dict[int, torch.Tensor]]:
@@ -47,14 +49,20 @@ def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache
     return cache, queries
 
 
-def cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float, samples: int
-         ) -> torch.Tensor:
-    """Each head's cut [B, Hkv, G] on `samples` evenly spaced candidates (reference.sampled_cut)."""
+def cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float, samples: int,
+         base: str = "anchor and window") -> torch.Tensor:
+    """Each head's cut [B, Hkv, G] on `samples` evenly spaced candidates (reference.sampled_cut),
+    the mass of the anchor and window counted as kept; or of the anchor alone, of neither, or of
+    the anchor and every WINDOW_STRIDE-th window key, each standing for WINDOW_STRIDE."""
     n, lo, hi = bounds
     pos = torch.arange(est.shape[-1])
+    window = (pos >= hi) & (pos < n - 1)
+    always = {"anchor and window": ((pos < lo) | window).float(), "anchor": (pos < lo).float(),
+              "neither": torch.zeros(len(pos)),
+              "anchor and the window sampled": (pos < lo) + window * ((pos - hi) % WINDOW_STRIDE == 0) * WINDOW_STRIDE,
+              }[base]
     with mock.patch.object(R, "SHIFT_SAMPLES", samples):
-        return R.sampled_cut(est + err, est - R.KEPT_MARGIN * err, (pos < n - 1) & ~((pos >= lo) & (pos < hi)),
-                             lo, hi, eps)
+        return R.sampled_cut(est + err, est - R.KEPT_MARGIN * err, always, lo, hi, eps)
 
 
 def own_cuts(est: torch.Tensor, err: torch.Tensor, bounds: tuple[int, int, int], eps: float
@@ -136,6 +144,10 @@ def main() -> None:
                 own_shift = R.cut_shift(cut)
                 sampled_shift = R.cut_shift(cuts(est, err, b, eps, R.SHIFT_SAMPLES))
                 before = before or {"own": sampled_shift, "sampled": sampled_shift}
+                less_kept = {label: R.cut_shift(cuts(est, err, b, eps, R.SHIFT_SAMPLES, base))
+                             for base, label in (("anchor", "only the anchor"), ("neither", "neither anchor nor window"),
+                                                 ("anchor and the window sampled",
+                                                  f"the anchor and every {WINDOW_STRIDE}th window key"))}
                 rows = {
                     "oracle (exact scores)": chosen(R.certified_select(scores, scores.logsumexp(-1), bounds, eps, n)),
                     **{f"ranked, {name}": chosen(R.bounded_select(*shadows[name], bounds, eps, n)) for name in frames},
@@ -148,6 +160,8 @@ def main() -> None:
                         best, lambda _: own_shift),
                     **{f"threshold, {best}, the cut sampled on {s} candidates": threshold(best, samples=s)
                        for s in args.sample},
+                    **{f"threshold, {best}, the cut counting {label} as kept": threshold(best, lambda _, x=x: x)
+                       for label, x in less_kept.items()},
                     f"threshold, {best}, each head shifted to its own cut at the position before": threshold(
                         best, lambda _: before["own"]),
                     f"threshold, {best}, each head shifted to its sampled cut at the position before": threshold(

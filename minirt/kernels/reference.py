@@ -534,19 +534,21 @@ def sampled_cut(up: torch.Tensor, low: torch.Tensor, base: torch.Tensor, lo: int
     """Each query head's cut [B, Hkv, G] (a bin) from its logit bounds up, low [B, Hkv, G, cap]:
     page_threshold's choice made per head and key by key on the shift_samples candidates, each
     standing for (hi - lo) / SHIFT_SAMPLES keys, its bins counted down from the samples' top, the
-    always-attended keys `base` (anchor and window) counted in Z. 0 without candidates."""
+    always-attended keys `base` (anchor and window; a mask, or weights: each key counted that many
+    times) counted in Z. 0 without candidates."""
     if hi <= lo:
         return torch.zeros(up.shape[:-1], device=up.device)
     pos = shift_samples(lo, hi, up.device)
     u, l = up[..., pos], low[..., pos]
     top = to_bin(u.amax(-1))
-    ref = (torch.maximum(top, to_bin(torch.where(base, up, NEG_INF).amax(-1))) + 1)[..., None] * BIN_WIDTH
+    always = base > 0
+    ref = (torch.maximum(top, to_bin(torch.where(always, up, NEG_INF).amax(-1))) + 1)[..., None] * BIN_WIDTH
     weight = (hi - lo) / SHIFT_SAMPLES
     j = (top[..., None] - to_bin(u)).clamp(max=PAGE_BINS - 1).long()
     hist = torch.zeros(*u.shape[:-1], PAGE_BINS, dtype=torch.float64, device=up.device)
     rest = hist.scatter_add(-1, j, torch.exp(u - ref).double() * weight)
     kept = hist.scatter_add(-1, j, torch.exp(l - ref).double() * weight)
-    base_mass = torch.exp(torch.where(base, low, NEG_INF) - ref).double().sum(-1, keepdim=True)
+    base_mass = (torch.exp(torch.where(always, low, NEG_INF) - ref).double() * base).sum(-1, keepdim=True)
     rest = F.pad(rest.flip(-1).cumsum(-1).flip(-1), (0, 1))
     kept = base_mass + F.pad(kept.cumsum(-1), (1, 0))
     need = (rest > rest_ratio(eps) * kept).sum(-1) if eps > 0 else PAGE_BINS
