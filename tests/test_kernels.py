@@ -263,6 +263,19 @@ def test_sampled_cut(B, Hkv, G, n, window, eps):
     assert torch.equal(got.view(want.shape), want.int())
 
 
+def test_sampled_cut_counts_weighted_anchor_and_window_keys_that_many_times():
+    """The anchor and window given as weights: ones are the mask itself; weights of 1000 put a
+    thousand times their mass in Z, and more kept mass never cuts lower (here some heads higher)."""
+    g = torch.Generator().manual_seed(11)
+    q, kq, scale, chan, offset, _ = dyadic_int8_keys(1, 2, 4, 64, 1209, g)
+    up, low, base, lo, hi = shadow_terms(q * 2, kq, scale, chan, offset, ref.step_bounds(1200, 4, 1200 - 64, DEVICE))
+    for eps in (1e-2, 0.1):
+        cut = ref.sampled_cut(up, low, base, lo, hi, eps)
+        assert torch.equal(ref.sampled_cut(up, low, base.double(), lo, hi, eps), cut)
+        heavier = ref.sampled_cut(up, low, 1000.0 * base, lo, hi, eps)
+        assert (heavier >= cut).all() and (heavier > cut).any()
+
+
 def test_sampled_cut_on_every_candidate_is_each_heads_own_threshold(monkeypatch):
     """With every candidate a sample (each standing for itself), a head's sampled cut is the
     threshold page_threshold gives that head alone, key by key (pages of one key, a group of one)."""
