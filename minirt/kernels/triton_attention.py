@@ -1072,8 +1072,8 @@ def kept_list(page_bin: torch.Tensor, threshold: torch.Tensor, bounds: torch.Ten
 # page_threshold's launch settings (H200, 32q/4kv x64): keys per pass-1 program (at least
 # block_keys, more once the capacity would need over `programs` of them: pass 2 reads every
 # block's histogram, 136 us at 1M with blocks of 1024 against 29 with 4096), keys per tile (each
-# tile's one-hot product; the sampled cut's anchor and window tiles), pass-2 blocks per tile, and
-# the warps of the sampled cut's program (its tile of SHIFT_SAMPLES keys).
+# tile's one-hot product), pass-2 blocks per tile, and the sampled cut's anchor-and-window keys per
+# tile and the warps of its program (its tile of SHIFT_SAMPLES keys; bench/tune_cut.py).
 PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16,
              "cut_base_keys": 256, "cut_warps": 8}
 
