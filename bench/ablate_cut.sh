@@ -12,22 +12,16 @@ trap 'cp "$saved" "$kernel"' EXIT
 time_cut() {  # us per launch at 14q/2kv and 32q/4kv; $1: SHIFT_SAMPLES (default the committed one)
   python3 - "$@" <<'EOF'
 import sys
-import torch
 import triton
 sys.path.insert(0, ".")
-from bench import sweep
-from bench.attention import PEAK, make_cache
-from minirt.kernels import reference, triton_attention as tri
+from bench.tune_cut import cut_launch
+from minirt.kernels import reference
 if len(sys.argv) > 1:
     reference.SHIFT_SAMPLES = int(sys.argv[1])
 us = []
 for Hq, Hkv in ((14, 2), (32, 4)):
-    torch.manual_seed(0)
-    cache = make_cache(Hq, Hkv, 64, 32768, sweep.POLICY, torch.float16)
-    q = torch.randn(1, Hq, 64, device="cuda", dtype=torch.float16) * PEAK
-    cut = lambda: tri.sampled_cut(q, cache.kq[0], cache.kscale[0], cache.kchan[0], cache.koffset[0],  # noqa: E731
-                                  cache.bounds, 0.01)
-    cut()
+    cut = cut_launch(Hq, Hkv, 32768)
+    cut()  # compiled before the graph is captured
     us.append(f"{triton.testing.do_bench_cudagraph(cut, rep=200) * 1000:.1f}")
 print(" | ".join(us))
 EOF

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,19 +28,24 @@ def table(results: dict) -> str:
     return sweep.settings_table(results, SETTINGS, ("shape", "context"), "same_cuts", "cuts as the current's")
 
 
+def cut_launch(Hq: int, Hkv: int, n: int) -> Callable[[], torch.Tensor]:
+    """sampled_cut on a one-layer cache of n random keys (64 per head), fp16, eps 1e-2, peaked
+    queries, seeded by n; the cache lives as long as the function."""
+    torch.manual_seed(n)
+    cache = make_cache(Hq, Hkv, 64, n, sweep.POLICY, torch.float16)
+    q = torch.randn(1, Hq, 64, device="cuda", dtype=torch.float16) * PEAK
+    return lambda: tri.sampled_cut(q, cache.kq[0], cache.kscale[0], cache.kchan[0], cache.koffset[0], cache.bounds, 0.01)
+
+
 def main() -> None:
     args = sweep.arguments(__doc__, "32768", "results/tune_cut.json", table)
     if args is None:
         return
     results = sweep.results(dict(tri.PAGE_SCAN))
     for (shape, (Hq, Hkv)), n in itertools.product(SHAPES.items(), map(int, args.contexts.split(","))):
-        torch.manual_seed(n)
-        cache = make_cache(Hq, Hkv, 64, n, sweep.POLICY, torch.float16)
-        q = torch.randn(1, Hq, 64, device="cuda", dtype=torch.float16) * PEAK
-        cut = lambda: tri.sampled_cut(q, cache.kq[0], cache.kscale[0], cache.kchan[0], cache.koffset[0],  # noqa: E731
-                                      cache.bounds, 0.01)
+        cut = cut_launch(Hq, Hkv, n)
         sweep.time_settings(tri.PAGE_SCAN, SETTINGS, cut, {"shape": shape, "context": n}, results, "same_cuts")
-        del cache
+        del cut
         torch.cuda.empty_cache()
     sweep.save(results, args.out, table)
 
