@@ -138,9 +138,22 @@ def test_page_threshold(B, Hkv, G, n, P, window, spikes, loud, eps):
     every page; 1 keeps none), with ragged last pages, a cache of 2 positions, tops that rise
     past every bin within a block and heads whose tops lie hundreds of nats apart; both write the
     newest key's int8 copy alike."""
+    check_page_threshold(B, Hkv, G, n, P, window, spikes, loud, eps, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("P", [1, 16])
+def test_page_threshold_half_queries(P, dtype):
+    """As test_page_threshold with fp16 and bf16 queries (their own int8 conversion on the GPU);
+    the dyadic queries are exact in both."""
+    check_page_threshold(1, 2, 7, 1300, P, 64, slice(0), 1, 1e-2, dtype)
+
+
+def check_page_threshold(B, Hkv, G, n, P, window, spikes, loud, eps, dtype):
     g = torch.Generator().manual_seed(n + P)
     q, kq, scale, chan, offset, k = dyadic_int8_keys(B, Hkv, G, 64, n + 9, g, spikes)
     q[:, 1] *= loud
+    q, k = q.to(dtype), k.to(dtype)
     k[:, :, n - 1] = torch.randn(B, Hkv, 64, generator=g).to(DEVICE) * 3  # a key without its copy yet
     bounds = ref.step_bounds(*ref.sparse_bounds(n, 4, window), DEVICE)
     copies = {twin: (kq.clone(), scale.clone()) for twin in ("ref", "tri")}

@@ -658,18 +658,62 @@ OFFSET_SLACK: tl.constexpr = tl.constexpr(reference.OFFSET_SLACK)
 
 
 @triton.jit
+def _from_int8(k, dtype: tl.constexpr):
+    """k (int8) as dtype, exactly. For fp16 and bf16 by the magic-number trick on four packed bytes
+    at a time (x + 128 as the low mantissa bits of 1024, or of 2^23 in fp32), which costs a third
+    of Triton's one conversion per value; opaque (not pure) so that it runs where it stands, on the
+    loaded tile, before the tile goes to shared memory."""
+    if INTERPRETED or (dtype != tl.float16 and dtype != tl.bfloat16):
+        return k.to(tl.float32).to(dtype)  # through fp32: the interpreter turns int8 to bf16 into NaN
+    elif dtype == tl.float16:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, c;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 c, 0x64806480;
+            prmt.b32 $0, t, 0x64646464, 0x4140;
+            prmt.b32 $1, t, 0x64646464, 0x4342;
+            sub.f16x2 $0, $0, c;
+            sub.f16x2 $1, $1, c;
+            }""", "=r,=r,r", [k], dtype=tl.float16, is_pure=False, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, a, b, c, d;
+            xor.b32 t, $2, 0x80808080;
+            prmt.b32 a, t, 0x4b000000, 0x7540;
+            prmt.b32 b, t, 0x4b000000, 0x7541;
+            prmt.b32 c, t, 0x4b000000, 0x7542;
+            prmt.b32 d, t, 0x4b000000, 0x7543;
+            sub.f32 a, a, 0f4B000080;
+            sub.f32 b, b, 0f4B000080;
+            sub.f32 c, c, 0f4B000080;
+            sub.f32 d, d, 0f4B000080;
+            cvt.rn.bf16x2.f32 $0, b, a;
+            cvt.rn.bf16x2.f32 $1, d, c;
+            }""", "=r,=r,r", [k], dtype=tl.bfloat16, is_pure=False, pack=4)
+
+
+@triton.jit
 def _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, live, skb, skh, skn, ssb, ssh, sqrt_d,
              D: tl.constexpr, D_PAD: tl.constexpr, HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+             UPCAST: tl.constexpr, KEYS_MAJOR: tl.constexpr):
     """Logit estimates and their error bounds [rows of q, len(pos)] from the int8 copies at pos
-    (where live; as reference.shadow_scores, q_off and q_off_err per row: reference.offset_terms)."""
+    (where live; as reference.shadow_scores, q_off and q_off_err per row: reference.offset_terms),
+    or [len(pos), rows] when KEYS_MAJOR (the keys' tile is then the product's first operand, which
+    needs no transposition and lets a long tile of keys use Hopper's warp-group product)."""
     d = tl.arange(0, D_PAD)
     k = tl.load(KQ + (b * skb + h * skh + pos * skn)[:, None] + d[None, :], mask=live[:, None] & (d < D)[None, :],
                 other=0)
     s = tl.load(KS + b * ssb + h * ssh + pos, mask=live, other=0.0)
     # in q's dtype: int8 values are exact in bf16 and fp16, so each product is exact in fp32
-    est = _dot(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * (s / sqrt_d)[None, :] + q_off[:, None]
-    err = q_err[:, None] * s[None, :] * HALF + SLACK + q_off_err[:, None]
+    k = _from_int8(k, q.dtype)
+    if KEYS_MAJOR:
+        est = _dot(k, tl.trans(q), PRECISION, UPCAST) * (s / sqrt_d)[:, None] + q_off[None, :]
+        err = q_err[None, :] * s[:, None] * HALF + SLACK + q_off_err[None, :]
+    else:
+        est = _dot(q, tl.trans(k), PRECISION, UPCAST) * (s / sqrt_d)[None, :] + q_off[:, None]
+        err = q_err[:, None] * s[None, :] * HALF + SLACK + q_off_err[:, None]
     return est, err
 
 
@@ -677,7 +721,7 @@ def _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, live, skb, skh, skn,
 def _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn, ssb, ssh, P, sqrt_d,
                  D: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, CH: tl.constexpr,
                  HALF: tl.constexpr, SLACK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """_int8_at for the positions of pages c0 .. c0 + CH - 1 [rows of q, CH * P_PAD], and which of
+    """_int8_at for the positions of pages c0 .. c0 + CH - 1 [CH * P_PAD, rows of q], and which of
     them are candidates / scored non-candidates."""
     i = tl.arange(0, CH * P_PAD)
     t = i % P_PAD
@@ -685,7 +729,7 @@ def _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, s
     live = (t < P) & (pos < scored)
     cand = live & (pos >= lo) & (pos < hi)
     est, err = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, live, skb, skh, skn, ssb, ssh, sqrt_d,
-                        D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
+                        D, D_PAD, HALF, SLACK, PRECISION, UPCAST, True)
     return est, err, cand, live & ~cand
 
 
@@ -698,7 +742,7 @@ def _to_bin(x):
 @triton.jit
 def _group_bins(u, cand, rows, CH: tl.constexpr, P_PAD: tl.constexpr):
     """Each page's bin over its candidates and the group's query heads (rows), [CH] (int32)."""
-    best = tl.max(tl.where(rows[:, None] & cand[None, :], u, float("-inf")), 0)
+    best = tl.max(tl.where(cand[:, None] & rows[None, :], u, float("-inf")), 1)
     if P_PAD > 1:
         best = tl.max(tl.reshape(best, [CH, P_PAD]), 1)
     return _to_bin(best)
@@ -821,7 +865,7 @@ def _sampled_cut(Q, KQ, KS, KC, KO, BOUNDS, CUT, sqb, sqh, skb, skh, skn, ssb, s
     i = tl.arange(0, S)
     pos = lo + ((2 * i.to(tl.int64) + 1) * (hi - lo)) // (2 * S)
     est, err = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, pos, i < S, skb, skh, skn, ssb, ssh, sqrt_d,
-                        D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
+                        D, D_PAD, HALF, SLACK, PRECISION, UPCAST, False)
     key_bin = _to_bin(est + err)  # each head's bins of u, in both its rows
     top = tl.max(key_bin, 1)
     # the anchor [0, lo) then the window [hi, scored), numbered 0 .. n_base - 1
@@ -832,7 +876,8 @@ def _sampled_cut(Q, KQ, KS, KC, KO, BOUNDS, CUT, sqb, sqh, skb, skh, skn, ssb, s
     for v0 in range(0, n_base, BT):
         v = v0 + t
         est_b, err_b = _int8_at(KQ, KS, q, q_err, q_off, q_off_err, b, h, tl.where(v < lo, v, hi + v - lo).to(tl.int64),
-                                v < n_base, skb, skh, skn, ssb, ssh, sqrt_d, D, D_PAD, HALF, SLACK, PRECISION, UPCAST)
+                                v < n_base, skb, skh, skn, ssb, ssh, sqrt_d, D, D_PAD, HALF, SLACK, PRECISION, UPCAST,
+                                False)
         x = tl.where((v < n_base)[None, :], est_b + sign * err_b, float("-inf"))
         new_top = tl.maximum(base_top, tl.max(x, 1))
         safe = tl.where(new_top > float("-inf"), new_top, 0.0)
@@ -873,9 +918,10 @@ def _page_scan(
     cut, CUT, lies above the group's lowest; reference.cut_shift), the block's top bin (the
     group's, so shifted, and each head's own), and per query head the block's histogram over
     bins counted down from the group's top (exp relative to the head's top bin's upper edge): suffix sums of exp(u) and prefix sums of exp(l) over the
-    candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Rows
-    0..G2-1 of every tile hold the heads' upper bounds u, rows G2..2*G2-1 their l (reference.KEPT_MARGIN), so
-    one product [rows, keys] @ one-hot [keys, bins] (bf16, exact) bins both for every head. The
+    candidates, and the sum of exp(l) over the scored non-candidates (anchor and window). Each
+    tile is [keys, rows]: rows 0..G2-1 hold the heads' upper bounds u, rows G2..2*G2-1 their l
+    (reference.KEPT_MARGIN), so one product one-hot [bins, keys] @ [keys, rows] (bf16, exact) bins
+    both for every head, and with the keys first both products are Hopper warp-group ones. The
     histogram is circular (a bin's slot is its absolute index mod NB, so nothing moves when the
     tops rise: the bins that fall to the lowest fold into its slot, and at the end the slots are
     read counted down from the group's top; a shift by a product spilled registers). The tops are
@@ -912,45 +958,45 @@ def _page_scan(
     group_top = tl.max(head_top, 0)
     c = tl.arange(0, CH)
     bins = tl.arange(0, NB)
-    hist = tl.zeros([M, NB], tl.float32)
+    hist = tl.zeros([NB, M], tl.float32)
     base_mass = tl.zeros([M], tl.float32)
     for c0 in range(blk * NPB, (blk + 1) * NPB, CH):
         est, err, cand, base = _int8_bounds(KQ, KS, q, q_err, q_off, q_off_err, b, h, c0, lo, hi, scored, skb, skh, skn,
                                             ssb, ssh, P, sqrt_d, D, D_PAD, P_PAD, CH, HALF, SLACK, PRECISION, UPCAST)
-        u = est + err  # every row has its head's upper bound
-        page_bins = _group_bins(u - shift[:, None], cand, real, CH, P_PAD)
+        u = est + err  # [keys, rows]: every row has its head's upper bound
+        page_bins = _group_bins(u - shift[None, :], cand, real, CH, P_PAD)
         tl.store(PAGE_BIN + row * n_pages + c0 + c, page_bins.to(tl.int16), mask=c0 + c < n_pages)
-        top = tl.maximum(top, tl.max(tl.where((cand | base)[None, :], u, float("-inf")), 1))
+        top = tl.maximum(top, tl.max(tl.where((cand | base)[:, None], u, float("-inf")), 0))
         new_head = _to_bin(tl.where(real, top, float("-inf")))
         new_group = tl.max(_to_bin(tl.where(real, top - shift, float("-inf"))), 0)
         # the tops rose: slots whose bins fell to or below the new lowest bin fold into its slot
         # (a no-op when the group's top stayed), the exps rescale to the new tops
         lowest = new_group - NB + 1
         fold = group_top - ((group_top - bins) & (NB - 1)) <= lowest  # the bin each slot held, low enough
-        folded = tl.sum(tl.where(fold[None, :], hist, 0.0), 1)
-        hist = tl.where(fold[None, :], 0.0, hist) + tl.where((bins == (lowest & (NB - 1)))[None, :], folded[:, None], 0.0)
+        folded = tl.sum(tl.where(fold[:, None], hist, 0.0), 0)
+        hist = tl.where(fold[:, None], 0.0, hist) + tl.where((bins == (lowest & (NB - 1)))[:, None], folded[None, :], 0.0)
         scale = tl.exp((head_top - new_head).to(tl.float32) * BIN_WIDTH)
-        hist = hist * scale[:, None]
+        hist = hist * scale[None, :]
         base_mass = base_mass * scale
         head_top = new_head
         group_top = new_group
-        e = tl.exp(est + sign[:, None] * err - ((head_top + 1).to(tl.float32) * BIN_WIDTH)[:, None])
-        base_mass += tl.sum(tl.where(real[:, None] & base[None, :], e, 0.0), 1)
+        e = tl.exp(est + sign[None, :] * err - ((head_top + 1).to(tl.float32) * BIN_WIDTH)[None, :])
+        base_mass += tl.sum(tl.where(base[:, None] & real[None, :], e, 0.0), 0)
         key_bin = tl.maximum(page_bins, lowest) & (NB - 1)  # each key in its page's bin's slot
         if P_PAD > 1:
             key_bin = tl.reshape(tl.broadcast_to(key_bin[:, None], [CH, P_PAD]), [CH * P_PAD])
-        one_hot = tl.where(key_bin[:, None] == bins[None, :], 1.0, 0.0).to(tl.bfloat16)  # (bool to bf16 is 0 interpreted)
-        w = _bf16_outward(tl.where(real[:, None] & cand[None, :], e, 0.0), upper[:, None])
-        hist += _dot(w, one_hot, "tf32", INTERP)
-    hist = tl.gather(hist, tl.broadcast_to(((group_top - bins) & (NB - 1))[None, :], [M, NB]), 1)  # counted down
+        one_hot = tl.where(bins[:, None] == key_bin[None, :], 1.0, 0.0).to(tl.bfloat16)  # (bool to bf16 is 0 interpreted)
+        w = _bf16_outward(tl.where(cand[:, None] & real[None, :], e, 0.0), upper[None, :])
+        hist += _dot(one_hot, w, "tf32", INTERP)
+    hist = tl.gather(hist, tl.broadcast_to(((group_top - bins) & (NB - 1))[:, None], [NB, M]), 0)  # counted down
     at = (row * n_blocks + blk) * G2 + head
     tl.store(GTOP + row * n_blocks + blk, group_top)
     tl.store(HTOP + at, head_top, mask=upper & real)
-    tl.store(HREST + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1, reverse=True), mask=(upper & real)[:, None])
-    tl.store(HKEPT + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1), mask=(~upper & real)[:, None])
+    tl.store(HREST + at[None, :] * NB + bins[:, None], tl.cumsum(hist, 0, reverse=True), mask=(upper & real)[None, :])
+    tl.store(HKEPT + at[None, :] * NB + bins[:, None], tl.cumsum(hist, 0), mask=(~upper & real)[None, :])
     if TAIL:
-        tl.store(HLREST + at[:, None] * NB + bins[None, :], tl.cumsum(hist, 1, reverse=True),
-                 mask=(~upper & real)[:, None])
+        tl.store(HLREST + at[None, :] * NB + bins[:, None], tl.cumsum(hist, 0, reverse=True),
+                 mask=(~upper & real)[None, :])
     tl.store(HBASE + at, base_mass, mask=~upper & real)
 
 
@@ -1069,12 +1115,14 @@ def kept_list(page_bin: torch.Tensor, threshold: torch.Tensor, bounds: torch.Ten
     return idx, count
 
 
-# page_threshold's launch settings (H200, 32q/4kv x64): keys per pass-1 program (at least
-# block_keys, more once the capacity would need over `programs` of them: pass 2 reads every
-# block's histogram, 136 us at 1M with blocks of 1024 against 29 with 4096), keys per tile (each
-# tile's one-hot product), pass-2 blocks per tile, and the sampled cut's anchor-and-window keys per
-# tile and the warps of its program (its tile of SHIFT_SAMPLES keys; bench/tune_cut.py).
-PAGE_SCAN = {"block_keys": 512, "programs": 1024, "tile_keys": 128, "warps": 4, "blocks_per_tile": 16,
+# page_threshold's launch settings (H200, bench/tune_threshold.py at 32q/4kv fp16 and 14q/2kv bf16):
+# keys per pass-1 program (at least block_keys, more once the capacity would need over `programs`
+# of them: pass 2 reads every block's histogram), keys per pass-1 tile (each tile's fixed work, its
+# reductions and one-hot product, is spread over more keys: 256 beat 128 at every length),
+# pass 1's warps and software-pipelining stages (1: prefetching the next int8 tile cost more than
+# it hid, but at 1M for 14q/2kv), pass-2 blocks per tile, and the sampled cut's anchor-and-window
+# keys per tile and the warps of its program (its tile of SHIFT_SAMPLES keys; bench/tune_cut.py).
+PAGE_SCAN = {"block_keys": 512, "programs": 512, "tile_keys": 256, "warps": 4, "stages": 1, "blocks_per_tile": 16,
              "cut_base_keys": 256, "cut_warps": 8}
 
 
@@ -1136,7 +1184,7 @@ def page_threshold(q: torch.Tensor, k: torch.Tensor, kq: torch.Tensor, kscale: t
         *k.stride()[:3], *kq.stride()[:3], *kscale.stride()[:2], *chan.stride()[:2], n_pages, n_blocks, page_size, math.sqrt(D), Hkv,
         G=G, G2=G2, M=max(16, 2 * G2), D=D, D_PAD=_pow2(D), P_PAD=P_PAD, CH=CH, NPB=NPB, NB=NB,
         HALF=0.5 + reference.SHADOW_SLACK, SLACK=reference.SHADOW_SLACK, **_precision(q), INTERP=INTERPRETED.value,
-        TAIL=tail is not None, num_warps=PAGE_SCAN["warps"],
+        TAIL=tail is not None, num_warps=PAGE_SCAN["warps"], num_stages=PAGE_SCAN["stages"],
     )
     threshold = torch.empty(B, Hq, device=q.device, dtype=torch.int32)
     _launch(_page_threshold, (B * Hq,),
