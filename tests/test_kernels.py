@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from minirt.kernels import reference as ref
 from minirt.kernels import triton_attention as tri
@@ -108,6 +110,22 @@ def test_sparse_attention_reference_is_exact_softmax_over_the_union():
         keep[:anchor], keep[n - W:], keep[chosen] = True, True, True
         s = (q[0, h * G:(h + 1) * G] @ k[0, h].T / D ** 0.5).masked_fill(~keep, float("-inf"))
         assert torch.allclose(got[0, h * G:(h + 1) * G], torch.softmax(s, -1) @ v[0, h], atol=1e-6)
+
+
+@triton.jit
+def _int8_to(X, Y):
+    i = tl.arange(0, 256)
+    tl.store(Y + i, tri._from_int8(tl.load(X + i), Y.dtype.element_ty))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_int8_conversion_is_exact_for_every_byte(dtype):
+    """The int8 keys' conversion (on the GPU four bytes at a time by inline PTX) gives every value
+    -128..127 exactly."""
+    x = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).roll(77).to(DEVICE)
+    y = torch.full((256,), float("nan"), dtype=dtype, device=DEVICE)
+    _int8_to[(1,)](x, y)
+    assert torch.equal(y.float(), x.float())
 
 
 def dyadic_int8_keys(B, Hkv, G, D, cap, g, spikes=slice(0)):
