@@ -206,7 +206,8 @@ class CondensateCache(DenseCache):
         # with certify: distant keys (top-k or certified) each KV group attended at each layer's last step
         self.selected = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, device=device)
         # With page selection, scope group, on the reference path: an upper bound on each head's
-        # dropped mass from the page bounds selection computed (kernels.reference.dropped_mass_bound).
+        # dropped mass from the page bounds selection computed (kernels.reference.dropped_mass_bound);
+        # certified int8-threshold selection writes its bound here only with certify (else into dropped).
         self.dropped_bound = torch.full((cfg.n_layers, batch, cfg.n_heads), float("nan"), device=device)
 
     def _check_plan(self, capacity: int) -> None:
@@ -379,16 +380,15 @@ class CondensateCache(DenseCache):
                                                                 self.kchan[layer], self.koffset[layer], self.bounds,
                                                                 p.max_dropped_mass,
                                                                 p.page_size, tail)
+        # the attention writes the bound where it is kept, no copy: without certify it stands for the dropped mass
+        kept_at = (self.dropped_bound if self.certify else self.dropped)[layer]
         out, lse, bound = self.ops.page_filtered_attention(q, self.ring_k[layer], self.ring_v[layer], ks, vs,
                                                            page_bin, threshold, log_rest, self.bounds, p.anchor,
-                                                           p.page_size, tail=tail)
-        self.dropped_bound[layer] = bound
+                                                           p.page_size, tail=tail, bound=kept_at)
         if self.certify:  # measured for equivalence reports: keys attended, exact dropped mass
             keep = reference.kept_positions(page_bin, threshold, p.page_size, ks.shape[2])
             self.selected[layer] = (keep & reference.candidates(keep, self.bounds)).sum(-1)
             self._exact_dropped(layer, q, lse, self._exact_scores(layer, q)[1])
-        else:
-            self.dropped[layer] = bound
         return self._fall_back(layer, q, out, bound)
 
     def _select(self, layer: int, q: torch.Tensor, k_top: int, scores: torch.Tensor | None,

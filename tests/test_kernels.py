@@ -363,7 +363,8 @@ def test_page_threshold_shift_ranks_by_each_heads_own_cut(lead, monkeypatch):
                                          (900, 1, torch.bfloat16)])
 def test_page_filtered_attention(n, P, dtype):
     """Window ∪ anchor ∪ the kept pages' candidates, with each head's own threshold on its group's
-    page bins (a page joins when any head of the group keeps it)."""
+    page bins (a page joins when any head of the group keeps it); the bound lands in the buffer
+    given for it (a layer's row of the cache's certificate)."""
     g = torch.Generator().manual_seed(n)
     B, Hkv, G, D, W, anchor = 2, 2, 4, 64, 16, 4
     q = torch.randn(B, Hkv * G, D, generator=g).to(dtype).to(DEVICE)
@@ -375,8 +376,10 @@ def test_page_filtered_attention(n, P, dtype):
     log_rest = (torch.randn(B, Hkv * G, generator=g) * 3).to(DEVICE)
     log_rest[0, 0] = float("-inf")  # nothing left out
     out = torch.full_like(q, float("nan"))
+    certificate = torch.full((3, B, Hkv * G), float("nan"), device=DEVICE)
     got, lse, bound = tri.page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, n, anchor, P,
-                                                  out=out)
+                                                  out=out, bound=certificate[1])
+    assert bound.data_ptr() == certificate[1].data_ptr() and certificate[[0, 2]].isnan().all()
     want, want_lse, want_bound = ref.page_filtered_attention(q.double(), ring_k.double(), ring_v.double(), k.double(),
                                                              v.double(), page_bin, threshold, log_rest.double(), n,
                                                              anchor, P)

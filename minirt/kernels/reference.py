@@ -670,13 +670,13 @@ def kept_positions(page_bin: torch.Tensor, threshold: torch.Tensor, page_size: i
 
 def page_filtered_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, page_bin: torch.Tensor, threshold: torch.Tensor, log_rest: torch.Tensor,
-                            bounds, anchor: int, page_size: int, tail: Tail | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            bounds, anchor: int, page_size: int, tail: Tail | None = None,
+                            bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact softmax over window ∪ anchor ∪ the candidates of every page some head of the KV group
     keeps (page_bin >= threshold, from page_threshold): out [B, Hq, D], its log-sum-exp [B, Hq],
-    and the bound on the mass it left out, U / (Z_set + U) with log U = log_rest [B, Hq]. With
-    tail, out has the candidates left out estimated (estimate_tail); lse and the bound stay the
-    attended set's."""
+    and the bound on the mass it left out, U / (Z_set + U) with log U = log_rest [B, Hq] (written
+    into `bound` if given). With tail, out has the candidates left out estimated (estimate_tail);
+    lse and the bound stay the attended set's."""
     bounds = as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
     keep = kept_positions(page_bin, threshold, page_size, k.shape[2]) & candidates(k[..., 0], bounds)
     idx = torch.where(keep, torch.arange(k.shape[2], device=q.device), -1)
@@ -684,7 +684,9 @@ def page_filtered_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch
     if tail is not None:
         kept_sum = torch.where(keep[..., None], v.float(), 0).sum(2)  # the attended candidates' plain value sum
         out = estimate_tail(out, lse, threshold, tail, kept_sum, keep.sum(-1), bounds)
-    return out, lse, torch.sigmoid(log_rest - lse)
+    if bound is None:
+        return out, lse, torch.sigmoid(log_rest - lse)
+    return out, lse, torch.sigmoid(log_rest - lse, out=bound)
 
 
 def estimate_tail(out: torch.Tensor, lse: torch.Tensor, threshold: torch.Tensor, tail: Tail, kept_sum: torch.Tensor,

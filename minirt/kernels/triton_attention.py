@@ -242,13 +242,13 @@ def _splits(n_keys: int, programs: int, cfg: dict, device: torch.device) -> int:
 
 
 def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: dict | None = None, count=None,
-               fall=None, log_rest=None, tail=None):
+               fall=None, log_rest=None, tail=None, bound=None):
     """Split-K attention over at most max_keys keys (the grid's size); the live count is read from bounds.
     sparse: (ring_k, ring_v, idx), the window and gathered positions; count [B, Hkv] (int32): if
     given, only the first count entries of each group's idx are read.
     fall: (dropped [B, Hq], eps, falls): only the rows of heads whose dropped >= eps are written (a
     KV group without one reads nothing), their number added to falls (int64).
-    log_rest [B, Hq]: also returns the bound sigmoid(log_rest - lse).
+    log_rest [B, Hq]: also returns the bound sigmoid(log_rest - lse), written into bound if given.
     tail: (threshold, reference.Tail) with sparse and count: the candidates left out estimated
     (reference.estimate_tail), from the gathered ones' plain value sum."""
     cfg = {**DECODE, **(config or {})}
@@ -274,7 +274,11 @@ def _attention(q, k, v, bounds, max_keys: int, sparse=None, out=None, config: di
         assert idx.stride(-1) == 1
         n_gather = idx.shape[2]
     dropped, eps, falls = fall if fall is not None else (lse, 0.0, lse)
-    bound = torch.empty_like(lse) if log_rest is not None else lse
+    if log_rest is None:
+        bound = lse
+    elif bound is None:
+        bound = torch.empty_like(lse)
+    assert bound.is_contiguous() and bound.shape == lse.shape
     log_rest = lse if log_rest is None else log_rest
     assert dropped.is_contiguous() and log_rest.is_contiguous()
     flags = dict(FALL_BACK=fall is not None, BOUNDED=bound is not lse, TAIL=tail is not None, NB=reference.PAGE_BINS)
@@ -329,15 +333,15 @@ def sparse_attention(q, ring_k, ring_v, k, v, idx, bounds, anchor: int, out: tor
 
 
 def page_filtered_attention(q, ring_k, ring_v, k, v, page_bin, threshold, log_rest, bounds, anchor: int,
-                            page_size: int, out: torch.Tensor | None = None, tail: reference.Tail | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Window ∪ anchor ∪ the kept pages' candidates, and the bound (with tail, the rest
-    estimated); see reference.page_filtered_attention. The kept positions are first compacted, in
-    order, into a list the gathering kernel reads: it reads only them."""
+                            page_size: int, out: torch.Tensor | None = None, tail: reference.Tail | None = None,
+                            bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window ∪ anchor ∪ the kept pages' candidates, and the bound, written into `bound` if given
+    (with tail, the rest estimated); see reference.page_filtered_attention. The kept positions are
+    first compacted, in order, into a list the gathering kernel reads: it reads only them."""
     bounds = reference.as_bounds(bounds, None, q.device, anchor, ring_k.shape[2])
     idx, count = kept_list(page_bin, threshold, bounds, page_size, k.shape[2])
     return _attention(q, k, v, bounds, ring_k.shape[2] + anchor + k.shape[2], (ring_k, ring_v, idx), out, KEPT_GATHER,
-                      count=count, log_rest=log_rest, tail=None if tail is None else (threshold, tail))
+                      count=count, log_rest=log_rest, tail=None if tail is None else (threshold, tail), bound=bound)
 
 
 @triton.jit
