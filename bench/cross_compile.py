@@ -104,7 +104,8 @@ def record_step(shape: str, out: Path) -> None:
 
 
 def sass_report(compiled, entry: dict, lines: int) -> str:
-    """Registers, spills, shared memory, and the instructions of the longest loop by source line."""
+    """Registers, spills, shared memory, and the instructions of the longest loop (else of the whole
+    kernel) by source line."""
     import triton
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -116,8 +117,9 @@ def sass_report(compiled, entry: dict, lines: int) -> str:
         usage = subprocess.run([tools / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
     labels = {line[:-1]: i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:$", line)}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(sass)
-             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i - 2]  # not the end's trap
     start, end = max(loops, key=lambda se: se[1] - se[0], default=(0, len(sass) - 1))
+    every = sum(1 for line in sass if re.match(r"^\s+/\*[0-9a-f]+\*/\s+\S", line))
     source, by_line, ops = None, collections.Counter(), collections.Counter()
     for line in sass[start:end + 1]:
         if (m := re.search(r'//## File "(.*)", line (\d+)', line)):
@@ -129,7 +131,9 @@ def sass_report(compiled, entry: dict, lines: int) -> str:
     sizes = ", ".join(f"{k}={v}" for k, v in entry["constexprs"].items() if k in ("G", "M", "CH", "S", "NB"))
     resources = " ".join(re.findall(r"REG:\d+|STACK:\d+|LOCAL:\d+", usage))
     out = [f"{entry['kernel']} ({entry['warps']} warps, {entry['stages']} stages, {sizes}): {resources}, shared "
-           f"{compiled.metadata.shared} B; longest loop {sum(by_line.values())} instructions, {ops['BAR']} barriers"]
+           f"{compiled.metadata.shared} B; {every} instructions, "
+           + (f"of which its longest loop {sum(by_line.values())}" if loops else "no loop")
+           + f", {ops['BAR']} barriers in what is listed"]
     for where, count in by_line.most_common(lines):
         if where is None:
             out.append(f"  {count:5d}  (no line)")
