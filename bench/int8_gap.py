@@ -4,8 +4,9 @@ bound against the estimate, per-key scales against per-channel scales without an
 each head's shift (reference.cut_shift of its cut on SHIFT_SAMPLES sampled candidates, or on
 --sample others), against per-head bins, against shifts from each head's own cut (known only
 after the step), against shifts carried over from the position before (its own cut or its
-sampled one: what a step could reuse instead of estimating its own), and against cuts that count
-less than the anchor and window as kept (what a cheaper cut would score). CPU is enough.
+sampled one: what a step could reuse instead of estimating its own), against cuts that count
+less than the anchor and window as kept (what a cheaper cut would score), and with finer bins
+(BINS). CPU is enough.
 
     python bench/int8_gap.py --model smollm2-135m --kind prose --tokens 4096 [--positions 8] [--eps 1e-2 1e-3]
 
@@ -31,6 +32,7 @@ from minirt.workloads import long_prompt  # noqa: E402
 
 ANCHOR, WINDOW = 4, 128
 WINDOW_STRIDE = 4  # a cut that scores every 4th window key (each standing for 4): a quarter of the window's scoring
+BINS = ((0.25, 128), (0.25, 64))  # bins finer than reference.BIN_WIDTH's: as many nats, or half the span
 
 
 def prompt_queries(llm: LLM, ids: list[int], positions: int) -> tuple[DenseCache, dict[int, torch.Tensor]]:
@@ -132,8 +134,10 @@ def main() -> None:
                 def chosen(idx: torch.Tensor) -> float:
                     return float((idx >= 0).sum()) + always * k.shape[1]
 
-                def threshold(frame: str, shift=R.cut_shift, samples=R.SHIFT_SAMPLES) -> float:
-                    with mock.patch.object(R, "cut_shift", shift), mock.patch.object(R, "SHIFT_SAMPLES", samples):
+                def threshold(frame: str, shift=R.cut_shift, samples=R.SHIFT_SAMPLES, bins=(R.BIN_WIDTH, R.PAGE_BINS)
+                              ) -> float:
+                    with mock.patch.object(R, "cut_shift", shift), mock.patch.object(R, "SHIFT_SAMPLES", samples), \
+                            mock.patch.object(R, "BIN_WIDTH", bins[0]), mock.patch.object(R, "PAGE_BINS", bins[1]):
                         page_bin, th, _ = R.page_threshold(q, k, *(x.clone() for x in codes[frame]), *frames[frame],
                                                            bounds, eps, 1)
                     return float(R.kept_pages(page_bin, th).sum()) + always * k.shape[1]
@@ -160,6 +164,8 @@ def main() -> None:
                         best, lambda _: own_shift),
                     **{f"threshold, {best}, the cut sampled on {s} candidates": threshold(best, samples=s)
                        for s in args.sample},
+                    **{f"threshold, {best}, {count} bins of {width:g} nats": threshold(best, bins=(width, count))
+                       for width, count in BINS},
                     **{f"threshold, {best}, the cut counting {label} as kept": threshold(best, lambda _, x=x: x)
                        for label, x in less_kept.items()},
                     f"threshold, {best}, each head shifted to its own cut at the position before": threshold(
